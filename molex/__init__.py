@@ -1,0 +1,58 @@
+"""molex: mixtures of LoRA experts for Hugging Face models.
+
+``import molex`` needs only torch and safetensors: no GPU, Lightning or Hydra.
+"""
+
+from molex import kernels, routers
+from molex.allocation import LayerPlan, plan_allocation
+from molex.config import AllocationConfig, MoLEConfig
+from molex.context import RoutingContext, routing_inputs
+from molex.experts import LoRAExperts
+from molex.inject import (
+    aux_losses,
+    find_target_modules,
+    get_config,
+    inject,
+    mole_layers,
+    summary,
+    total_aux_loss,
+    trainable_parameters,
+    unload,
+)
+from molex.io import adapter_state_dict, load_adapter, save_adapter
+from molex.kernels import mole_delta
+from molex.layer import MoLELinear
+from molex.routers import RoutingDecision, available_routers, build_router, register_router
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "kernels",
+    "routers",
+    "MoLEConfig",
+    "AllocationConfig",
+    "LayerPlan",
+    "plan_allocation",
+    "RoutingContext",
+    "routing_inputs",
+    "LoRAExperts",
+    "MoLELinear",
+    "RoutingDecision",
+    "available_routers",
+    "build_router",
+    "register_router",
+    "inject",
+    "unload",
+    "find_target_modules",
+    "get_config",
+    "mole_layers",
+    "summary",
+    "aux_losses",
+    "total_aux_loss",
+    "trainable_parameters",
+    "mole_delta",
+    "save_adapter",
+    "load_adapter",
+    "adapter_state_dict",
+]

@@ -1,0 +1,232 @@
+"""Put MoLE layers into any ``nn.Module`` tree, take them out again, and report what was done."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from molex.allocation import LayerPlan, plan_allocation
+from molex.config import MoLEConfig
+from molex.context import install_context, remove_context
+from molex.experts import LoRAExperts
+from molex.layer import MoLELinear, is_supported_linear, linear_dims
+from molex.routers.base import Router, get_router_class
+
+__all__ = [
+    "inject",
+    "unload",
+    "find_target_modules",
+    "mole_layers",
+    "trainable_parameters",
+    "summary",
+    "aux_losses",
+    "total_aux_loss",
+    "is_injected",
+    "get_config",
+]
+
+_STATE_ATTR = "_molex_state"
+
+
+def _matches(name: str, patterns: list[str] | str) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def find_target_modules(model: nn.Module, config: MoLEConfig) -> list[str]:
+    """Names of the modules ``config.target_modules`` selects; a clear error if none or unsupported."""
+    selected = []
+    for name, module in model.named_modules():
+        if not name or not _matches(name, config.target_modules):
+            continue
+        if config.exclude_modules is not None and _matches(name, config.exclude_modules):
+            continue
+        if isinstance(module, MoLELinear):
+            raise ValueError(f"module {name!r} already holds MoLE experts; call molex.unload(model) first")
+        if not is_supported_linear(module):
+            linears = [n for n, m in module.named_modules() if n and is_supported_linear(m)]
+            hint = f"; its linear layers are {sorted({n.split('.')[-1] for n in linears})}" if linears else ""
+            raise TypeError(
+                f"target {name!r} is a {type(module).__name__}, which cannot host LoRA experts (molex wraps "
+                f"nn.Linear and GPT-2 Conv1D){hint}"
+            )
+        selected.append(name)
+    if not selected:
+        leaf_names = sorted({n.split(".")[-1] for n, m in model.named_modules() if n and is_supported_linear(m)})
+        wanted = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules
+        close = sorted({c for w in wanted for c in difflib.get_close_matches(w.split(".")[-1], leaf_names, n=3)})
+        raise ValueError(
+            f"target_modules {config.target_modules!r} matched no module of {type(model).__name__}. "
+            + (f"Did you mean {close}? " if close else "")
+            + f"Linear layers in this model: {leaf_names}"
+        )
+    return selected
+
+
+def _num_layers(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _adapter_dtype(base: nn.Module, config: MoLEConfig) -> torch.dtype:
+    dtype = base.weight.dtype
+    if config.autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype
+
+
+def _build_layer(base: nn.Module, plan: LayerPlan, config: MoLEConfig) -> MoLELinear:
+    in_features, out_features = linear_dims(base)
+    device = base.weight.device
+    experts = LoRAExperts(
+        in_features=in_features,
+        out_features=out_features,
+        num_experts=plan.num_experts,
+        rank=plan.rank,
+        scaling=config.scaling_for(plan.rank),
+        dtype=_adapter_dtype(base, config),
+        device=device,
+    )
+    router_cls = get_router_class(config.router)
+    try:
+        router = router_cls(in_features=in_features, num_experts=plan.num_experts, config=config.router_config())
+    except ValueError as err:
+        raise ValueError(f"layer {plan.name!r} ({plan.num_experts} experts): {err}") from None
+    router.to(device=device, dtype=torch.float32)
+    return MoLELinear(
+        base, experts=experts, router=router, dropout=config.dropout, kernel_backend=config.kernel_backend
+    )
+
+
+def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
+    """Replace the target linears of ``model`` by MoLE layers, in place; freeze everything else.
+
+    Returns ``model``. The base weights are kept (as ``<name>.base_layer``) and frozen; only the
+    experts and routers train. A fresh injection leaves outputs unchanged (``B = 0``).
+    """
+    if is_injected(model):
+        raise ValueError("model already has MoLE layers; call molex.unload(model) before injecting again")
+    router_cls = get_router_class(config.router)
+    if router_cls.scope != "linear":
+        raise ValueError(f"router {config.router!r} has scope {router_cls.scope!r}, which inject cannot place")
+    names = find_target_modules(model, config)
+    plans = plan_allocation(names, config, num_layers=_num_layers(model))
+    modules = dict(model.named_modules())
+    new_layers = {plan.name: _build_layer(modules[plan.name], plan, config) for plan in plans}  # validate first
+
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    for name, layer in new_layers.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, layer)
+    context = install_context(model)
+    for layer in new_layers.values():
+        layer.context = context
+        layer.experts.requires_grad_(True)
+        layer.router.requires_grad_(True)
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    state = {"config": config, "plans": plans, "requires_grad": requires_grad}
+    object.__setattr__(model, _STATE_ATTR, state)
+    return model
+
+
+def is_injected(model: nn.Module) -> bool:
+    return _STATE_ATTR in model.__dict__
+
+
+def get_config(model: nn.Module) -> MoLEConfig:
+    if not is_injected(model):
+        raise ValueError("this model has no MoLE layers; call molex.inject(model, config) first")
+    return model.__dict__[_STATE_ATTR]["config"]
+
+
+def get_plans(model: nn.Module) -> list[LayerPlan]:
+    get_config(model)
+    return list(model.__dict__[_STATE_ATTR]["plans"])
+
+
+def mole_layers(model: nn.Module) -> dict[str, MoLELinear]:
+    """``{module name: MoLELinear}`` in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoLELinear)}
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Put the original modules back; outputs, ``state_dict`` and ``requires_grad`` as before ``inject``."""
+    if not is_injected(model):
+        raise ValueError("this model has no MoLE layers to unload")
+    for name, layer in mole_layers(model).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base_layer)
+    state = model.__dict__.pop(_STATE_ATTR)
+    remove_context(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(state["requires_grad"].get(name, param.requires_grad))
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def aux_losses(model: nn.Module) -> dict[str, Tensor]:
+    """The weighted auxiliary losses of the last forward, ``{"<layer>/<loss>": value}``."""
+    out: dict[str, Tensor] = {}
+    for name, layer in mole_layers(model).items():
+        decision = layer.last_decision
+        if decision is not None:
+            out.update({f"{name}/{key}": value for key, value in decision.aux_losses.items()})
+    return out
+
+
+def total_aux_loss(model: nn.Module) -> Tensor | None:
+    """Sum of :func:`aux_losses` (already weighted by their coefficients), or ``None`` if there are none."""
+    losses = list(aux_losses(model).values())
+    return torch.stack([loss.float() for loss in losses]).sum() if losses else None
+
+
+def _count(params: Iterable[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
+
+
+def summary(model: nn.Module) -> str:
+    """A table: layer -> experts, rank, router, trainable parameters; then totals."""
+    layers = mole_layers(model)
+    rows = [("layer", "experts", "rank", "router", "trainable")]
+    for name, layer in layers.items():
+        router = layer.active_router
+        rows.append(
+            (
+                name,
+                str(layer.experts.num_experts),
+                str(layer.experts.rank),
+                getattr(router, "name", type(router).__name__),
+                f"{_count(p for p in layer.parameters() if p.requires_grad):,}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
+    trainable = _count(trainable_parameters(model))
+    total = _count(model.parameters())
+    lines.append(
+        f"{len(layers)} MoLE layers, {trainable:,} trainable of {total:,} parameters "
+        f"({100.0 * trainable / max(total, 1):.3f}%)"
+    )
+    return "\n".join(lines)
+
+
+def routers_of(model: nn.Module) -> dict[str, Router]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, Router)}

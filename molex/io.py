@@ -1,0 +1,202 @@
+"""Save and load MoLE adapters: ``adapter_config.json`` + ``adapter.safetensors`` (MoLE weights only)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from molex.allocation import LayerPlan
+from molex.config import MoLEConfig
+from molex.experts import LoRAExperts
+from molex.inject import get_config, get_plans, inject, mole_layers, unload
+from molex.routers.base import Router
+
+__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "atomic_write", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+FORMAT = "molex-adapter"
+FORMAT_VERSION = 1
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Every expert pool and router tensor of ``model``, keyed by its ``state_dict`` name."""
+    state: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (LoRAExperts, Router)):
+            for key, value in module.state_dict().items():
+                state[f"{name}.{key}"] = value
+    return state
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it into place.
+
+    A crash mid-write leaves the old file (or none), never a half-written one.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the MoLE config, the per-layer allocation and the MoLE weights of ``model`` to ``directory``."""
+    from molex import __version__
+
+    config = get_config(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    layers = mole_layers(model)
+    plans = [
+        {
+            "name": plan.name,
+            "layer_index": plan.layer_index,
+            "num_experts": plan.num_experts,
+            "rank": plan.rank,
+            "in_features": layers[plan.name].in_features,
+            "out_features": layers[plan.name].out_features,
+        }
+        for plan in get_plans(model)
+    ]
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    # the config is written last and names the weights' checksum: a pair from two saves never loads
+    _write_json(
+        directory / CONFIG_NAME,
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "molex_version": __version__,
+            "base_model_name_or_path": config.base_model_name_or_path,
+            "mole_config": config.to_dict(),
+            "layers": plans,
+            "weights_sha256": _sha256(directory / WEIGHTS_NAME),
+        },
+    )
+    return directory
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: is this a directory written by molex.save_adapter?")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the adapter is corrupt, save it again") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a molex adapter config (missing format={FORMAT!r})")
+    if data.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {data['format_version']}; upgrade molex to read it")
+    return data
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path.parent}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"cannot read {path}: {err}; the file is corrupt or not safetensors, save it again") from None
+
+
+def load_adapter(base_model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Inject the saved MoLE configuration into ``base_model`` and load its weights, strictly.
+
+    Raises a ``ValueError`` naming the key on any missing / unexpected key or shape mismatch;
+    ``base_model`` is left untouched when loading fails.
+    """
+    directory = Path(directory)
+    data = read_adapter_config(directory)
+    config = MoLEConfig.from_dict(data["mole_config"])
+    weights_path = directory / WEIGHTS_NAME
+    expected_sha = data.get("weights_sha256")
+    if expected_sha is not None and weights_path.is_file() and _sha256(weights_path) != expected_sha:
+        raise ValueError(
+            f"{weights_path} does not match the checksum in {CONFIG_NAME}: the weights were modified or belong "
+            "to another save; save the adapter again"
+        )
+    weights = _read_weights(weights_path)
+    model = inject(base_model, config)
+    try:
+        _check_plans(get_plans(model), data.get("layers", []))
+        _load_strict(model, weights, directory)
+    except Exception:
+        unload(model)
+        raise
+    return model
+
+
+def _check_plans(plans: list[LayerPlan], saved: list[dict[str, Any]]) -> None:
+    built = {p.name: (p.num_experts, p.rank) for p in plans}
+    stored = {entry["name"]: (entry["num_experts"], entry["rank"]) for entry in saved}
+    if built != stored:
+        missing = sorted(set(stored) - set(built))
+        extra = sorted(set(built) - set(stored))
+        differ = sorted(n for n in set(built) & set(stored) if built[n] != stored[n])
+        raise ValueError(
+            "the adapter's layers do not match this model: "
+            + (f"layers in the adapter but not in the model: {missing[:5]}; " if missing else "")
+            + (f"layers in the model but not in the adapter: {extra[:5]}; " if extra else "")
+            + (f"different experts/rank: {differ[:5]}; " if differ else "")
+            + "load it into the same base model architecture it was trained on"
+        )
+
+
+@torch.no_grad()
+def _load_strict(model: nn.Module, weights: dict[str, Tensor], directory: Path) -> None:
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter in {directory} does not match the model: "
+            + (f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}; " if missing else "")
+            + (f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; " if unexpected else "")
+            + "it was saved from a different model or molex configuration"
+        )
+    for key, target in expected.items():
+        value = weights[key]
+        if value.shape != target.shape:
+            raise ValueError(
+                f"adapter key {key!r} has shape {tuple(value.shape)} but the model expects {tuple(target.shape)}: "
+                "the adapter was saved for a base model of different dimensions"
+            )
+        if not torch.isfinite(value).all():
+            raise ValueError(f"adapter key {key!r} holds NaN or inf values; the adapter is corrupt")
+        target.copy_(value.to(dtype=target.dtype, device=target.device))

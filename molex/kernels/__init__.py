@@ -1,0 +1,64 @@
+"""The expert op: ``mole_delta(x, A, B, decision, scaling)``, one function with several backends.
+
+``delta[t] = sum_j w[t, j] * s_e * B_e^T (A_e x[t])`` with ``e = decision.indices[t, j]``,
+``x [T, in]``, ``A [E, r, in]``, ``B [E, r, out]``, ``s`` a float or a ``[E]`` tensor of
+per-expert scalings. Every backend computes this same function (tests hold them to a float64
+loop); they differ only in speed.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from molex.kernels.dense import dense_delta
+from molex.kernels.reference import reference_delta
+from molex.kernels.registry import (
+    Backend,
+    available_backends,
+    get_backend,
+    register_backend,
+    registered_backends,
+)
+from molex.kernels.select import ENV_VAR, estimate_cost, resolve_backend
+from molex.routers.base import RoutingDecision
+
+register_backend(Backend("reference", reference_delta, "loop over experts (index_select / index_add)"))
+register_backend(Backend("dense", dense_delta, "two dense GEMMs over all experts, gate in between"))
+
+__all__ = [
+    "mole_delta",
+    "Backend",
+    "available_backends",
+    "registered_backends",
+    "register_backend",
+    "get_backend",
+    "resolve_backend",
+    "estimate_cost",
+    "ENV_VAR",
+]
+
+
+def mole_delta(
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    decision: RoutingDecision,
+    scaling: float | Tensor = 1.0,
+    backend: str | None = "auto",
+) -> Tensor:
+    """The experts' contribution ``[T, out]`` for ``x [T, in]`` (see the module docstring).
+
+    ``backend``: a name from :func:`available_backends`, or ``"auto"`` (then the environment
+    variable ``MOLEX_KERNEL_BACKEND``, then the cost model in :mod:`molex.kernels.select`).
+    """
+    if x.dim() != 2 or A.dim() != 3 or B.dim() != 3:
+        raise ValueError(
+            f"mole_delta expects x [T, in], A [E, r, in], B [E, r, out]; got {tuple(x.shape)}, "
+            f"{tuple(A.shape)}, {tuple(B.shape)}"
+        )
+    if A.shape[:2] != B.shape[:2] or A.shape[-1] != x.shape[-1]:
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
+    if decision.num_tokens != x.shape[0]:
+        raise ValueError(f"routing decision covers {decision.num_tokens} tokens but x has {x.shape[0]}")
+    name = resolve_backend(backend, x, A, B, decision)
+    return get_backend(name).fn(x, A, B, decision, scaling)

@@ -1,0 +1,131 @@
+"""``MoLELinear``: a frozen linear layer plus a routed pool of LoRA experts."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from molex.experts import LoRAExperts
+from molex.kernels import mole_delta
+from molex.routers.base import Router, RoutingDecision
+
+if TYPE_CHECKING:
+    from molex.context import RoutingContext
+
+__all__ = ["MoLELinear", "linear_dims", "is_supported_linear"]
+
+
+def is_supported_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or a GPT-2 style ``Conv1D`` (``weight [in, out]``)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2
+    )
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a supported linear module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_supported_linear(module):
+        rows, cols = module.weight.shape  # Conv1D stores weight as [in, out]
+        return rows, cols
+    raise TypeError(
+        f"{type(module).__name__} cannot host LoRA experts: molex wraps nn.Linear and GPT-2 style Conv1D layers; "
+        "target the linear layers inside it instead"
+    )
+
+
+class MoLELinear(nn.Module):
+    """``y = base(x) + sum_{e in S(x)} w_e(x) * s_e * B_e A_e dropout(x)``.
+
+    Args:
+        base_layer: the frozen ``nn.Linear`` / ``Conv1D`` being wrapped (kept as ``base_layer``).
+        experts: the LoRA expert pool (``A [E, r, in]``, ``B [E, r, out]``, ``scaling [E]``).
+        router: chooses experts per token (or per sequence). A router shared with other layers
+            (block-level routing) is passed through ``router_view`` instead, so that its weights
+            are stored once, on the block.
+        dropout: LoRA dropout probability on the experts' input.
+        kernel_backend: expert op backend name or ``"auto"``.
+
+    Input ``x [..., in]``, output ``[..., out]``; the router runs in float32 and the experts in
+    their own dtype, the result is cast back to the base output's dtype.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        experts: LoRAExperts,
+        router: Router | None,
+        dropout: float = 0.0,
+        kernel_backend: str = "auto",
+        router_view: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if (router is None) == (router_view is None):
+            raise ValueError("MoLELinear needs exactly one of `router` (its own) or `router_view` (a shared one)")
+        in_features, out_features = linear_dims(base_layer)
+        if experts.lora_A.shape[-1] != in_features or experts.lora_B.shape[-1] != out_features:
+            raise ValueError(
+                f"expert pool is {experts.lora_A.shape[-1]} -> {experts.lora_B.shape[-1]} but the base layer is "
+                f"{in_features} -> {out_features}"
+            )
+        self.base_layer = base_layer
+        self.experts = experts
+        self.router = router
+        # a shared router is not a submodule here: its parameters belong to the block that owns it
+        self._router_view = [router_view] if router_view is not None else []
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.kernel_backend = kernel_backend
+        self.in_features, self.out_features = in_features, out_features
+        self.context: RoutingContext | None = None  # set by molex.inject
+        self.last_decision: RoutingDecision | None = None
+
+    @property
+    def active_router(self) -> nn.Module:
+        return self.router if self.router is not None else self._router_view[0]
+
+    def route(self, x: Tensor) -> RoutingDecision:
+        """Routing decision for flattened inputs ``x [T, in]``."""
+        return self.active_router(x, self.context)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        flat = x.reshape(-1, x.shape[-1])
+        decision = self.route(flat)
+        self.last_decision = decision
+        experts = self.experts
+        hidden = self.lora_dropout(flat).to(experts.lora_A.dtype)
+        delta = mole_delta(hidden, experts.lora_A, experts.lora_B, decision, experts.scaling, self.kernel_backend)
+        return result + delta.view(*x.shape[:-1], self.out_features).to(result.dtype)
+
+    @torch.no_grad()
+    def routing_stats(self) -> dict[str, Tensor]:
+        """Statistics of the last forward: ``load [E]`` (mean gate per expert over real tokens),
+        ``entropy`` (mean router entropy normalised by ``log E``, when the router has probabilities)
+        and ``dropped`` (share of real tokens whose total weight is zero)."""
+        decision = self.last_decision
+        if decision is None:
+            return {}
+        num_experts = self.experts.num_experts
+        gate = decision.to_dense(num_experts).float()
+        mask = decision.token_mask
+        if mask is not None and mask.shape[0] == gate.shape[0]:
+            gate = gate[mask]
+        stats = {"load": gate.mean(0) if gate.shape[0] else gate.sum(0), "dropped": (gate.sum(-1) == 0).float().mean()}
+        if decision.probs is not None and num_experts > 1:
+            probs = decision.probs.float()
+            if decision.is_per_sequence:
+                probs = probs.repeat_interleave(decision.tokens_per_sequence, dim=0)
+            if mask is not None and mask.shape[0] == probs.shape[0]:
+                probs = probs[mask]
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1) / torch.log(torch.tensor(float(num_experts)))
+            stats["entropy"] = entropy.mean() if entropy.numel() else entropy.sum()
+        return stats
+
+    def extra_repr(self) -> str:
+        return f"kernel_backend={self.kernel_backend!r}"

@@ -1,0 +1,81 @@
+"""Token-level top-k router (MoLA / MixLoRA): softmax over experts, keep the k largest, renormalise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from molex.context import RoutingContext
+from molex.losses import load_balance_loss, slot_fractions, z_loss
+from molex.routers.base import Router, RouterConfig, RoutingDecision, float32_logits, register_router
+
+
+@dataclass
+class TopKConfig(RouterConfig):
+    """Options of the ``topk`` router.
+
+    Attributes:
+        top_k: experts per token (1 <= top_k <= num_experts).
+        normalize: renormalise the kept probabilities to sum to 1 (MoLA, MixLoRA, Mixtral).
+        jitter_noise: multiplicative input noise ``U(1 - eps, 1 + eps)`` while training (Switch).
+        load_balance_coef: weight of ``E * sum_e f_e P_e`` (0 disables it).
+        z_loss_coef: weight of the router z-loss (0 disables it).
+    """
+
+    top_k: int = 2
+    normalize: bool = True
+    jitter_noise: float = 0.0
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not 0.0 <= self.jitter_noise < 1.0:
+            raise ValueError(f"jitter_noise must be in [0, 1), got {self.jitter_noise}")
+        if self.load_balance_coef < 0 or self.z_loss_coef < 0:
+            raise ValueError("loss coefficients must be >= 0")
+
+
+def check_top_k(top_k: int, num_experts: int, router: str) -> None:
+    if top_k > num_experts:
+        raise ValueError(
+            f"router {router!r}: top_k={top_k} exceeds num_experts={num_experts}; "
+            f"lower top_k or give this layer at least {top_k} experts"
+        )
+
+
+@register_router
+class TopKRouter(Router):
+    """``p = softmax(W_g x)``; keep the ``top_k`` largest; weights renormalised over the kept.
+
+    Input ``x [T, d]``; output indices/weights ``[T, top_k]``. ``gate`` is ``nn.Linear(d, E)``.
+    """
+
+    name = "topk"
+    config_class = TopKConfig
+
+    def __init__(self, *, in_features: int, num_experts: int, config: TopKConfig) -> None:
+        super().__init__(in_features=in_features, num_experts=num_experts, config=config)
+        check_top_k(config.top_k, num_experts, self.name)
+        self.gate = nn.Linear(in_features, num_experts, bias=False)
+
+    def forward(self, x: Tensor, context: RoutingContext | None = None) -> RoutingDecision:
+        cfg = self.config
+        if self.training and cfg.jitter_noise > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - cfg.jitter_noise, 1.0 + cfg.jitter_noise)
+        logits = float32_logits(self.gate, x)
+        probs = logits.softmax(dim=-1)
+        weights, indices = probs.topk(cfg.top_k, dim=-1)
+        if cfg.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        mask = context.token_mask(x.shape[0]) if context is not None else None
+        losses: dict[str, Tensor] = {}
+        if cfg.load_balance_coef > 0:
+            fractions = slot_fractions(indices, self.num_experts, mask)
+            losses["load_balance"] = cfg.load_balance_coef * load_balance_loss(probs, fractions, mask)
+        if cfg.z_loss_coef > 0:
+            losses["z_loss"] = cfg.z_loss_coef * z_loss(logits, mask)
+        return RoutingDecision(indices, weights, losses, probs=probs, token_mask=mask)
