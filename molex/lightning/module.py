@@ -1,0 +1,190 @@
+"""``MoLEModule``: a LightningModule that trains the experts and routers of a MoLE-injected model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from molex.config import MoLEConfig
+from molex.context import ROUTING_KWARGS
+from molex.inject import get_config, get_plans, inject, is_injected, mole_layers, total_aux_loss
+from molex.io import adapter_state_dict
+
+__all__ = ["MoLEModule", "warmup_cosine"]
+
+#: batch keys handed to the model's forward; anything else in a batch (task names, ...) stays out
+_MODEL_KEYS = ("input_ids", "attention_mask", "labels", *ROUTING_KWARGS)
+_CHECKPOINT_KEY = "molex"
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up from ``1/(warmup+1)`` to 1, then cosine to ``min_lr_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class MoLEModule(L.LightningModule):
+    """Trains a mixture of LoRA experts; the base model stays frozen.
+
+    Args:
+        model: a causal LM (``nn.Module`` whose forward takes ``input_ids``, ``attention_mask``,
+            ``labels`` and returns ``.loss``), or a zero-argument factory returning one.
+        mole_config: injected into ``model`` here; leave ``None`` when ``model`` is already injected.
+        learning_rate: peak AdamW learning rate.
+        weight_decay: AdamW weight decay (on trainable parameters only).
+        warmup_steps: linear warm-up steps before the cosine decay.
+        min_lr_ratio: the cosine decays to ``learning_rate * min_lr_ratio`` at the last step.
+        betas: AdamW betas.
+        log_routing_every_n_steps: how often per-layer expert load and router entropy are logged
+            (0 disables it; each log writes one value per expert of every MoLE layer).
+
+    Batches are dicts with ``input_ids [B, S]``, ``attention_mask [B, S]``, ``labels [B, S]``
+    (-100 where no loss) and optionally ``task_ids [B]`` / ``prompt_mask [B, S]``, which reach the
+    routers through the routing context. Loss = LM loss + the routers' weighted auxiliary losses.
+
+    Checkpoints hold only the trainable (adapter) weights plus the MoLE configuration and layer
+    plan; the frozen base is rebuilt from its own source when resuming.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module | Callable[[], nn.Module],
+        mole_config: MoLEConfig | None = None,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        log_routing_every_n_steps: int = 50,
+    ) -> None:
+        super().__init__()
+        if learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1, got {warmup_steps}, {min_lr_ratio}")
+        if not isinstance(model, nn.Module):
+            model = model()
+        if mole_config is not None:
+            if is_injected(model):
+                raise ValueError("the model already has MoLE layers: pass mole_config=None to train them as they are")
+            inject(model, mole_config)
+        elif not is_injected(model):
+            raise ValueError("the model has no MoLE layers: pass mole_config=MoLEConfig(...) to inject them")
+        # pretrained models load in eval mode; train mode enables the experts' dropout (the base stays frozen)
+        self.model = model.train()
+        self.save_hyperparameters(ignore=["model", "mole_config"])
+        # the base weights are not in our checkpoints: `on_load_checkpoint` checks the adapter keys itself
+        self.strict_loading = False
+
+    @property
+    def mole_config(self) -> MoLEConfig:
+        return get_config(self.model)
+
+    def forward(self, **batch: Any) -> Any:
+        return self.model(**{k: v for k, v in batch.items() if k in _MODEL_KEYS})
+
+    def _losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+        if batch.get("labels") is None:
+            raise ValueError("MoLEModule batches need `labels` ([B, S], -100 where no loss)")
+        lm_loss = self(**batch).loss
+        aux = total_aux_loss(self.model)
+        return (lm_loss if aux is None else lm_loss + aux.to(lm_loss.dtype)), lm_loss, aux
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, lm_loss, aux = self._losses(batch)
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/lm_loss", lm_loss, batch_size=size)
+        if aux is not None:
+            self.log("train/aux_loss", aux, batch_size=size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=size)
+        every = self.hparams.log_routing_every_n_steps
+        if every and self.global_step % every == 0:
+            self.log_dict(self.routing_metrics(), batch_size=size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss, lm_loss, _ = self._losses(batch)
+        size = batch["input_ids"].shape[0]
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
+        self.log("val/lm_loss", lm_loss, sync_dist=True, batch_size=size)
+
+    def routing_metrics(self) -> dict[str, Tensor]:
+        """Per-layer ``routing/<layer>/load_e<i>`` and ``routing/<layer>/entropy`` of the last forward."""
+        metrics: dict[str, Tensor] = {}
+        for name, layer in mole_layers(self.model).items():
+            stats = layer.routing_stats()
+            short = name.removeprefix("model.")
+            for expert, value in enumerate(stats.get("load", ())):
+                metrics[f"routing/{short}/load_e{expert}"] = value
+            if "entropy" in stats:
+                metrics[f"routing/{short}/entropy"] = stats["entropy"]
+        return metrics
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters: nothing to optimise")
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("set trainer max_steps (or max_epochs with a sized dataloader) so the schedule has an end")
+
+        def schedule(step: int) -> float:
+            return warmup_cosine(
+                step, warmup_steps=hp.warmup_steps, total_steps=int(total), min_lr_ratio=hp.min_lr_ratio
+            )
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints: adapter weights + configs only ------------------------------------------------
+    def adapter_keys(self) -> set[str]:
+        """``state_dict`` keys a checkpoint keeps: every expert/router tensor and any trainable parameter."""
+        keys = {f"model.{k}" for k in adapter_state_dict(self.model)}
+        keys.update(name for name, p in self.named_parameters() if p.requires_grad)
+        return keys
+
+    def _molex_record(self) -> dict[str, Any]:
+        return {
+            "mole_config": self.mole_config.to_dict(),
+            "layers": [[p.name, p.num_experts, p.rank] for p in get_plans(self.model)],
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.adapter_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        record = self._molex_record()
+        # routers may draw random numbers (jitter, dropout): resuming must continue the same stream
+        record["torch_rng_state"] = torch.random.get_rng_state()
+        checkpoint[_CHECKPOINT_KEY] = record
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(_CHECKPOINT_KEY)
+        if saved is None:
+            raise ValueError("this checkpoint was not written by MoLEModule (no molex record); cannot resume from it")
+        mine = self._molex_record()
+        if saved["layers"] != mine["layers"]:
+            raise ValueError(
+                "the checkpoint's MoLE layers (experts/rank per layer) differ from this model's: resume with the "
+                "same model, target_modules and allocation it was trained with"
+            )
+        expected, found = self.adapter_keys(), set(checkpoint["state_dict"])
+        if expected != found:
+            missing, unexpected = sorted(expected - found), sorted(found - expected)
+            raise ValueError(
+                f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}; "
+                "it was written for another molex configuration"
+            )
+        if "torch_rng_state" in saved:
+            torch.random.set_rng_state(saved["torch_rng_state"])

@@ -1,0 +1,183 @@
+"""MoLEModule: training step, schedule, adapter-only checkpoints, exact resume, every router."""
+
+from __future__ import annotations
+
+import itertools
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import molex
+from molex.lightning import MoLEModule, warmup_cosine
+from tests.conftest import tiny_llama
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def synthetic_batches(num: int = 16, seq: int = 12, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Examples whose continuation depends on the task id, with left padding on some rows."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(num):
+        task = i % 3
+        ids = torch.randint(4, 128, (seq,), generator=gen)
+        ids[seq // 2 :] = (ids[: seq - seq // 2] + 7 * (task + 1)) % 124 + 4
+        mask = torch.ones(seq, dtype=torch.long)
+        if i % 4 == 0:
+            ids[:2], mask[:2] = 0, 0
+        labels = ids.clone()
+        labels[: seq // 2] = -100
+        labels[mask == 0] = -100
+        prompt = torch.zeros(seq, dtype=torch.bool)
+        prompt[: seq // 2] = True
+        rows.append(
+            {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "labels": labels,
+                "task_ids": torch.tensor(task),
+                "prompt_mask": prompt & mask.bool(),
+            }
+        )
+    return rows
+
+
+def loader(batch_size: int = 4, **kw) -> DataLoader:
+    return DataLoader(synthetic_batches(**kw), batch_size=batch_size, shuffle=False)
+
+
+def make_module(router: str = "topk", **options) -> MoLEModule:
+    cfg = molex.MoLEConfig(target_modules=TARGETS, rank=4, num_experts=4, router=router, router_options=options)
+    return MoLEModule(
+        model=lambda: tiny_llama(num_layers=2),
+        mole_config=cfg,
+        learning_rate=1e-2,
+        warmup_steps=2,
+        log_routing_every_n_steps=1,
+    )
+
+
+def trainer(tmp_path, **kw) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        deterministic=True,
+    )
+    defaults.update(kw)
+    return L.Trainer(**defaults)
+
+
+def test_warmup_cosine_shape():
+    lrs = [warmup_cosine(s, warmup_steps=3, total_steps=13, min_lr_ratio=0.1) for s in range(14)]
+    assert lrs[0] == pytest.approx(0.25) and lrs[2] == pytest.approx(0.75)
+    assert lrs[3] == pytest.approx(1.0) and lrs[13] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[3:]))
+
+
+def test_training_lowers_loss_and_trains_only_adapters(tmp_path):
+    torch.manual_seed(0)
+    module = make_module()
+    base_before = {k: v.clone() for k, v in module.model.state_dict().items() if "base_layer" in k}
+    data = synthetic_batches()
+    batch = {k: torch.stack([r[k] for r in data[:8]]) for k in data[0]}
+    with torch.no_grad():
+        start = module._losses(batch)[1].item()
+    trainer(tmp_path, max_steps=30, limit_val_batches=0).fit(module, loader())
+    with torch.no_grad():
+        end = module._losses(batch)[1].item()
+    assert end < start - 0.15
+    for k, v in module.model.state_dict().items():
+        if k in base_before:
+            assert torch.equal(v, base_before[k]), k
+    opt = module.trainer.optimizers[0]
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
+        p.numel() for p in molex.trainable_parameters(module.model)
+    )
+
+
+def test_loss_includes_weighted_aux_losses():
+    module = make_module(load_balance_coef=0.5)
+    batch = {k: torch.stack([r[k] for r in synthetic_batches(num=4)]) for k in synthetic_batches(num=1)[0]}
+    loss, lm_loss, aux = module._losses(batch)
+    assert aux is not None and aux.item() > 0.4  # ~ coef * E * sum f P >= coef
+    torch.testing.assert_close(loss, lm_loss + aux)
+
+
+def test_routing_metrics_per_layer():
+    module = make_module()
+    batch = {k: torch.stack([r[k] for r in synthetic_batches(num=4)]) for k in synthetic_batches(num=1)[0]}
+    module(**batch)
+    metrics = module.routing_metrics()
+    assert "routing/layers.0.self_attn.q_proj/entropy" in metrics
+    loads = [metrics[f"routing/layers.1.mlp.down_proj/load_e{e}"] for e in range(4)]
+    torch.testing.assert_close(torch.stack(loads).sum(), torch.tensor(1.0))
+
+
+def test_checkpoint_holds_only_adapter_and_config(tmp_path):
+    module = make_module()
+    tr = trainer(tmp_path, max_steps=2, limit_val_batches=0, enable_checkpointing=False)
+    tr.fit(module, loader())
+    tr.save_checkpoint(tmp_path / "a.ckpt")
+    ckpt = torch.load(tmp_path / "a.ckpt", weights_only=True)
+    assert set(ckpt["state_dict"]) == {f"model.{k}" for k in molex.adapter_state_dict(module.model)}
+    assert ckpt["molex"]["mole_config"]["router"] == "topk"
+    assert not any("base_layer" in k or "embed" in k for k in ckpt["state_dict"])
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(0)
+    full = make_module(jitter_noise=0.1)  # jitter draws random numbers: the RNG must not matter for equality
+    L.seed_everything(1)
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=4, save_top_k=-1)
+    trainer(tmp_path, max_steps=8, limit_val_batches=0, callbacks=[ckpt_cb]).fit(full, loader())
+    mid = tmp_path / "ck" / "epoch=0-step=4.ckpt"
+    assert mid.is_file(), sorted(p.name for p in (tmp_path / "ck").iterdir())
+
+    L.seed_everything(0)
+    resumed = make_module(jitter_noise=0.1)
+    L.seed_everything(1)
+    trainer(tmp_path, max_steps=8, limit_val_batches=0, enable_checkpointing=False).fit(
+        resumed, loader(), ckpt_path=mid
+    )
+    a, b = molex.adapter_state_dict(full.model), molex.adapter_state_dict(resumed.model)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_rejects_other_configuration(tmp_path):
+    module = make_module()
+    tr = trainer(tmp_path, max_steps=1, limit_val_batches=0, enable_checkpointing=False)
+    tr.fit(module, loader())
+    tr.save_checkpoint(tmp_path / "a.ckpt")
+    cfg = molex.MoLEConfig(target_modules=TARGETS, rank=4, num_experts=2)
+    other = MoLEModule(model=tiny_llama(num_layers=2), mole_config=cfg)
+    with pytest.raises(ValueError, match="experts/rank per layer"):
+        trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(other, loader(), ckpt_path=tmp_path / "a.ckpt")
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="no MoLE layers"):
+        MoLEModule(model=tiny_llama(num_layers=1))
+    injected = molex.inject(tiny_llama(num_layers=1), molex.MoLEConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="already has MoLE layers"):
+        MoLEModule(model=injected, mole_config=molex.MoLEConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="learning_rate"):
+        MoLEModule(model=injected, learning_rate=0)
+
+
+@pytest.mark.parametrize("router", molex.available_routers())
+def test_fast_dev_run_every_router(tmp_path, router):
+    cls = molex.routers.get_router_class(router)
+    if cls.scope != "linear":
+        pytest.skip(f"{router} is block-scoped")
+    module = make_module(router)
+    trainer(tmp_path, fast_dev_run=2).fit(module, loader(), loader())
+    assert torch.isfinite(module.trainer.callback_metrics["train/loss"])
