@@ -1,0 +1,133 @@
+"""What the entry points share: turning a composed Hydra config into molex objects, with clear errors.
+
+The entry points are the only place that instantiates the config; every check here runs before any
+training starts, so bad input fails in seconds with one readable line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from molex.config import MoLEConfig
+from molex.io import atomic_write
+
+__all__ = [
+    "CLIError",
+    "report_errors",
+    "build_mole_config",
+    "check_trainer",
+    "check_sources",
+    "instantiate",
+    "write_json",
+]
+
+
+class CLIError(Exception):
+    """A user-facing problem with the command line or the data it names."""
+
+
+def report_errors(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Print a :class:`CLIError` as ``<prog>: error: ...`` and exit with status 2 (no traceback)."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except CLIError as err:
+                print(f"{prog}: error: {err}", file=sys.stderr)
+                sys.exit(2)
+
+        return run
+
+    return wrap
+
+
+def instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` with the user's mistake (not Hydra's wrapper) in the error."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise CLIError(f"{what}: {cause}") from None
+    except (ValueError, TypeError, FileNotFoundError, OSError) as err:
+        raise CLIError(f"{what}: {err}") from None
+
+
+def build_mole_config(cfg: DictConfig) -> MoLEConfig:
+    """``MoLEConfig`` from the ``mole`` node plus the ``router`` and ``allocation`` groups (validated)."""
+    router_config = instantiate(cfg.router, f"router={cfg.router.name}")
+    allocation = instantiate(cfg.allocation, "allocation")
+    mole = OmegaConf.to_container(cfg.mole, resolve=True)
+    try:
+        return MoLEConfig(
+            **mole,
+            router=cfg.router.name,
+            router_options=dataclasses.asdict(router_config),
+            allocation=allocation,
+        )
+    except (ValueError, TypeError) as err:
+        raise CLIError(f"mole: {err}") from None
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    """Training must have an end: ``max_steps > 0``, or ``max_steps = -1`` with ``max_epochs > 0``."""
+    max_steps = trainer.get("max_steps", -1)
+    max_epochs = trainer.get("max_epochs", -1)
+    if max_steps == 0 or (max_steps is not None and max_steps < -1):
+        raise CLIError(
+            f"trainer.max_steps={max_steps}: nothing would train; set trainer.max_steps to a positive number"
+        )
+    if (max_steps is None or max_steps == -1) and (max_epochs is None or max_epochs <= 0):
+        raise CLIError("set trainer.max_steps (or trainer.max_epochs) to a positive number so training has an end")
+
+
+def check_sources(model: DictConfig, data: DictConfig) -> None:
+    """Local model paths and data files must exist (hub names are left to the loaders)."""
+    name = str(model.get("name_or_path"))
+    from molex.models import MODEL_PRESETS
+
+    if name not in MODEL_PRESETS and _looks_local(name) and not Path(name).expanduser().exists():
+        raise CLIError(
+            f"model.name_or_path={name!r} does not exist; give a local model folder or .gguf file, a hub name, "
+            f"or a preset ({', '.join(MODEL_PRESETS)})"
+        )
+    source = data.get("source")
+    paths = list(source.values()) if isinstance(source, Mapping) else [source]
+    for path in paths:
+        text = str(path)
+        if text != "builtin" and _looks_local(text) and not Path(text).expanduser().exists():
+            raise CLIError(f"data.source={text!r}: no such file or folder")
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or Path(name).suffix.lower() in {
+        ".json",
+        ".jsonl",
+        ".csv",
+        ".parquet",
+        ".gguf",
+        ".safetensors",
+    }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically write ``data`` as indented JSON."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+
+    atomic_write(path, write)

@@ -1,0 +1,175 @@
+"""``molex-train``: fine-tune a model with a mixture of LoRA experts, evaluate it before and after.
+
+    molex-train                                     # SmolLM2-135M, built-in tasks, top-k MoLE, CPU
+    molex-train router=soft allocation=uniform trainer.max_steps=50
+    molex-train -m router=topk,soft                 # one run per router
+    molex-train model=tiny_llama trainer.max_steps=5 eval.before=false   # smoke test
+
+The run directory (``run_dir``) receives the resolved config (``config.yaml``), ``metrics.json``,
+the adapter (``adapter/``, ``molex.save_adapter`` format), routing plots (``plots/``), logs
+(CSV and TensorBoard) and checkpoints (``checkpoints/``, adapter weights only).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from molex.cli.common import (
+    CLIError,
+    build_mole_config,
+    check_sources,
+    check_trainer,
+    instantiate,
+    report_errors,
+    write_json,
+)
+
+log = logging.getLogger("molex.train")
+
+
+def _loggers(run_dir: Path) -> list[Any]:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers: list[Any] = [CSVLogger(run_dir, name="logs", version="")]
+    try:
+        import tensorboard  # noqa: F401 - optional: only its presence matters
+
+        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False))
+    except ImportError:
+        log.info("tensorboard is not installed: logging to CSV only")
+    return loggers
+
+
+def _callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    every = cfg.checkpoint.every_n_train_steps
+    return [
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="step-{step}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=every,
+            save_top_k=-1 if every else 0,
+            save_last=True,
+            save_weights_only=cfg.checkpoint.save_weights_only,
+        )
+    ]
+
+
+def _evaluate(model: Any, tokenizer: Any, dm: Any, cfg: DictConfig) -> dict[str, Any]:
+    from molex.eval import evaluate_generation
+
+    return evaluate_generation(
+        model,
+        tokenizer,
+        dm.test_examples(),
+        template=dm.template,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+    )
+
+
+def setup(cfg: DictConfig) -> tuple[Any, Any, Any]:
+    """Validate everything and build ``(module, datamodule, tokenizer)``; raises :class:`CLIError`."""
+    from molex.lightning import MoLEModule
+
+    check_trainer(cfg.trainer)
+    check_sources(cfg.model, cfg.data)
+    mole_config = build_mole_config(cfg)
+    import lightning as L
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model, tokenizer = instantiate(cfg.model, "model")
+    try:
+        module = MoLEModule(
+            model=model,
+            mole_config=mole_config,
+            learning_rate=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay,
+            warmup_steps=cfg.optim.warmup_steps,
+            min_lr_ratio=cfg.optim.min_lr_ratio,
+            log_routing_every_n_steps=cfg.log_routing_every_n_steps,
+        )
+    except (ValueError, TypeError) as err:  # target modules not found, top_k > a layer's experts, ...
+        raise CLIError(f"router={cfg.router.name} allocation: {err}") from None
+    dm = instantiate(cfg.data, "data", tokenizer=tokenizer)
+    try:
+        dm.prepare_data()
+        dm.setup("fit")
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        raise CLIError(f"data: {err}") from None
+    return module, dm, tokenizer
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job as configured; returns the metrics written to ``metrics.json``."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    import molex
+    from molex.analysis import collect_routing, log_routing_report, plot_routing
+
+    start = time.perf_counter()
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    is_main = rank_zero_only.rank == 0
+    module, dm, tokenizer = setup(cfg)
+    trainer = instantiate(
+        cfg.trainer, "trainer", logger=_loggers(run_dir), callbacks=_callbacks(cfg, run_dir), default_root_dir=run_dir
+    )
+    if is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+        table = molex.summary(module.model)
+        (run_dir / "summary.txt").write_text(table + "\n", encoding="utf-8")
+        log.info("%s", table.splitlines()[-1])
+    metrics: dict[str, Any] = {"run_dir": str(run_dir)}
+    if is_main and cfg.eval.before:
+        log.info("evaluating the untrained model on %d test examples", len(dm.test_examples()))
+        metrics["before"] = _evaluate(module.model, tokenizer, dm, cfg)
+    fit_start = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+    metrics["train"] = {
+        "steps": trainer.global_step,
+        "seconds": round(time.perf_counter() - fit_start, 2),
+        **{k: round(float(v), 5) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))},
+    }
+    if not trainer.is_global_zero:
+        return metrics
+    model = module.model
+    if cfg.eval.after:
+        metrics["after"] = _evaluate(model, tokenizer, dm, cfg)
+    molex.save_adapter(model, run_dir / "adapter")
+    if cfg.analysis.enabled:
+        report = collect_routing(
+            model, dm.val_dataloader(), max_batches=cfg.analysis.max_batches, task_names=list(dm.task_names)
+        )
+        paths = plot_routing(report, run_dir / "plots")
+        log_routing_report(report, paths, trainer.loggers, step=trainer.global_step)
+        write_json(run_dir / "routing.json", report.to_dict())
+        spec = report.specialisation()
+        if spec:
+            metrics["routing"] = {"mean_specialisation": round(sum(spec) / len(spec), 4)}
+    metrics["wall_seconds"] = round(time.perf_counter() - start, 2)
+    write_json(run_dir / "metrics.json", metrics)
+    if "before" in metrics or "after" in metrics:
+        from molex.eval import format_table
+
+        print(format_table(metrics.get("before"), metrics.get("after")))
+    print(f"run directory: {run_dir}  (wall time {metrics['wall_seconds']:.0f} s)")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@report_errors("molex-train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
