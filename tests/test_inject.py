@@ -169,3 +169,21 @@ def test_bad_input_errors():
     molex.inject(model, molex.MoLEConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="already has MoLE layers"):
         molex.inject(model, molex.MoLEConfig(target_modules=["v_proj"]))
+
+
+def test_routing_inputs_reach_the_context_and_never_the_model():
+    model = molex.inject(tiny_llama(), molex.MoLEConfig(target_modules=["q_proj"], num_experts=2))
+    ctx = molex.context.get_context(model)
+    batch = inputs()
+    task_ids = torch.tensor([1, 0])
+    model(**batch, task_ids=task_ids)  # popped by the pre-hook: the model never sees it
+    assert ctx.get("task_ids") is task_ids and ctx.is_prefill and ctx.batch_size == 2
+    assert ctx.token_mask(14).tolist() == batch["attention_mask"].flatten().bool().tolist()
+    generations = ctx.generation
+    out = molex.generate(model, **batch, task_ids=task_ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 10)
+    assert ctx.generation == generations + 1  # one prefill, then decode steps reuse it
+    assert ctx.get("task_ids") is None  # pinned inputs end with the generation
+    with pytest.raises(ValueError, match="unknown routing input"):
+        with molex.routing_inputs(model, task_id=task_ids):
+            pass
