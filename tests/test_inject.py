@@ -184,6 +184,5 @@ def test_routing_inputs_reach_the_context_and_never_the_model():
     assert out.shape == (2, 10)
     assert ctx.generation == generations + 1  # one prefill, then decode steps reuse it
     assert ctx.get("task_ids") is None  # pinned inputs end with the generation
-    with pytest.raises(ValueError, match="unknown routing input"):
-        with molex.routing_inputs(model, task_id=task_ids):
-            pass
+    with pytest.raises(ValueError, match="unknown routing input"), molex.routing_inputs(model, task_id=task_ids):
+        pass
