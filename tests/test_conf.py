@@ -112,3 +112,10 @@ def test_bad_values_are_reported_before_training(tmp_path):
         build_mole_config(compose_train("+router.options.topk=3"))
     with pytest.raises(CLIError, match="rank"):
         build_mole_config(compose_train("mole.rank=0"))
+
+
+def test_eval_conf_composes():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=["adapter=/some/run/adapter", "model=tiny_llama"])
+    assert cfg.adapter == "/some/run/adapter" and cfg.model.name_or_path == "tiny-llama"
+    assert cfg.data._target_.endswith("InstructionDataModule")

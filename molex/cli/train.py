@@ -71,8 +71,10 @@ def _evaluate(model: Any, tokenizer: Any, dm: Any, cfg: DictConfig) -> dict[str,
         tokenizer,
         dm.test_examples(),
         template=dm.template,
+        system_prompt=dm.system_prompt,
         max_new_tokens=cfg.eval.max_new_tokens,
         batch_size=cfg.eval.batch_size,
+        task_names=dm.task_names,
     )
 
 
@@ -156,11 +158,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if spec:
             metrics["routing"] = {"mean_specialisation": round(sum(spec) / len(spec), 4)}
     metrics["wall_seconds"] = round(time.perf_counter() - start, 2)
+    predictions = {k: metrics[k].pop("predictions") for k in ("before", "after") if "predictions" in metrics.get(k, {})}
+    if predictions:
+        write_json(run_dir / "predictions.json", predictions)
     write_json(run_dir / "metrics.json", metrics)
     if "before" in metrics or "after" in metrics:
         from molex.eval import format_table
 
-        print(format_table(metrics.get("before"), metrics.get("after")))
+        print(format_table(metrics.get("before", {}), metrics.get("after", {}), tasks=dm.task_names))
     print(f"run directory: {run_dir}  (wall time {metrics['wall_seconds']:.0f} s)")
     return metrics
 

@@ -1,0 +1,83 @@
+"""``molex-eval``: evaluate a base model, or a base model with a trained MoLE adapter, per task.
+
+    molex-eval adapter=outputs/train/<date>/<time>/adapter
+    molex-eval model=tiny_llama data.eval_per_task=4
+
+Writes ``eval.json`` (accuracy per task, overall, loss) and ``predictions.json`` to ``run_dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from molex.cli.common import CLIError, check_sources, instantiate, report_errors, write_json
+
+log = logging.getLogger("molex.eval")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Load the model (and adapter), evaluate the test split, write and return the metrics."""
+    import molex
+    from molex.eval import evaluate_generation, evaluate_loss
+
+    check_sources(cfg.model, cfg.data)
+    adapter = cfg.adapter
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise CLIError(
+            f"adapter={adapter!r} is not an adapter folder (no adapter_config.json); point it at a "
+            "run's adapter/ directory"
+        )
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = instantiate(cfg.model, "model")
+    if adapter is not None:
+        try:
+            model = molex.load_adapter(model, adapter)
+        except (ValueError, FileNotFoundError) as err:
+            raise CLIError(f"adapter: {err}") from None
+    dm = instantiate(cfg.data, "data", tokenizer=tokenizer)
+    try:
+        dm.prepare_data()
+        dm.setup("test")
+        examples = dm.test_examples()
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        raise CLIError(f"data: {err}") from None
+    result = evaluate_generation(
+        model,
+        tokenizer,
+        examples,
+        template=dm.template,
+        system_prompt=dm.system_prompt,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        task_names=dm.task_names,
+    )
+    write_json(run_dir / "predictions.json", {"predictions": result.pop("predictions")})
+    if cfg.loss:
+        result["loss"] = round(evaluate_loss(model, dm.test_dataloader()), 5)
+    result["adapter"] = adapter
+    write_json(run_dir / "eval.json", result)
+    width = max(len("overall"), *(len(t) for t in result["per_task"]))
+    for task in [t for t in dm.task_names if t in result["per_task"]] + ["overall"]:
+        accuracy = result["accuracy"] if task == "overall" else result["per_task"][task]
+        count = result["num_examples"] if task == "overall" else result["counts"][task]
+        print(f"{task:<{width}}  {count:>5}  {100 * accuracy:6.1f}%")
+    if "loss" in result:
+        print(f"test loss per label token: {result['loss']:.4f}")
+    print(f"results: {run_dir / 'eval.json'}")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@report_errors("molex-eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
