@@ -129,18 +129,19 @@ class DLPRouter(SharedRouter):
             from transformers import AutoConfig
 
             self.embedding_dim = AutoConfig.from_pretrained(str(self.encoder_path)).hidden_size
-        self.classifier = nn.Sequential(
-            nn.Linear(self.embedding_dim, config.classifier_hidden),
-            nn.GELU(),
-            nn.Dropout(config.dropout),
-            nn.Linear(config.classifier_hidden, num_experts),
-        )
-        size = sum(p.numel() for p in self.classifier.parameters())
+        hidden = config.classifier_hidden
+        size = (self.embedding_dim + 1) * hidden + (hidden + 1) * num_experts
         if size > MAX_CLASSIFIER_PARAMETERS:
             raise ValueError(
                 f"router 'dlp': the classifier would have {size:,} parameters (> {MAX_CLASSIFIER_PARAMETERS:,}); "
                 "lower classifier_hidden"
             )
+        self.classifier = nn.Sequential(
+            nn.Linear(self.embedding_dim, hidden),
+            nn.GELU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(hidden, num_experts),
+        )
         # not submodules: neither the model's embedding table nor the encoder belong to the adapter
         self._embedding: list[nn.Module] = []
         self._encoder: list[Any] = []
