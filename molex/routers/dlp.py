@@ -35,7 +35,7 @@ from molex.context import RoutingContext
 from molex.losses import gate_cross_entropy
 from molex.routers.base import RouterConfig, RoutingDecision, register_router
 from molex.routers.dynmole import CUMSUM_TOLERANCE
-from molex.routers.sequence import ROUTER_ATTR, SharedRouter, pool_sequences
+from molex.routers.sequence import ROUTER_ATTR, SharedRouter, pool_sequences, sequence_layout
 
 __all__ = ["DLPConfig", "DLPRouter", "train_dlp_classifier", "default_encoder_path", "top_p_inclusive"]
 
@@ -112,9 +112,9 @@ def top_p_inclusive(probs: Tensor, top_p: float) -> tuple[Tensor, Tensor, Tensor
 class DLPRouter(SharedRouter):
     """Sentence-level router: ``classifier`` (an MLP) over a sentence embedding ``[B, D]``.
 
-    ``forward(x [T, d], context)`` returns indices/weights ``[B, E]`` (dropped experts weigh 0)
-    with ``tokens_per_sequence = S``. Inside a model the embedding comes from the context (see the
-    module docstring); without a context ``x`` is taken as the input embeddings of one sequence.
+    Decisions hold indices/weights ``[B, E]`` (dropped experts weigh 0) with
+    ``tokens_per_sequence = S``. Inside a model the embedding comes from the context (see the
+    module docstring); standalone, ``forward(x [T, D], context)`` pools token embeddings ``x``.
     """
 
     name = "dlp"
@@ -232,9 +232,10 @@ class DLPRouter(SharedRouter):
         return self.decide(self.sentence_embeddings(context), context.seq_len, context)
 
     def forward(self, x: Tensor, context: RoutingContext | None = None) -> RoutingDecision:
-        if context is None or not context.layout_known:
-            return self.decide(pool_sequences(x, None), x.shape[0], None)
-        return self.prefill_decision(context)
+        """Route token embeddings ``x [T, D]``: their mean over each sequence's prompt tokens is the
+        sentence embedding. Inside a model the layers use :meth:`prefill_decision` instead."""
+        _, seq = sequence_layout(x.shape[0], context)
+        return self.decide(pool_sequences(x, context), seq, context)
 
     def decide(self, embeddings: Tensor, tokens_per_sequence: int, context: RoutingContext | None) -> RoutingDecision:
         """Decision ``[B, E]`` from sentence embeddings ``[B, D]``."""
