@@ -155,6 +155,9 @@ def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
         layer.experts.requires_grad_(True)
     for router in routers_of(model).values():  # per-layer and shared (block / model) routers
         router.requires_grad_(True)
+        router.train(model.training)  # new modules start in training mode; follow the model (dropout, jitter)
+    for layer in new_layers.values():
+        layer.train(model.training)
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     state = {"config": config, "plans": plans, "requires_grad": requires_grad, "placement": placement}
