@@ -53,6 +53,7 @@ def test_builtin_has_distinct_tasks_with_short_correct_answers():
     assert {e["task"] for e in examples} == set(TASKS)
     for e in examples:
         assert set(e) == {"instruction", "input", "output", "task"}
+        assert e["output"].lower() != e["input"].lower(), e  # echoing the input never scores
         assert 0 < len(e["output"].split()) <= 4, e
         if e["task"] == "add":
             a, b = e["input"].split(" + ")
@@ -62,8 +63,8 @@ def test_builtin_has_distinct_tasks_with_short_correct_answers():
             assert e["output"] == ", ".join(map(str, sorted(numbers)))
         elif e["task"] == "reverse":
             assert e["output"].split() == e["input"].split()[::-1]
-        elif e["task"] == "uppercase":
-            assert e["output"] == e["input"].upper()
+        elif e["task"] == "hyphenate":
+            assert e["output"].split("-") == e["input"].split()
         elif e["task"] == "count":
             assert int(e["output"]) == len(e["input"].split(", "))
         elif e["task"] == "parity":

@@ -9,7 +9,7 @@ task       instruction                                  input                 ou
 add        Add the two numbers.                         ``34 + 57``           ``91``
 reverse    Write the words in reverse order.            ``cat sun tree``      ``tree sun cat``
 sort       Sort the numbers from smallest to largest.   ``42, 7, 19``         ``7, 19, 42``
-uppercase  Write the words in capital letters.          ``green apple``       ``GREEN APPLE``
+hyphenate  Join the words with hyphens.                 ``green apple tree``  ``green-apple-tree``
 count      How many words are in the list?              ``dog, cup, hat``     ``3``
 capital    What is the capital city of this country?    ``France``            ``Paris``
 antonym    Give the opposite of the word.               ``hot``               ``cold``
@@ -55,7 +55,7 @@ _CAPITALS = {
     "Lebanon": "Beirut", "Afghanistan": "Kabul", "Nepal": "Kathmandu", "Venezuela": "Caracas", "Ecuador": "Quito",
     "Morocco": "Rabat", "Nigeria": "Abuja", "Ethiopia": "Addis Ababa", "Ghana": "Accra", "Iceland": "Reykjavik",
     "Croatia": "Zagreb", "Serbia": "Belgrade", "Bulgaria": "Sofia", "Malaysia": "Kuala Lumpur",
-    "Singapore": "Singapore", "Pakistan": "Islamabad", "Bangladesh": "Dhaka", "Sri Lanka": "Colombo",
+"Pakistan": "Islamabad", "Bangladesh": "Dhaka", "Sri Lanka": "Colombo",
     "New Zealand": "Wellington", "Jamaica": "Kingston", "Uruguay": "Montevideo", "Paraguay": "Asuncion",
     "Bolivia": "Sucre", "Tunisia": "Tunis", "Algeria": "Algiers", "Qatar": "Doha", "Jordan": "Amman",
     "Mongolia": "Ulaanbaatar", "Latvia": "Riga", "Lithuania": "Vilnius", "Estonia": "Tallinn",
@@ -102,12 +102,14 @@ def _reverse(rng: random.Random) -> tuple[str, str]:
 
 def _sort(rng: random.Random) -> tuple[str, str]:
     numbers = rng.sample(range(100), rng.randint(3, 4))
+    while numbers == sorted(numbers):  # an already sorted input would reward echoing it
+        rng.shuffle(numbers)
     return ", ".join(map(str, numbers)), ", ".join(map(str, sorted(numbers)))
 
 
-def _uppercase(rng: random.Random) -> tuple[str, str]:
-    phrase = " ".join(rng.sample(_WORDS, 2))
-    return phrase, phrase.upper()
+def _hyphenate(rng: random.Random) -> tuple[str, str]:
+    words = rng.sample(_WORDS, rng.randint(2, 3))
+    return " ".join(words), "-".join(words)
 
 
 def _count(rng: random.Random) -> tuple[str, str]:
@@ -124,7 +126,8 @@ BUILTIN_TASKS: tuple[BuiltinTask, ...] = (
     BuiltinTask("add", "Add the two numbers.", sample=_add),
     BuiltinTask("reverse", "Write the words in reverse order.", sample=_reverse),
     BuiltinTask("sort", "Sort the numbers from smallest to largest.", sample=_sort),
-    BuiltinTask("uppercase", "Write the words in capital letters.", sample=_uppercase),
+    # not "uppercase": exact match ignores case, so echoing the input would already score
+    BuiltinTask("hyphenate", "Join the words with hyphens.", sample=_hyphenate),
     BuiltinTask("count", "How many words are in the list?", sample=_count),
     BuiltinTask(
         "capital",
