@@ -35,11 +35,23 @@ def compose_train(tmp_path: Path, *overrides: str):
 
 def test_train_end_to_end_writes_the_run_directory(tmp_path):
     run = tmp_path / "run"
-    proc = run_cli("molex.cli.train", *SMOKE, "trainer.max_steps=4", f"hydra.run.dir={run}")
+    proc = run_cli(
+        "molex.cli.train", *SMOKE, "trainer.max_steps=4", "trainer.log_every_n_steps=1", f"hydra.run.dir={run}"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("config.yaml", "metrics.json", "routing.json", "adapter/adapter_config.json", "adapter/adapter.safetensors",
-                 "plots/expert_load.png", "plots/router_entropy.png", "plots/task_expert_usage.png",
-                 "checkpoints/last.ckpt", "logs/metrics.csv", ".hydra/overrides.yaml"):
+    for name in (
+        "config.yaml",
+        "metrics.json",
+        "routing.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter.safetensors",
+        "plots/expert_load.png",
+        "plots/router_entropy.png",
+        "plots/task_expert_usage.png",
+        "checkpoints/last.ckpt",
+        "logs/metrics.csv",
+        ".hydra/overrides.yaml",
+    ):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train"]["steps"] == 4
@@ -54,8 +66,14 @@ def test_train_end_to_end_writes_the_run_directory(tmp_path):
     assert "train/loss" in csv and "routing/" in csv
 
     out = tmp_path / "eval"
-    proc = run_cli("molex.cli.eval", "model=tiny_llama", f"adapter={run / 'adapter'}", "data.eval_per_task=2",
-                   "max_new_tokens=4", f"hydra.run.dir={out}")
+    proc = run_cli(
+        "molex.cli.eval",
+        "model=tiny_llama",
+        f"adapter={run / 'adapter'}",
+        "data.eval_per_task=2",
+        "max_new_tokens=4",
+        f"hydra.run.dir={out}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "eval.json").read_text())
     assert result["num_examples"] == metrics["after"]["num_examples"]
@@ -104,8 +122,16 @@ def test_dataset_with_wrong_columns_fails_before_training(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_sweeps_routers(tmp_path):
-    proc = run_cli("molex.cli.train", "-m", *SMOKE, "trainer.max_steps=2", "eval.before=false",
-                   "router=topk,soft", f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${router.name}")
+    proc = run_cli(
+        "molex.cli.train",
+        "-m",
+        *SMOKE,
+        "trainer.max_steps=2",
+        "eval.before=false",
+        "router=topk,soft",
+        f"hydra.sweep.dir={tmp_path}",
+        "hydra.sweep.subdir=${router.name}",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for router in ("topk", "soft"):
         config = json.loads((tmp_path / router / "adapter" / "adapter_config.json").read_text())

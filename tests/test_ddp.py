@@ -13,8 +13,15 @@ from tests.test_cli import SMOKE, run_cli
 def test_two_process_ddp_trains_and_rank_zero_saves(tmp_path):
     run = tmp_path / "run"
     proc = run_cli(
-        "molex.cli.train", *SMOKE, "trainer=ddp", "trainer.devices=2", "trainer.max_steps=3",
-        "eval.before=false", "eval.after=false", "analysis.enabled=false", "checkpoint.every_n_train_steps=3",
+        "molex.cli.train",
+        *SMOKE,
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.max_steps=3",
+        "eval.before=false",
+        "eval.after=false",
+        "analysis.enabled=false",
+        "checkpoint.every_n_train_steps=3",
         f"hydra.run.dir={run}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
