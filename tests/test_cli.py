@@ -65,6 +65,9 @@ def test_train_end_to_end_writes_the_run_directory(tmp_path):
     csv = (run / "logs" / "metrics.csv").read_text()
     assert "train/loss" in csv and "routing/" in csv
 
+    with pytest.raises(CLIError, match="holds weights only"):  # the default checkpoints are adapter-only
+        train(compose_train(tmp_path / "resume", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"))
+
     out = tmp_path / "eval"
     proc = run_cli(
         "molex.cli.eval",

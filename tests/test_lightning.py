@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -181,3 +182,48 @@ def test_fast_dev_run_every_router(tmp_path, router):
     module = make_module(router)
     trainer(tmp_path, fast_dev_run=2).fit(module, loader(), loader())
     assert torch.isfinite(module.trainer.callback_metrics["train/loss"])
+
+
+def smollm2_shaped_llama():
+    """SmolLM2-135M's exact shapes (134.5 M parameters, tied embeddings) on the meta device: no memory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    )
+    with torch.device("meta"):
+        return LlamaForCausalLM(cfg)
+
+
+def test_default_run_checkpoint_is_under_5_percent_of_the_base_model(tmp_path):
+    """The default run's checkpoint = its adapter tensors + small records; measured on the real shapes."""
+    from hydra import compose, initialize_config_dir
+
+    from molex.cli.common import build_mole_config
+
+    with initialize_config_dir(config_dir=str(Path(molex.__file__).parent / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train")
+    assert cfg.checkpoint.save_weights_only
+    model = smollm2_shaped_llama()
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert 134e6 < base_bytes / 4 < 135e6
+    molex.inject(model, build_mole_config(cfg))
+    adapter_bytes = sum(v.numel() * v.element_size() for v in molex.adapter_state_dict(model).values())
+    assert adapter_bytes < 0.05 * base_bytes, f"adapter {adapter_bytes / 2**20:.1f} MiB of {base_bytes / 2**20:.0f} MiB"
+
+
+def test_weights_only_checkpoint_file_is_the_adapter_plus_records(tmp_path):
+    module = make_module()
+    tr = trainer(tmp_path, max_steps=1, limit_val_batches=0, enable_checkpointing=False)
+    tr.fit(module, loader())
+    tr.save_checkpoint(tmp_path / "w.ckpt", weights_only=True)
+    adapter_bytes = sum(v.numel() * v.element_size() for v in molex.adapter_state_dict(module.model).values())
+    assert tmp_path.joinpath("w.ckpt").stat().st_size < adapter_bytes + 64 * 1024
+    ckpt = torch.load(tmp_path / "w.ckpt", weights_only=True)
+    assert set(ckpt["state_dict"]) == module.adapter_keys() and "optimizer_states" not in ckpt

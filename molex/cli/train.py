@@ -78,12 +78,34 @@ def _evaluate(model: Any, tokenizer: Any, dm: Any, cfg: DictConfig) -> dict[str,
     )
 
 
+def check_resumable(path: str) -> None:
+    """``ckpt_path`` must be a full MoLEModule checkpoint (weights, optimizer and schedule)."""
+    import torch
+
+    if not Path(path).is_file():
+        raise CLIError(f"ckpt_path={path!r}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise CLIError(f"ckpt_path={path!r} is not a readable checkpoint ({err.__class__.__name__}: {err})") from None
+    if "molex" not in checkpoint:
+        raise CLIError(f"ckpt_path={path!r} was not written by molex-train / MoLEModule")
+    if "optimizer_states" not in checkpoint:
+        raise CLIError(
+            f"ckpt_path={path!r} holds weights only (written with checkpoint.save_weights_only=true), so training "
+            "cannot resume exactly; train with checkpoint.save_weights_only=false to get resumable checkpoints, "
+            "or use the run's adapter/ with molex.load_adapter"
+        )
+
+
 def setup(cfg: DictConfig) -> tuple[Any, Any, Any]:
     """Validate everything and build ``(module, datamodule, tokenizer)``; raises :class:`CLIError`."""
     from molex.lightning import MoLEModule
 
     check_trainer(cfg.trainer)
     check_sources(cfg.model, cfg.data)
+    if cfg.ckpt_path is not None:
+        check_resumable(cfg.ckpt_path)
     mole_config = build_mole_config(cfg)
     import lightning as L
 
@@ -118,6 +140,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from molex.analysis import collect_routing, log_routing_report, plot_routing
 
     start = time.perf_counter()
+    for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning prints its own lines: do not repeat them
+        logging.getLogger(name).propagate = False
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     is_main = rank_zero_only.rank == 0
