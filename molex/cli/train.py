@@ -98,46 +98,45 @@ def check_resumable(path: str) -> None:
         )
 
 
-def setup(cfg: DictConfig) -> tuple[Any, Any, Any]:
-    """Validate everything and build ``(module, datamodule, tokenizer)``; raises :class:`CLIError`."""
-    from molex.lightning import MoLEModule
+def setup(cfg: DictConfig) -> tuple[Any, Any, Any, Any]:
+    """Validate everything, then load ``(model, mole_config, datamodule, tokenizer)``; raises :class:`CLIError`.
+
+    The MoLE layers are injected once and taken out again here, so that missing target modules or
+    router options a layer cannot take (``top_k`` above its experts) fail before any evaluation or
+    training; the model is returned without them.
+    """
+    import molex
 
     check_trainer(cfg.trainer)
     check_sources(cfg.model, cfg.data)
     if cfg.ckpt_path is not None:
         check_resumable(cfg.ckpt_path)
+    optim = cfg.optim
+    if optim.lr <= 0 or optim.warmup_steps < 0 or not 0 <= optim.min_lr_ratio <= 1:
+        raise CLIError(f"optim: need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1; got {dict(optim)}")
     mole_config = build_mole_config(cfg)
-    import lightning as L
-
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     model, tokenizer = instantiate(cfg.model, "model")
     try:
-        module = MoLEModule(
-            model=model,
-            mole_config=mole_config,
-            learning_rate=cfg.optim.lr,
-            weight_decay=cfg.optim.weight_decay,
-            warmup_steps=cfg.optim.warmup_steps,
-            min_lr_ratio=cfg.optim.min_lr_ratio,
-            log_routing_every_n_steps=cfg.log_routing_every_n_steps,
-        )
+        molex.unload(molex.inject(model, mole_config))
     except (ValueError, TypeError) as err:  # target modules not found, top_k > a layer's experts, ...
-        raise CLIError(f"router={cfg.router.name} allocation: {err}") from None
+        raise CLIError(f"router={cfg.router.name}, allocation: {err}") from None
     dm = instantiate(cfg.data, "data", tokenizer=tokenizer)
     try:
         dm.prepare_data()
         dm.setup("fit")
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise CLIError(f"data: {err}") from None
-    return module, dm, tokenizer
+    return model, mole_config, dm, tokenizer
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job as configured; returns the metrics written to ``metrics.json``."""
+    import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
 
     import molex
     from molex.analysis import collect_routing, log_routing_report, plot_routing
+    from molex.lightning import MoLEModule
 
     start = time.perf_counter()
     for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning prints its own lines: do not repeat them
@@ -145,19 +144,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     is_main = rank_zero_only.rank == 0
-    module, dm, tokenizer = setup(cfg)
+    model, mole_config, dm, tokenizer = setup(cfg)
     trainer = instantiate(
         cfg.trainer, "trainer", logger=_loggers(run_dir), callbacks=_callbacks(cfg, run_dir), default_root_dir=run_dir
+    )
+    metrics: dict[str, Any] = {"run_dir": str(run_dir)}
+    if is_main and cfg.eval.before:
+        # the base model alone: a freshly injected MoLE model computes exactly this (every B is zero)
+        log.info("evaluating the untrained model on %d test examples", len(dm.test_examples()))
+        metrics["before"] = _evaluate(model, tokenizer, dm, cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = MoLEModule(
+        model=model,
+        mole_config=mole_config,
+        learning_rate=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        warmup_steps=cfg.optim.warmup_steps,
+        min_lr_ratio=cfg.optim.min_lr_ratio,
+        log_routing_every_n_steps=cfg.log_routing_every_n_steps,
     )
     if is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
         table = molex.summary(module.model)
         (run_dir / "summary.txt").write_text(table + "\n", encoding="utf-8")
         log.info("%s", table.splitlines()[-1])
-    metrics: dict[str, Any] = {"run_dir": str(run_dir)}
-    if is_main and cfg.eval.before:
-        log.info("evaluating the untrained model on %d test examples", len(dm.test_examples()))
-        metrics["before"] = _evaluate(module.model, tokenizer, dm, cfg)
     fit_start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
     metrics["train"] = {
@@ -168,6 +178,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not trainer.is_global_zero:
         return metrics
     model = module.model
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+        metrics["checkpoint"] = {
+            "last_mib": round(last.stat().st_size / 2**20, 2),
+            "base_model_mib": round(base_bytes / 2**20, 2),
+            "share_of_base": round(last.stat().st_size / base_bytes, 4),
+        }
     if cfg.eval.after:
         metrics["after"] = _evaluate(model, tokenizer, dm, cfg)
     molex.save_adapter(model, run_dir / "adapter")
