@@ -1,13 +1,34 @@
 """Backend selection: an explicit choice wins, then ``MOLEX_KERNEL_BACKEND``, then the cost model.
 
-Cost model (first order): a backend's time ~ FLOPs / throughput + fixed overhead.
+Cost model: a backend's time ~ ``flops / F + bytes / BW + ops * launch + syncs * sync`` with
+per-device-class constants (``F`` sustained GEMM FLOP/s, ``BW`` memory bandwidth, ``launch``
+the fixed cost of one op, ``sync`` the cost of one host synchronisation). Per backend, for
+``T`` tokens, ``k`` active of ``E`` experts of rank ``r``, ``d = in + out``, ``N = T k`` slots:
 
-* ``dense`` spends ``2 T E r (in + out)`` FLOPs in two large GEMMs and needs no host sync.
-* ``reference`` spends ``2 T k r (in + out)`` FLOPs but launches ~4 small ops per expert and
-  synchronises with the host once per expert (``nonzero``), so its overhead grows with ``E``.
+=============  =======================  ==============================================  =============
+backend        FLOPs                    bytes moved (elements)                          ops / syncs
+=============  =======================  ==============================================  =============
+``dense``      ``2 T E r d``            ``T d + 2 T E r + E r d``                       5 / 0
+``per_seq``    ``2 T k r d``            ``T d + 2 T k r + 2 B k r d`` (weight gather)  6 / 0
+``grouped``    ``2 T k r d``            ``3 N d + E r d`` (gather x, slot buffer, sum) 10 + 4 E / 1
+``triton``     ``2 T k r d``            ``N d + T out + E r d`` (rows read in place)    8 / 0
+``megablocks`` ``2 T k r d``            ``3 N d + E r d``                               8 / 1
+=============  =======================  ==============================================  =============
 
-``dense`` therefore wins while ``E / k`` is small or ``E * r`` is small, and only loses when the
-wasted ``(E - k) / E`` share of its FLOPs outweighs the loop's per-expert overhead.
+(the grouped group loop issues 4 GEMMs per expert over forward and backward; on CUDA with
+``grouped_mm`` it issues a constant number.) Only relative values matter; backward costs about
+twice the forward for every backend, so the forward ratios carry over to training.
+
+**Crossover.** ``dense`` does ``E / k`` times the useful FLOPs but in two large, well-shaped
+GEMMs with no sort, no gather and no sync. For typical MoLE layers (``E r <= 128``) the skinny
+``[T, E r]`` GEMMs are memory bound: their time is reading ``x`` and writing the output, which
+every backend pays, so ``dense`` wins. Once ``E r`` is in the thousands (fused hubs of 32-64
+adapters of rank 16-64) the wasted ``(E - k) / E`` FLOPs dominate and the grouped backends win.
+On the 2-core CPU the calibration (``benchmarks/bench_sweep.py --quick``, see
+``benchmarks/RESULTS.md``) puts the crossover near ``E r ~ 512`` for ``k = 2``. ``per_seq``
+beats both for per-sequence decisions when sequences are long (the weight gather is amortised
+over ``S`` tokens). ``triton`` and ``megablocks`` are considered on CUDA only (the Triton
+interpreter on CPU is for tests, never for speed).
 """
 
 from __future__ import annotations
@@ -21,10 +42,13 @@ from molex.routers.base import RoutingDecision
 
 ENV_VAR = "MOLEX_KERNEL_BACKEND"
 
-# Sustained GEMM throughput (FLOP/s) and per-expert fixed overhead (s) of the loop; calibrated on
-# a 2-core x86 CPU with benchmarks/bench_layer.py. GPU values: an H100/H200-class device.
-_CPU = {"flops": 5.0e10, "loop_overhead": 6.0e-5}
-_GPU = {"flops": 4.0e14, "loop_overhead": 4.0e-5}
+#: per device class: FLOP/s, element bandwidth (elements/s at 4 bytes), seconds per op, per sync.
+#: CPU values calibrated on a 2-core x86 CPU with benchmarks/bench_sweep.py --quick (fp32);
+#: CUDA values for an H100/H200-class device (bf16 matmul ~790 TFLOP/s, ~4.3 TB/s copy).
+HARDWARE = {
+    "cpu": {"flops": 6.0e10, "elems": 2.0e9, "launch": 2.0e-5, "sync": 0.0},
+    "cuda": {"flops": 5.0e14, "elems": 1.0e12, "launch": 5.0e-6, "sync": 2.0e-5},
+}
 
 
 def estimate_cost(
@@ -37,15 +61,43 @@ def estimate_cost(
     rank: int,
     top_k: int,
     device_type: str,
+    num_sequences: int | None = None,
 ) -> float:
-    """Estimated seconds for one forward of ``backend`` (only relative values matter)."""
-    hw = _GPU if device_type == "cuda" else _CPU
+    """Estimated seconds for one forward of ``backend`` (only relative values matter).
+
+    ``num_sequences``: the number of sequences of a per-sequence decision (``None`` for a
+    per-token decision, for which ``per_seq`` is not a candidate).
+    """
+    hw = HARDWARE["cuda" if device_type == "cuda" else "cpu"]
+    d = in_features + out_features
+    slots = tokens * top_k
+    active_flops = 2.0 * tokens * top_k * rank * d
+    weights = num_experts * rank * d
     if backend == "dense":
-        return 2.0 * tokens * num_experts * rank * (in_features + out_features) / hw["flops"]
-    if backend == "reference":
-        flops = 2.0 * tokens * top_k * rank * (in_features + out_features)
-        return flops / (0.5 * hw["flops"]) + num_experts * hw["loop_overhead"]
-    return float("inf")
+        flops, elems = 2.0 * tokens * num_experts * rank * d, tokens * d + 2 * tokens * num_experts * rank + weights
+        ops, syncs = 5, 0
+    elif backend == "per_seq":
+        if num_sequences is None:
+            return float("inf")
+        flops, elems = active_flops, tokens * d + 2 * slots * rank + 2 * num_sequences * top_k * rank * d
+        ops, syncs = 6, 0
+    elif backend == "grouped":
+        flops, elems = active_flops, 3 * slots * d + weights
+        ops, syncs = (12, 1) if device_type == "cuda" else (10 + 4 * num_experts, 1)
+    elif backend == "triton":
+        if device_type != "cuda":
+            return float("inf")
+        flops, elems, ops, syncs = active_flops, slots * d + tokens * out_features + weights, 8, 0
+    elif backend == "megablocks":
+        if device_type != "cuda":
+            return float("inf")
+        flops, elems, ops, syncs = active_flops, 3 * slots * d + weights, 8, 1
+    elif backend == "reference":
+        flops, elems = active_flops, 3 * slots * d + weights
+        ops, syncs = 2 + 6 * num_experts, num_experts
+    else:
+        return float("inf")
+    return flops / hw["flops"] + elems / hw["elems"] + ops * hw["launch"] + syncs * hw["sync"]
 
 
 def resolve_backend(requested: str | None, x: Tensor, A: Tensor, B: Tensor, decision: RoutingDecision) -> str:
@@ -65,6 +117,7 @@ def resolve_backend(requested: str | None, x: Tensor, A: Tensor, B: Tensor, deci
         rank=rank,
         top_k=decision.top_k,
         device_type=x.device.type,
+        num_sequences=decision.indices.shape[0] if decision.is_per_sequence else None,
     )
     # the loop is the correctness baseline, never an automatic choice
     candidates = [b for b in available_backends() if b != "reference"] or ["reference"]
