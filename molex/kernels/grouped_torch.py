@@ -20,9 +20,11 @@ def _groups(offsets: Tensor) -> list[tuple[int, int, int]]:
 
 
 def sum_slots(rows: Tensor, order: Tensor, top_k: int) -> Tensor:
-    """Sorted per-slot rows ``[N, d]`` -> per-token sums ``[N / k, d]`` (puts rows back in slot order)."""
-    slots = torch.empty_like(rows).index_copy_(0, order, rows)
-    return slots.view(-1, top_k, rows.shape[-1]).sum(1) if top_k > 1 else slots
+    """Sorted per-slot rows ``[N, d]`` -> per-token sums ``[N / k, d]`` in one pass over ``rows``."""
+    tokens = rows.new_empty(order.shape[0] // top_k, rows.shape[-1])
+    if top_k == 1:  # every token has exactly one slot
+        return tokens.index_copy_(0, order, rows)
+    return tokens.zero_().index_add_(0, order // top_k, rows)
 
 
 def row_dot(a: Tensor, b: Tensor) -> Tensor:

@@ -275,7 +275,9 @@ def _outer(
     if g.numel() == 0:
         return g
     cfg = _config(a.device)
-    block_p, block_q = _tile(p_dim, cfg["n"]), _tile(q_dim, cfg["n"])
+    # weight-gradient tiles stay at 64 so three pipeline stages of fp32 fit in shared memory
+    cap = min(64, cfg["n"])
+    block_p, block_q = _tile(p_dim, cap), _tile(q_dim, cap)
     starts, ends = _group_bounds(offsets)
     dummy = offsets
     grid = (num_experts, triton.cdiv(p_dim, block_p), triton.cdiv(q_dim, block_q))
