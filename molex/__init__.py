@@ -6,7 +6,7 @@
 from molex import kernels, routers
 from molex.allocation import LayerPlan, plan_allocation
 from molex.config import AllocationConfig, MoLEConfig
-from molex.context import RoutingContext, routing_inputs
+from molex.context import RoutingContext, generate, routing_inputs
 from molex.experts import LoRAExperts
 from molex.inject import (
     aux_losses,
@@ -36,6 +36,7 @@ __all__ = [
     "plan_allocation",
     "RoutingContext",
     "routing_inputs",
+    "generate",
     "LoRAExperts",
     "MoLELinear",
     "RoutingDecision",
