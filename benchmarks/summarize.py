@@ -21,19 +21,21 @@ def summarize(payload: dict, short: bool = False) -> str:
     env, all_results = payload["env"], payload["results"]
     results = [r for r in all_results if _short(r["point"])] if short else all_results
     lines = [f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  sweep {payload['seconds']:.0f} s"]
-    lines.append(
-        f"{'E':>3} {'r':>3} {'k':>2} {'T':>5} {'d':>5} {'seq':>3}  {'selected':<10} {'x loop':>7} "
-        f"{'sel/best':>8} {'dense/floor':>11} {'sel/floor':>9}"
-    )
+    roofline = any("vs_roofline" in r for r in results)
+    header = f"{'E':>3} {'r':>3} {'k':>2} {'T':>5} {'d':>5} {'seq':>3}  {'selected':<10} {'x loop':>7} {'sel/best':>8}"
+    lines.append(header + (f" {'dense/floor':>11} {'sel/floor':>9}" if roofline else ""))
     for res in results:
         pt = res["point"]
         roof = res.get("vs_roofline", {})
         sel = res["selected"]
-        lines.append(
+        line = (
             f"{pt['experts']:>3} {pt['rank']:>3} {pt['top_k']:>2} {pt['tokens']:>5} {pt['dim']:>5} "
             f"{pt.get('sequences') or '-':>3}  {sel:<10} {res['speedup_vs_loop'][sel]:6.1f}x "
-            f"{res['selected_vs_best']:8.2f} {roof.get('dense', float('nan')):11.2f} {roof.get(sel, float('nan')):9.2f}"
+            f"{res['selected_vs_best']:8.2f}"
         )
+        if roofline:
+            line += f" {roof.get('dense', float('nan')):11.2f} {roof.get(sel, float('nan')):9.2f}"
+        lines.append(line)
     speedups = [r["speedup_vs_loop"][r["selected"]] for r in all_results]
     within = sum(r["selected_vs_best"] <= 1.10 for r in all_results)
     lines.append(

@@ -242,3 +242,21 @@ def test_megablocks_import_error_names_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match=r"pip install molex\[gpu\]"):
         megablocks._import()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["dense", "per_seq"])
+def test_compile_inductor_fullgraph(backend):
+    torch._dynamo.reset()
+    problem = make_problem(
+        tokens=12, tokens_per_sequence=4, in_features=8, out_features=6, num_experts=3, rank=2, top_k=2
+    )
+    x, A, B = (t.float().requires_grad_() for t in (problem.x, problem.A, problem.B))
+
+    def fn(x, A, B, indices, weights):
+        return mole_delta(x, A, B, RoutingDecision(indices, weights, tokens_per_sequence=4), 0.5, backend=backend)
+
+    weights = problem.weights.float()
+    out = torch.compile(fn, fullgraph=True)(x, A, B, problem.indices, weights)
+    out.sum().backward()
+    assert_close(out.detach(), fn(x.detach(), A.detach(), B.detach(), problem.indices, weights))
