@@ -139,14 +139,22 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = args.repeats or (10 if cuda else 3)
     warmup = args.warmup or (3 if cuda else 1)
     start = time.perf_counter()
-    results = []
+    payload = {
+        "env": environment(),
+        "config": {"quick": args.quick, "dtype": str(dtype), "repeats": repeats, "warmup": warmup},
+        "seconds": 0.0,
+        "results": [],
+    }
     print(
         f"{'E':>3} {'r':>3} {'k':>2} {'T':>5} {'d':>5} {'seq':>3}  selected   best      sel/best  "
         f"sel/loop  sel/lora  layer/peft  per-backend speed-up vs loop"
     )
     for point in grid:
         res = run_point(point, device=args.device, dtype=dtype, repeats=repeats, warmup=warmup)
-        results.append(res)
+        payload["results"].append(res)
+        payload["seconds"] = time.perf_counter() - start
+        if args.json:  # after every point, so that a run cut short still leaves its results
+            write_json(args.json, payload)
         speedups = " ".join(f"{b}={v:.1f}" for b, v in res["speedup_vs_loop"].items() if b != "reference")
         print(
             f"{point['experts']:>3} {point['rank']:>3} {point['top_k']:>2} {point['tokens']:>5} {point['dim']:>5} "
@@ -155,16 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"{res['selected_vs_lora_delta']:7.2f}  {res['layer_auto_vs_peft']:9.2f}   {speedups}",
             flush=True,
         )
-    payload = {
-        "env": environment(),
-        "config": {"quick": args.quick, "dtype": str(dtype), "repeats": repeats, "warmup": warmup},
-        "seconds": time.perf_counter() - start,
-        "results": results,
-    }
+    results = payload["results"]
     within = sum(r["selected_vs_best"] <= 1.10 for r in results)
     print(f"# selected within 10% of the best at {within}/{len(results)} points; {payload['seconds']:.0f} s")
-    if args.json:
-        write_json(args.json, payload)
     return payload
 
 

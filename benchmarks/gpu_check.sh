@@ -33,13 +33,13 @@ for name in ("megablocks", "grouped_gemm"):
 PYEOF
 
 echo "== tests (gpu-marked and Triton compiled for real) =="
-timeout 200 "$PY" -m pytest -q -p no:cacheprovider \
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_kernels_gpu.py tests/test_kernels_triton.py tests/test_kernels.py \
     --junitxml="$DEST/gpu_tests.xml" 2>&1 | tail -25
 tests_rc=${PIPESTATUS[0]}
 
 echo "== sweep (bf16, full grid + roofline points) =="
-timeout 240 "$PY" -m benchmarks.bench_sweep --json "$DEST/sweep_gpu.json" 2>&1 | tail -n 120
+timeout 210 "$PY" -m benchmarks.bench_sweep --json "$DEST/sweep_gpu.json" 2>&1 | tail -n 120
 sweep_rc=${PIPESTATUS[0]}
 
 echo "== layer (bf16, T=4096, d=4096: the roofline point, whole layer) =="
