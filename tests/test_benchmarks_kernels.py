@@ -14,6 +14,8 @@ from benchmarks.bench_sweep import roofline_floor
 from benchmarks.harness import ratio, time_candidates
 from benchmarks.summarize import summarize
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def test_time_candidates_and_ratio():
     stats = time_candidates({"a": lambda: None, "b": lambda: sum(range(1000))}, warmup=0, repeats=3)

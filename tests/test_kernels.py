@@ -19,6 +19,8 @@ from molex.routers.base import RoutingDecision
 from tests.conftest import assert_close
 from tests.kernel_cases import check_all, expected, make_problem, run_with_grads
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 # the Triton interpreter is exercised in test_kernels_triton.py; megablocks needs CUDA
 CPU_BACKENDS = [b for b in ("reference", "dense", "per_seq", "grouped") if b in available_backends()]
 

@@ -30,6 +30,7 @@ from molex.kernels.grouped_ops import (
 from tests.kernel_cases import check_all, expected, make_problem, run_with_grads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 CASES = [
     dict(tokens=0, in_features=8, out_features=8, num_experts=2, rank=4, top_k=2),

@@ -82,7 +82,7 @@ def run_grouped(
     top_k = indices.shape[1]
     order, offsets = sort_slots(indices, A.shape[0])
     weight = weights.reshape(-1)[order].to(x.dtype)
-    if use_grouped_mm:
+    if use_grouped_mm and order.numel() > 0:
         return _grouped_mm_delta(x, A, B, weight, order, offsets, top_k)
     h = grouped_shrink(x.contiguous(), A.contiguous(), order, offsets, top_k, impl)
     return grouped_expand(h, B.contiguous(), weight, order, offsets, top_k, impl)

@@ -49,6 +49,8 @@ def megablocks_delta(x: Tensor, A: Tensor, B: Tensor, decision: RoutingDecision,
     ops, gmm = _import()
     indices, weights = expert_scaled_weights(decision, scaling)
     top_k = indices.shape[1]
+    if indices.numel() == 0:  # megablocks' kernels do not take empty launches
+        return x.new_zeros(x.shape[0], B.shape[-1])
     order, offsets = sort_slots(indices, A.shape[0])
     # megablocks' kernels index with int32: slot ids, their expert ids and the cumulative bin ends
     slot_ids = order.to(torch.int32)
