@@ -22,18 +22,18 @@ backend        FLOPs                    bytes moved (elements)                  
 twice the forward for every backend, so the forward ratios carry over to training.
 
 **Crossover.** ``dense`` does ``E / k`` times the useful FLOPs but in two large, well-shaped
-GEMMs with no sort, no gather and no sync. For typical MoLE layers (``E r <= 128``) the skinny
-``[T, E r]`` GEMMs are memory bound: their time is reading ``x`` and writing the output, which
-every backend pays, so ``dense`` wins. Once ``E r`` is in the thousands (fused hubs of 32-64
+GEMMs with no sort, no gather and no sync; the grouped backends do only the useful FLOPs but move
+``T k`` gathered input rows and ``T k`` output rows. While ``E r`` is a few dozen the skinny
+``[T, E r]`` GEMMs are memory bound (their time is reading ``x`` and writing the output, which
+every backend pays) and ``dense`` wins; once ``E r`` reaches the thousands (fused hubs of 32-64
 adapters of rank 16-64) the wasted ``(E - k) / E`` FLOPs dominate and the grouped backends win.
 On the 2-core CPU (``benchmarks/bench_sweep.py --quick``, see ``benchmarks/RESULTS.md``) the
-crossover sits lower than FLOPs alone suggest, and depends on ``T``: while the ``[T k, d]`` slot
-buffers fit in the 32 MiB L3 (``T k <= 4096`` at ``d = 2048``, fp32) grouped already wins from
-``E r ~ 128`` (``E = 8, r = 16``); once they spill (``T = 4096, k = 2``) the gathers run ~3x
-slower and dense wins up to ``E r ~ 256`` and beyond. ``per_seq``
-beats both for per-sequence decisions when sequences are long (the weight gather is amortised
-over ``S`` tokens). ``triton`` and ``megablocks`` are considered on CUDA only (the Triton
-interpreter on CPU is for tests, never for speed).
+crossover depends on ``T``: while the ``[T k, d]`` slot buffers fit in the 32 MiB L3
+(``T k <= 4096`` at ``d = 2048``, fp32) grouped already wins from ``E r = 128`` (``E = 8,
+r = 16``); once they spill (``T = 4096, k = 2``) the gathers run ~3x slower and dense is 3.6x
+faster than grouped at ``E r = 64``. ``per_seq`` beats both for per-sequence decisions when
+sequences are long (the weight gather is amortised over ``S`` tokens). ``triton`` and
+``megablocks`` are considered on CUDA only (the Triton interpreter on CPU is for tests).
 """
 
 from __future__ import annotations
