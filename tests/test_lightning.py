@@ -176,9 +176,6 @@ def test_constructor_errors():
 
 @pytest.mark.parametrize("router", molex.available_routers())
 def test_fast_dev_run_every_router(tmp_path, router):
-    cls = molex.routers.get_router_class(router)
-    if cls.scope != "linear":
-        pytest.skip(f"{router} is block-scoped")
     module = make_module(router)
     trainer(tmp_path, fast_dev_run=2).fit(module, loader(), loader())
     assert torch.isfinite(module.trainer.callback_metrics["train/loss"])
