@@ -237,8 +237,10 @@ def plot_routing(report: RoutingReport, out_dir: str | Path, *, max_usage_layers
             1, len(picks), figsize=(2.6 * len(picks) + 1, 0.6 + 0.35 * len(report.task_names)), squeeze=False
         )
         for ax, index in zip(axes[0], picks.astype(int), strict=True):
-            usage = report.task_usage[index].numpy()
-            ax.imshow(usage, aspect="auto", cmap="magma", vmin=0, vmax=max(float(usage.max()), 1e-6))
+            usage = report.task_usage[index].numpy().copy()
+            usage[report.task_tokens.numpy() == 0] = np.nan  # tasks absent from the data: blank, not "unused"
+            vmax = max(float(np.nanmax(usage)) if np.isfinite(usage).any() else 0.0, 1e-6)
+            ax.imshow(np.ma.masked_invalid(usage), aspect="auto", cmap="magma", vmin=0, vmax=vmax)
             ax.set_title(_short(report.layers[index]), fontsize=8)
             ax.set_xticks(range(usage.shape[1]))
             ax.set_xlabel("expert", fontsize=7)

@@ -90,6 +90,11 @@ def test_tiny_llama_model_conf_instantiates():
     assert tokenizer is not None and sum(p.numel() for p in model.parameters()) > 0
 
 
+def test_experiment_overrides_the_primary_config():
+    cfg = compose_train("experiment=smoke")
+    assert cfg.mole.num_experts == 4 and build_mole_config(cfg).allocation.num_experts == 4
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiment_confs_compose(experiment):
     cfg = compose_train(f"experiment={experiment}")
