@@ -37,11 +37,16 @@ def _vm_rss_mib() -> float:
     raise RuntimeError("VmRSS not found in /proc/self/status (Linux only)")
 
 
-def run_variant(variant: str, *, batch: int, seq: int, steps: int, warmup: int, model_name: str) -> dict:
+def run_variant(
+    variant: str, *, batch: int, seq: int, steps: int, warmup: int, model_name: str, threads: int | None
+) -> dict:
     """One process, one variant: build it, train ``warmup + steps`` steps, report times and memory."""
     import gc
 
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from molex.models import load_model
 
     torch.manual_seed(0)
@@ -98,9 +103,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="processes per variant, alternating")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args()
-    shape = dict(batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup, model_name=args.model)
+    shape = dict(
+        batch=args.batch,
+        seq=args.seq,
+        steps=args.steps,
+        warmup=args.warmup,
+        model_name=args.model,
+        threads=args.threads,
+    )
     if args.variant:
         print(json.dumps(run_variant(args.variant, **shape)))
         return
@@ -108,7 +121,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for variant in ("lora", "mole"):
             cmd = [sys.executable, __file__, "--variant", variant] + [
-                f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "rounds")
+                f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "rounds") and v is not None
             ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
