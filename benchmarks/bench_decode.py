@@ -6,6 +6,7 @@ process, the variants taking turns within each round, reported as ratios to a si
 of the same active rank::
 
     python benchmarks/bench_decode.py                      # batch 4, 64 new tokens, CPU
+    python benchmarks/bench_decode.py --model smollm2-135m --repeats 3
     python benchmarks/bench_decode.py --device cuda --hidden 1024 --layers 8
 
 * ``lora``: one PEFT LoRA of rank ``r`` on every target (the baseline, ratio 1).
@@ -18,6 +19,7 @@ of the same active rank::
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -32,7 +34,16 @@ import molex
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+_PRETRAINED: dict = {}
+
+
 def base_model(args: argparse.Namespace):
+    if args.model != "tiny":  # a real model (e.g. smollm2-135m): loaded once, copied per variant
+        if args.model not in _PRETRAINED:
+            from molex.models import load_model
+
+            _PRETRAINED[args.model] = load_model(args.model)[0]
+        return copy.deepcopy(_PRETRAINED[args.model]).eval().to(args.device)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -116,6 +127,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--model", default="tiny", help="'tiny' (random Llama) or a molex.models name/path")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rank", type=int, default=8)
@@ -127,14 +139,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    prompts = torch.randint(1, 1024, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    prompts = prompts.to(args.device)
     models = {variant: build(variant, args) for variant in args.variants.split(",")}
+    vocab = next(iter(models.values())).config.vocab_size
+    prompts = torch.randint(1, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    prompts = prompts.to(args.device)
     results = time_variants(models, prompts, args)
     baseline = results.get("lora")
+    shape = f"Llama hidden {args.hidden} x {args.layers} layers" if args.model == "tiny" else args.model
     print(
         f"greedy decode: batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-        f"Llama hidden {args.hidden} x {args.layers} layers, rank {args.rank}, {args.experts} experts, "
+        f"{shape}, rank {args.rank}, {args.experts} experts, "
         f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}"
     )
     print("| variant | median s | ms / token step | vs one LoRA |")
