@@ -215,6 +215,11 @@ def test_datamodule_builtin_batches(tok):
         assert task.instruction in tok.decode(row)
     assert len(dm.test_examples()) == len(dm.datasets["test"]) == 2 * len(TASKS)
     assert next(iter(dm.val_dataloader()))["input_ids"].shape[0] == 5
+    no_eval = InstructionDataModule(tokenizer=tok, num_per_task=2, eval_per_task=0, builtin_tasks=["add"])
+    no_eval.setup()
+    assert len(no_eval.datasets["train"]) == 2 and no_eval.test_examples() == []
+    with pytest.raises(ValueError, match="the test split is empty"):
+        no_eval.test_dataloader()
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet"])
@@ -362,3 +367,16 @@ def test_bad_constructor_arguments(tok):
         InstructionDataModule(tokenizer=tok, val_fraction=0.5, test_fraction=0.5)
     with pytest.raises(FileNotFoundError, match="not a local file or folder"):
         InstructionDataModule(tokenizer=tok, source="no-such-org/no-such-dataset").setup()
+
+
+def test_choices_column_reaches_the_test_examples(tok, tmp_path):
+    rows = [
+        {"question": f"Pick {i}", "options": ["yes", "no"], "label": "yes" if i % 2 else "no", "task": "yn"}
+        for i in range(10)
+    ]
+    path = _write_jsonl(tmp_path / "mc.jsonl", rows)
+    columns = {"instruction": "question", "output": "label", "choices": "options"}
+    dm = InstructionDataModule(tokenizer=tok, source=str(path), columns=columns, test_fraction=0.3)
+    test = dm.test_examples()
+    assert len(test) == 3
+    assert all(e["choices"] == ["yes", "no"] and e["output"] in e["choices"] for e in test)
