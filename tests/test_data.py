@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -81,7 +82,7 @@ def test_builtin_is_deterministic_and_seeded():
         capture_output=True,
         text=True,
         check=True,
-        env={"PYTHONHASHSEED": "123", "PYTHONPATH": "."},
+        env={**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": "."},
     )
     assert json.loads(out.stdout) == make_builtin_dataset("test", 5, 7)
 
@@ -110,10 +111,11 @@ def test_builtin_bad_arguments():
 
 def test_builtin_module_imports_without_lightning_or_datasets():
     code = (
-        "import sys, molex.data, molex.data.builtin, molex.data.templates, molex.data.collate; "
+        "import sys, molex.data, molex.data.builtin, molex.data.templates, molex.data.collate, molex.eval, "
+        "molex.models; "
         "bad = [m for m in ('lightning', 'datasets', 'hydra') if m in sys.modules]; assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": "."})
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": "."})
 
 
 # ---------------------------------------------------------------------------------------------- templates
