@@ -179,7 +179,13 @@ class InstructionDataModule(LightningDataModule):
                 f"data source {name!r} is not a local file or folder, and the hub could not provide it "
                 f"({err.__class__.__name__}: {err}); pass an existing .json/.jsonl/.csv/.parquet path or 'builtin'"
             ) from err
-        return {_split_name(split): ds for split, ds in loaded.items() if split.lower() in _SPLIT_ALIASES}
+        splits = {_split_name(split): ds for split, ds in loaded.items() if split.lower() in _SPLIT_ALIASES}
+        if "train" not in splits:
+            raise ValueError(
+                f"hub dataset {name!r} has no train split (its splits: {sorted(loaded)}); "
+                "download it and pass {'train': path, ...} as the source"
+            )
+        return splits
 
     def _normalise(self, ds: datasets.Dataset, split: str) -> datasets.Dataset:
         """Rename mapped columns to molex fields, check required ones, make every field a string."""
