@@ -153,6 +153,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # the base model alone: a freshly injected MoLE model computes exactly this (every B is zero)
         log.info("evaluating the untrained model on %d test examples", len(dm.test_examples()))
         metrics["before"] = _evaluate(model, tokenizer, dm, cfg)
+        log.info("untrained exact-match accuracy: %.1f%%", 100 * metrics["before"]["accuracy"])
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = MoLEModule(
         model=model,
