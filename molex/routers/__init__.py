@@ -1,6 +1,6 @@
 """Routers: one file per router, registered by name. See :mod:`molex.routers.base` for the contract."""
 
-from molex.routers import soft, topk  # noqa: F401 - registration side effect
+from molex.routers import fixed, soft, topk  # noqa: F401 - registration side effect
 from molex.routers.base import (
     Router,
     RouterConfig,
@@ -11,6 +11,7 @@ from molex.routers.base import (
     make_router_config,
     register_router,
 )
+from molex.routers.fixed import FixedConfig, FixedRouter
 from molex.routers.soft import SoftConfig, SoftRouter
 from molex.routers.topk import TopKConfig, TopKRouter
 
@@ -23,6 +24,8 @@ __all__ = [
     "get_router_class",
     "make_router_config",
     "register_router",
+    "FixedConfig",
+    "FixedRouter",
     "SoftConfig",
     "SoftRouter",
     "TopKConfig",
