@@ -6,7 +6,7 @@
 from molex import kernels, routers
 from molex.allocation import LayerPlan, plan_allocation
 from molex.config import AllocationConfig, MoLEConfig
-from molex.context import RoutingContext, routing_inputs
+from molex.context import RoutingContext, generate, routing_inputs
 from molex.experts import LoRAExperts
 from molex.hub import adapter_names, fuse_adapters, routing_accuracy, set_adapter_weights, train_router
 from molex.inject import (
@@ -38,6 +38,7 @@ __all__ = [
     "plan_allocation",
     "RoutingContext",
     "routing_inputs",
+    "generate",
     "LoRAExperts",
     "MoLELinear",
     "RoutingDecision",

@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["RoutingContext", "ROUTING_KWARGS", "routing_inputs", "get_context"]
+__all__ = ["RoutingContext", "ROUTING_KWARGS", "routing_inputs", "get_context", "generate"]
 
 #: keyword arguments molex takes out of the model's forward call
 ROUTING_KWARGS = ("prompt_mask", "task_ids", "route_text", "sentence_embeddings")
@@ -190,3 +190,14 @@ def routing_inputs(model: nn.Module, **inputs: Any) -> Iterator[RoutingContext]:
 
 def find_context(module: nn.Module) -> RoutingContext | None:
     return getattr(module, _CONTEXT_ATTR, None)
+
+
+def generate(model: nn.Module, **kwargs: Any) -> Any:
+    """``model.generate(**kwargs)`` that also accepts molex routing inputs (``task_ids=``, ...).
+
+    The routing inputs are pinned on the routing context for the whole generation, since
+    ``generate`` itself rejects keyword arguments the model's forward does not declare.
+    """
+    routing = {k: kwargs.pop(k) for k in ROUTING_KWARGS if k in kwargs}
+    with routing_inputs(model, **routing):
+        return model.generate(**kwargs)

@@ -59,7 +59,8 @@ def find_target_modules(model: nn.Module, config: MoLEConfig) -> list[str]:
     if not selected:
         leaf_names = sorted({n.split(".")[-1] for n, m in model.named_modules() if n and is_supported_linear(m)})
         wanted = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules
-        close = sorted({c for w in wanted for c in difflib.get_close_matches(w.split(".")[-1], leaf_names, n=3)})
+        # best matches first, without repeats
+        close = list(dict.fromkeys(c for w in wanted for c in difflib.get_close_matches(w.split(".")[-1], leaf_names)))
         raise ValueError(
             f"target_modules {config.target_modules!r} matched no module of {type(model).__name__}. "
             + (f"Did you mean {close}? " if close else "")

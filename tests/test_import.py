@@ -1,0 +1,40 @@
+"""`import molex` needs only the base dependencies: no GPU, Lightning, Hydra, datasets, peft or triton."""
+
+import subprocess
+import sys
+
+HEAVY = ["lightning", "pytorch_lightning", "hydra", "omegaconf", "datasets", "peft", "triton", "matplotlib"]
+
+
+def test_import_molex_without_optional_extras():
+    # Block the optional packages outright: importing molex must not touch them.
+    code = (
+        "import sys\n"
+        f"for name in {HEAVY!r}:\n"
+        "    sys.modules[name] = None\n"
+        "import molex, torch\n"
+        "assert not torch.cuda.is_available() or True\n"
+        "print(molex.__version__, sorted(molex.available_routers()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "topk" in out.stdout
+
+
+def test_public_api():
+    import molex
+
+    for name in [
+        "MoLEConfig",
+        "AllocationConfig",
+        "inject",
+        "unload",
+        "save_adapter",
+        "load_adapter",
+        "routers",
+        "kernels",
+        "mole_delta",
+        "summary",
+        "routing_inputs",
+    ]:
+        assert hasattr(molex, name), name

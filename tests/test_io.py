@@ -1,0 +1,129 @@
+"""save_adapter / load_adapter: exact round trip, strict and atomic."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama
+from safetensors.torch import load_file, save_file
+
+import molex
+
+CFG = dict(target_modules=["q_proj", "v_proj"], rank=4, top_k=2, allocation={"schedule": "mola-increasing"})
+
+
+def trained(seed=0):
+    model = molex.inject(tiny_llama(), molex.MoLEConfig(**CFG))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in molex.trainable_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def logits(model):
+    ids = torch.arange(1, 15).view(2, 7)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_round_trip_is_exact(tmp_path):
+    model = trained()
+    molex.save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["mole_config"]["router"] == "topk" and cfg["molex_version"] == molex.__version__
+    assert [layer["num_experts"] for layer in cfg["layers"]][::2] == [2, 4, 6, 8]
+    weights = load_file(tmp_path / "adapter.safetensors")
+    assert weights and all(("experts" in k or "router" in k) for k in weights)  # MoLE weights only
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
+
+    loaded = molex.load_adapter(tiny_llama(), tmp_path)
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_gpt2_round_trip(tmp_path):
+    model = molex.inject(tiny_gpt2(), molex.MoLEConfig(target_modules=["c_attn"], num_experts=2, top_k=1))
+    with torch.no_grad():
+        for layer in molex.mole_layers(model).values():
+            layer.experts.lora_B.normal_()
+    molex.save_adapter(model, tmp_path)
+    loaded = molex.load_adapter(tiny_gpt2(), tmp_path)
+    ids = torch.arange(1, 9)[None]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_mismatched_base_model_is_refused_and_left_untouched(tmp_path):
+    molex.save_adapter(trained(), tmp_path)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    with pytest.raises(ValueError, match=r"adapter key '.*q_proj.experts.lora_A' has shape .* expects"):
+        molex.load_adapter(wider, tmp_path)
+    assert not molex.mole_layers(wider)
+    with pytest.raises(ValueError, match="layers in the adapter but not in the model"):
+        molex.load_adapter(tiny_llama(num_layers=2), tmp_path)
+
+
+def test_tampered_adapters_are_refused(tmp_path):
+    molex.save_adapter(trained(), tmp_path)
+    weights_path = tmp_path / "adapter.safetensors"
+    weights = load_file(weights_path)
+
+    # modified weights: checksum mismatch
+    key = next(iter(weights))
+    weights[key] = weights[key] + 1
+    save_file(weights, weights_path)
+    with pytest.raises(ValueError, match="does not match the checksum"):
+        molex.load_adapter(tiny_llama(), tmp_path)
+
+    # missing key (checksum removed, so strict key checking speaks)
+    cfg_path = tmp_path / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("weights_sha256")
+    cfg_path.write_text(json.dumps(cfg))
+    del weights[key]
+    save_file(weights, weights_path)
+    with pytest.raises(ValueError, match=rf"missing keys \['{key}'\]"):
+        molex.load_adapter(tiny_llama(), tmp_path)
+
+    # truncated file
+    weights_path.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(ValueError, match="corrupt or not safetensors"):
+        molex.load_adapter(tiny_llama(), tmp_path)
+
+    # broken JSON / not a molex adapter
+    cfg_path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        molex.load_adapter(tiny_llama(), tmp_path)
+    cfg_path.write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(ValueError, match="not a molex adapter config"):
+        molex.load_adapter(tiny_llama(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        molex.load_adapter(tiny_llama(), tmp_path / "missing")
+
+
+def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    model = trained()
+    molex.save_adapter(model, tmp_path)
+    before = (tmp_path / "adapter.safetensors").read_bytes()
+
+    def boom(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("molex.io.save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        molex.save_adapter(trained(seed=1), tmp_path)
+    assert (tmp_path / "adapter.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
