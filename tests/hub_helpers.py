@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -19,3 +20,12 @@ def make_peft_adapter(factory, directory, *, seed: int, safe: bool = True, **lor
     peft_model = get_peft_model(model, LoraConfig(**options))
     peft_model.save_pretrained(str(directory), safe_serialization=safe)
     return peft_model.eval()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core machine, OpenMP spin contention makes two threads far slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
-from hub_helpers import make_peft_adapter
+from hub_helpers import make_peft_adapter, one_thread  # noqa: F401 - one_thread is a fixture
 
 import molex
 from molex.hub import adapter_gates, expert_slots
 from tests.conftest import tiny_gpt2, tiny_llama
 
 pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 IDS = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(1))
 

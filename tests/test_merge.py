@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hub_helpers import make_peft_adapter
+from hub_helpers import make_peft_adapter, one_thread  # noqa: F401 - one_thread is a fixture
 
 import molex
 from molex.merge import merged_factors
@@ -12,6 +12,7 @@ from molex.peft_format import read_peft_adapter
 from tests.conftest import tiny_llama
 
 pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 IDS = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(2))
 WEIGHTS = [0.8, -0.5]
