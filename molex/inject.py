@@ -14,6 +14,7 @@ from molex.config import MoLEConfig
 from molex.context import install_context, remove_context
 from molex.experts import LoRAExperts
 from molex.layer import MoLELinear, is_supported_linear, linear_dims
+from molex.routers import sequence as shared
 from molex.routers.base import Router, get_router_class
 
 __all__ = [
@@ -85,7 +86,9 @@ def _adapter_dtype(base: nn.Module, config: MoLEConfig) -> torch.dtype:
     return dtype
 
 
-def _build_layer(base: nn.Module, plan: LayerPlan, config: MoLEConfig) -> MoLELinear:
+def _build_layer(
+    base: nn.Module, plan: LayerPlan, config: MoLEConfig, router_view: nn.Module | None = None
+) -> MoLELinear:
     in_features, out_features = linear_dims(base)
     device = base.weight.device
     experts = LoRAExperts(
@@ -97,14 +100,21 @@ def _build_layer(base: nn.Module, plan: LayerPlan, config: MoLEConfig) -> MoLELi
         dtype=_adapter_dtype(base, config),
         device=device,
     )
-    router_cls = get_router_class(config.router)
-    try:
-        router = router_cls(in_features=in_features, num_experts=plan.num_experts, config=config.router_config())
-    except ValueError as err:
-        raise ValueError(f"layer {plan.name!r} ({plan.num_experts} experts): {err}") from None
-    router.to(device=device, dtype=torch.float32)
+    router = None
+    if router_view is None:
+        router_cls = get_router_class(config.router)
+        try:
+            router = router_cls(in_features=in_features, num_experts=plan.num_experts, config=config.router_config())
+        except ValueError as err:
+            raise ValueError(f"layer {plan.name!r} ({plan.num_experts} experts): {err}") from None
+        router.to(device=device, dtype=torch.float32)
     return MoLELinear(
-        base, experts=experts, router=router, dropout=config.dropout, kernel_backend=config.kernel_backend
+        base,
+        experts=experts,
+        router=router,
+        router_view=router_view,
+        dropout=config.dropout,
+        kernel_backend=config.kernel_backend,
     )
 
 
@@ -117,26 +127,41 @@ def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
     if is_injected(model):
         raise ValueError("model already has MoLE layers; call molex.unload(model) before injecting again")
     router_cls = get_router_class(config.router)
-    if router_cls.scope != "linear":
+    if router_cls.scope not in ("linear", "block", "model"):
         raise ValueError(f"router {config.router!r} has scope {router_cls.scope!r}, which inject cannot place")
     names = find_target_modules(model, config)
     plans = plan_allocation(names, config, num_layers=_num_layers(model))
     modules = dict(model.named_modules())
-    new_layers = {plan.name: _build_layer(modules[plan.name], plan, config) for plan in plans}  # validate first
-
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    context = install_context(model)
+    placement = None
+    try:
+        if router_cls.scope != "linear":  # one router shared by several layers, seen through views
+            dims = {plan.name: linear_dims(modules[plan.name])[0] for plan in plans}
+            placement = shared.place(model, router_cls, plans, config.router_config(), dims, context)
+        views = placement.views if placement is not None else {}
+        new_layers = {plan.name: _build_layer(modules[plan.name], plan, config, views.get(plan.name)) for plan in plans}
+    except Exception:
+        if placement is not None:
+            shared.remove(placement)
+        remove_context(model)
+        raise
+
     model.requires_grad_(False)
     for name, layer in new_layers.items():
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, layer)
-    context = install_context(model)
     for layer in new_layers.values():
         layer.context = context
         layer.experts.requires_grad_(True)
-        layer.router.requires_grad_(True)
+    for router in routers_of(model).values():  # per-layer and shared (block / model) routers
+        router.requires_grad_(True)
+        router.train(model.training)  # new modules start in training mode; follow the model (dropout, jitter)
+    for layer in new_layers.values():
+        layer.train(model.training)
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    state = {"config": config, "plans": plans, "requires_grad": requires_grad}
+    state = {"config": config, "plans": plans, "requires_grad": requires_grad, "placement": placement}
     object.__setattr__(model, _STATE_ATTR, state)
     return model
 
@@ -170,6 +195,8 @@ def unload(model: nn.Module) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.base_layer)
     state = model.__dict__.pop(_STATE_ATTR)
+    if state.get("placement") is not None:
+        shared.remove(state["placement"])
     remove_context(model)
     for name, param in model.named_parameters():
         param.requires_grad_(state["requires_grad"].get(name, param.requires_grad))

@@ -100,6 +100,11 @@ class MoLELinear(nn.Module):
         self.last_decision = decision
         experts = self.experts
         hidden = self.lora_dropout(flat).to(experts.lora_A.dtype)
+        expert_losses = getattr(self.active_router, "expert_losses", None)
+        if expert_losses is not None:
+            extra = expert_losses(hidden, experts, decision)
+            if extra:  # a new dict: a shared (block / model) decision's losses must not grow per layer
+                decision.aux_losses = {**decision.aux_losses, **extra}
         delta = mole_delta(hidden, experts.lora_A, experts.lora_B, decision, experts.scaling, self.kernel_backend)
         return result + delta.view(*x.shape[:-1], self.out_features).to(result.dtype)
 

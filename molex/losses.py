@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from molex.routers.base import masked_mean
 
-__all__ = ["load_balance_loss", "z_loss", "slot_fractions"]
+__all__ = [
+    "load_balance_loss",
+    "z_loss",
+    "slot_fractions",
+    "tsallis_entropy",
+    "gate_cross_entropy",
+    "expert_outputs",
+    "contrastive_loss",
+]
+
+#: ``|q - 1|`` below which the Tsallis entropy is computed as its limit, the Shannon entropy
+SHANNON_LIMIT = 1e-6
 
 
 def slot_fractions(indices: Tensor, num_experts: int, token_mask: Tensor | None = None) -> Tensor:
@@ -34,3 +47,91 @@ def load_balance_loss(probs: Tensor, fractions: Tensor, token_mask: Tensor | Non
 def z_loss(logits: Tensor, token_mask: Tensor | None = None) -> Tensor:
     """Router z-loss (ST-MoE): mean over tokens of ``logsumexp(logits)^2``; keeps logits small."""
     return masked_mean(torch.logsumexp(logits.float(), dim=-1).square(), token_mask)
+
+
+def _safe_log(values: Tensor) -> tuple[Tensor, Tensor]:
+    """``(log(values) where values > 0 else 0, values > 0)``, with finite gradients at 0."""
+    positive = values > 0
+    return torch.where(positive, values, torch.ones_like(values)).log(), positive
+
+
+def tsallis_entropy(probs: Tensor, q: float, eps: float = 0.0, normalized: bool = True) -> Tensor:
+    """Tsallis entropy of each row of ``probs [T, E]``; returns ``[T]`` (float32).
+
+    ``S_q(p) = (1 - sum_i (p_i + eps)^q) / (q - 1)``; normalised by its maximum (uniform ``p``,
+    ``eps = 0``) ``S_q,max = (1 - E^(1 - q)) / (q - 1)`` so that ``H`` lies in ``[0, 1]`` (up to
+    ``eps``). For ``|q - 1| < SHANNON_LIMIT`` the limit is used: Shannon ``-sum p log(p + eps)``
+    over ``log E``. ``1 - sum (p + eps)^q`` is evaluated as
+    ``-E eps - sum (p + eps) expm1((q - 1) log(p + eps))`` (exact, since ``sum p = 1``), which
+    does not cancel catastrophically as ``q`` approaches 1. ``E = 1`` gives 0.
+    """
+    if q <= 0:
+        raise ValueError(f"Tsallis entropy needs q > 0, got {q}")
+    p = probs.float()
+    num_experts = p.shape[-1]
+    shifted = p + eps
+    log_shifted, positive = _safe_log(shifted)
+    if abs(q - 1.0) < SHANNON_LIMIT:
+        entropy = -(torch.where(positive, p * log_shifted, torch.zeros_like(p))).sum(-1)
+        max_entropy = math.log(num_experts)
+    else:
+        # (p + eps)^q - (p + eps) = (p + eps) * expm1((q - 1) log(p + eps)); zero where p + eps = 0
+        excess = torch.where(positive, shifted * torch.expm1((q - 1.0) * log_shifted), torch.zeros_like(p))
+        entropy = (-num_experts * eps - excess.sum(-1)) / (q - 1.0)
+        max_entropy = (1.0 - num_experts ** (1.0 - q)) / (q - 1.0)
+    if not normalized:
+        return entropy
+    if num_experts == 1:
+        return torch.zeros_like(entropy)
+    return entropy / max_entropy
+
+
+def gate_cross_entropy(logits: Tensor, targets: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    """Mean cross-entropy of gate ``logits [T, E]`` against expert/task ids ``targets [T]``.
+
+    Tokens with a negative target (``-100``) or outside ``token_mask`` do not count; a batch
+    without any counted token gives 0 (with a gradient path, so it can be summed safely).
+    """
+    counted = targets >= 0
+    if token_mask is not None:
+        counted = counted & token_mask
+    losses = torch.nn.functional.cross_entropy(
+        logits.float(), torch.where(counted, targets, torch.zeros_like(targets)), reduction="none"
+    )
+    weights = counted.to(losses.dtype)
+    return (losses * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def expert_outputs(x: Tensor, A: Tensor, B: Tensor, scaling: float | Tensor = 1.0) -> Tensor:
+    """Every expert's output for every token: ``[T, E, out]`` from ``x [T, in]``, ``A [E, r, in]``,
+    ``B [E, r, out]`` and the per-expert ``scaling`` (a float or ``[E]``)."""
+    out = torch.einsum("ter,ero->teo", torch.einsum("ti,eri->ter", x.to(A.dtype), A), B)
+    if isinstance(scaling, Tensor):
+        return out * scaling.to(out.dtype).view(1, -1, 1)
+    return out * scaling
+
+
+def contrastive_loss(outputs: Tensor, token_mask: Tensor | None = None, temperature: float = 0.1) -> Tensor:
+    """MoELoRA-style contrastive loss between experts' outputs, experts as classes (InfoNCE).
+
+    ``outputs [T, E, d]`` holds every expert's output per token. Each output ``z_{t,e}``
+    (L2-normalised) is classified among the experts by cosine similarity to the experts'
+    prototypes ``c_e`` (the normalised mean over real tokens of ``z_{:,e}``)::
+
+        loss = mean_{t real, e} -log softmax_{e'}(z_{t,e} . c_{e'} / temperature)[e]
+
+    so outputs of one expert are pulled together and pushed away from the other experts' (which
+    keeps the experts distinct). Padding (``token_mask`` False) counts neither in the prototypes
+    nor in the mean. Fewer than two experts: 0.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    num_experts = outputs.shape[1]
+    if num_experts < 2:
+        return outputs.float().sum() * 0.0
+    z = torch.nn.functional.normalize(outputs.float(), dim=-1)
+    prototypes = torch.nn.functional.normalize(masked_mean(z, token_mask), dim=-1)  # [E, d]
+    logits = torch.einsum("ted,fd->tef", z, prototypes) / temperature
+    targets = torch.arange(num_experts, device=z.device).expand(z.shape[0], -1)
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(-1)
+    return masked_mean(losses, token_mask)

@@ -1,7 +1,8 @@
 """Routers: one file per router, registered by name. See :mod:`molex.routers.base` for the contract."""
 
-from molex.routers import fixed, soft, topk  # noqa: F401 - registration side effect
+from molex.routers import dlp, dynmole, fixed, gate, milora, soft, switch, topk  # noqa: F401 - registration side effect
 from molex.routers.base import (
+    ContrastiveOptions,
     Router,
     RouterConfig,
     RoutingDecision,
@@ -11,11 +12,18 @@ from molex.routers.base import (
     make_router_config,
     register_router,
 )
+from molex.routers.dlp import DLPConfig, DLPRouter, train_dlp_classifier
+from molex.routers.dynmole import DynMoLEConfig, DynMoLERouter
 from molex.routers.fixed import FixedConfig, FixedRouter
+from molex.routers.gate import GateConfig, GateRouter
+from molex.routers.milora import MiLoRAConfig, MiLoRARouter
+from molex.routers.sequence import SharedRouter, SharedRouterView
 from molex.routers.soft import SoftConfig, SoftRouter
+from molex.routers.switch import SwitchConfig, SwitchRouter
 from molex.routers.topk import TopKConfig, TopKRouter
 
 __all__ = [
+    "ContrastiveOptions",
     "Router",
     "RouterConfig",
     "RoutingDecision",
@@ -24,10 +32,23 @@ __all__ = [
     "get_router_class",
     "make_router_config",
     "register_router",
+    "DLPConfig",
+    "DLPRouter",
+    "train_dlp_classifier",
+    "DynMoLEConfig",
+    "DynMoLERouter",
     "FixedConfig",
     "FixedRouter",
+    "GateConfig",
+    "GateRouter",
+    "MiLoRAConfig",
+    "MiLoRARouter",
+    "SharedRouter",
+    "SharedRouterView",
     "SoftConfig",
     "SoftRouter",
+    "SwitchConfig",
+    "SwitchRouter",
     "TopKConfig",
     "TopKRouter",
 ]

