@@ -112,6 +112,22 @@ def _fused_config(
     names = [n for n in order if n in targeted]
     experts = {n: [i for i, a in enumerate(adapters) if n in a.modules] for n in names}
     ranks = {n: max(adapters[i].modules[n].rank for i in experts[n]) for n in names}
+    scope = get_router_class(router).scope
+    if scope == "block":
+        raise ValueError(
+            f"router {router!r} chooses among the modules of a decoder block, not among adapters; "
+            "use a per-layer router (gate, soft, topk, fixed) or a per-sequence one (dlp)"
+        )
+    if scope == "model":
+        # one decision over adapters for every layer: each layer holds every adapter (slot == adapter
+        # index); an adapter that does not target a module is a zero expert there, which adds nothing
+        experts = {n: list(range(len(adapters))) for n in names}
+    if router_options.get("task_loss_coef", 0) > 0 and any(e != list(range(len(adapters))) for e in experts.values()):
+        raise ValueError(
+            f"router {router!r} option task_loss_coef reads task_ids as expert indices, but some modules are "
+            "targeted by only some adapters; leave it 0 and train with molex.train_router(..., task_loss_coef=...), "
+            "which maps adapters to each layer's experts"
+        )
     if top_k is not None:
         short = [n for n in names if len(experts[n]) < top_k]
         if short:
@@ -171,10 +187,6 @@ def fuse_adapters(
     adapter_weights = options.pop("weights", None) if router == "fixed" else None
     if adapter_weights is not None and len(adapter_weights) != len(loaded):
         raise ValueError(f"fixed router: {len(adapter_weights)} weights given for {len(loaded)} adapters")
-    if get_router_class(router).scope != "linear":
-        raise ValueError(
-            f"router {router!r} has scope {get_router_class(router).scope!r}; fusing needs a per-layer router"
-        )
     config = _fused_config(model, loaded, router, top_k, kernel_backend, options)
     inject(model, config)
     _copy_factors(model, loaded)
@@ -193,7 +205,10 @@ def _copy_factors(model: nn.Module, adapters: Sequence[PeftLoraAdapter]) -> None
         pool.lora_A.zero_()
         pool.lora_B.zero_()
         for slot, index in enumerate(experts_of[name]):
-            factors = adapters[index].modules[name]
+            factors = adapters[index].modules.get(name)
+            if factors is None:  # an adapter that does not target this module (per-sequence routers)
+                pool.scaling[slot] = 0.0
+                continue
             r = factors.rank
             pool.lora_A[slot, :r].copy_(factors.A.to(pool.lora_A.dtype))
             pool.lora_B[slot, :r].copy_(factors.B.t().to(pool.lora_B.dtype))  # molex keeps B as [r, out]
@@ -248,9 +263,13 @@ def adapter_gates(model: nn.Module) -> dict[str, Tensor]:
     return gates
 
 
-def _model_inputs(batch: Mapping[str, Any], keep_labels: bool) -> dict[str, Any]:
-    drop = {"task_ids"} if keep_labels else {"task_ids", "labels"}
-    return {k: v for k, v in batch.items() if k not in drop}
+def _model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The batch for the model call: ``task_ids`` only when every layer holds every adapter in order
+    (then routers' own task losses, e.g. ``gate(task_loss_coef=...)``, read them as expert indices)."""
+    num_adapters = len(adapter_names(model))
+    if all(slots == list(range(num_adapters)) for slots in expert_slots(model).values()):
+        return dict(batch)
+    return {k: v for k, v in batch.items() if k != "task_ids"}
 
 
 @torch.no_grad()
@@ -263,7 +282,7 @@ def routing_accuracy(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> 
     correct = total = 0
     try:
         for batch in batches:
-            model(**_model_inputs(batch, keep_labels=False))
+            model(**{k: v for k, v in batch.items() if k not in ("task_ids", "labels")})
             ctx = get_context(model)
             mask = ctx.sequence_mask()
             scores = 0.0
@@ -341,7 +360,7 @@ def train_router(
                 seen = True
                 if task_loss_coef > 0 and "task_ids" not in batch:
                     raise ValueError("task_loss_coef > 0 needs `task_ids` (adapter index per sequence) in each batch")
-                out = model(**_model_inputs(batch, keep_labels=True))
+                out = model(**_model_inputs(model, batch))
                 loss = out.loss if "labels" in batch else None
                 aux = total_aux_loss(model)
                 if aux is not None:

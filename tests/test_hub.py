@@ -168,16 +168,41 @@ def task_batches(num_tasks, per_task, seed):
     return batches
 
 
-def test_train_router_learns_task_identity(tmp_path):
+@pytest.mark.parametrize(("router", "options"), [("soft", {}), ("gate", {"top_k": 2}), ("dlp", {"top_p": 0.5})])
+def test_train_router_learns_task_identity(tmp_path, router, options):
     adapters = {f"t{i}": tmp_path / f"t{i}" for i in range(3)}
     for i, path in enumerate(adapters.values()):
         make_peft_adapter(lambda: tiny_llama(num_layers=2), path, seed=10 + i)
-    fused = molex.fuse_adapters(tiny_llama(num_layers=2), adapters, router="soft")
+    fused = molex.fuse_adapters(tiny_llama(num_layers=2), adapters, router=router, **options)
     train, held_out = task_batches(3, 8, seed=0), task_batches(3, 10, seed=1)
     history = molex.train_router(fused, train, steps=60, lr=0.03, task_loss_coef=1.0)
     assert history[-1] < history[0]
     accuracy = molex.routing_accuracy(fused, held_out)
     assert accuracy >= 0.95
+
+
+def test_dlp_chooses_among_adapters_globally(tmp_path):
+    """dlp decides once per sequence over adapters; a module an adapter does not target holds a zero expert."""
+    from peft import PeftModel
+
+    adapters = two_adapters(tmp_path)
+    fused = molex.fuse_adapters(tiny_llama(), adapters, router="dlp", top_p=0.5)
+    assert expert_slots(fused)["model.layers.0.self_attn.k_proj"] == [0, 1]  # "a" does not target k_proj
+    classifier = fused.mole_router.classifier
+    with torch.no_grad():  # always adapter "b"
+        classifier[-1].weight.zero_()
+        classifier[-1].bias.copy_(torch.tensor([-20.0, 20.0]))
+    reference = PeftModel.from_pretrained(tiny_llama(), str(adapters["b"])).eval()
+    torch.testing.assert_close(logits(fused), logits(reference), atol=1e-5, rtol=1e-5)
+    gates = adapter_gates(fused)
+    torch.testing.assert_close(gates["model.layers.0.self_attn.v_proj"][:, 1], torch.ones(IDS.numel()))
+
+
+def test_router_task_loss_needs_aligned_experts(tmp_path):
+    with pytest.raises(ValueError, match="task_loss_coef reads task_ids as expert indices"):
+        molex.fuse_adapters(tiny_llama(), two_adapters(tmp_path), router="gate", top_k=1, task_loss_coef=1.0)
+    with pytest.raises(ValueError, match="chooses among the modules of a decoder block"):
+        molex.fuse_adapters(tiny_llama(), two_adapters(tmp_path), router="milora")
 
 
 def test_train_router_needs_trainable_params_and_task_ids(tmp_path):
