@@ -27,11 +27,12 @@ from typing import Any
 import torch
 from molex.data import TASKS, make_builtin_dataset
 from molex.data.collate import pad_collate
-from molex.data.templates import encode_example, encode_prompt, resolve_template
+from molex.data.templates import encode_example, encode_prompt, format_prompt, resolve_template
 from molex.eval import evaluate_generation
 from molex.models import load_model
 
 import molex
+from molex.routers import train_dlp_classifier
 
 
 @dataclass
@@ -47,6 +48,7 @@ class HubSettings:
     adapter_lr: float = 1e-3
     router_steps: int = 60
     router_lr: float = 5e-3
+    dlp_epochs: int = 60
     task_loss_coef: float = 10.0
     batch_size: int = 8
     max_new_tokens: int = 12
@@ -160,10 +162,22 @@ def fuse_and_evaluate(model, tokenizer, adapters: dict[str, Path], router: str, 
     fused = molex.fuse_adapters(model, adapters, router=router)
     try:
         train = make_builtin_dataset("train", settings.train_per_task, settings.seed + 1, tasks=settings.tasks)
-        batches = encoded_batches(tokenizer, train, settings, task_ids=True, shuffle_seed=settings.seed)
-        history = molex.train_router(
-            fused, batches, steps=settings.router_steps, lr=settings.router_lr, task_loss_coef=settings.task_loss_coef
-        )
+        if router == "dlp":  # a sentence classifier: fit it on labelled prompts (DLP-LoRA)
+            template = resolve_template(tokenizer, settings.template)
+            texts = [format_prompt(tokenizer, ex, template) for ex in train]
+            labels = [settings.tasks.index(ex["task"]) for ex in train]
+            history = train_dlp_classifier(
+                fused, texts, labels, tokenizer=tokenizer, epochs=settings.dlp_epochs, lr=settings.router_lr
+            )
+        else:  # token-level routers: LM loss + cross-entropy to the task's adapter (MeteoRA)
+            batches = encoded_batches(tokenizer, train, settings, task_ids=True, shuffle_seed=settings.seed)
+            history = molex.train_router(
+                fused,
+                batches,
+                steps=settings.router_steps,
+                lr=settings.router_lr,
+                task_loss_coef=settings.task_loss_coef,
+            )
         test = make_builtin_dataset("test", settings.test_per_task, settings.seed, tasks=settings.tasks)
         routing = molex.routing_accuracy(fused, prompt_batches(tokenizer, test, settings))
         per_task = {}
