@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,13 +25,11 @@ from typing import Any
 
 import torch
 from molex.data import TASKS, make_builtin_dataset
-from molex.data.collate import pad_collate
-from molex.data.templates import encode_example, encode_prompt, format_prompt, resolve_template
 from molex.eval import evaluate_generation
 from molex.models import load_model
 
 import molex
-from molex.routers import train_dlp_classifier
+from molex.hub_eval import evaluate_fused, fit_router, task_batches
 
 
 @dataclass
@@ -70,44 +67,6 @@ FAST = {
 }
 
 
-def encoded_batches(tokenizer, examples, settings: HubSettings, task_ids: bool, shuffle_seed: int | None = None):
-    """Right-padded training batches (``input_ids``, ``attention_mask``, ``labels``, ``prompt_mask``, ``task_ids``)."""
-    template = resolve_template(tokenizer, settings.template)
-    features = []
-    for ex in examples:
-        enc = encode_example(tokenizer, ex, template)
-        feature = {"input_ids": enc.input_ids, "labels": enc.labels, "prompt_mask": enc.prompt_mask}
-        if task_ids:
-            feature["task_id"] = settings.tasks.index(ex["task"])
-        features.append(feature)
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(features)
-    size = settings.batch_size
-    return [
-        pad_collate(features[i : i + size], pad_token_id=tokenizer.pad_token_id) for i in range(0, len(features), size)
-    ]
-
-
-def prompt_batches(tokenizer, examples, settings: HubSettings):
-    """Held-out prompts only (no answers), with their task id, for routing accuracy."""
-    template = resolve_template(tokenizer, settings.template)
-    features = []
-    for ex in examples:
-        ids = encode_prompt(tokenizer, ex, template)
-        features.append(
-            {
-                "input_ids": ids,
-                "labels": ids,
-                "prompt_mask": [1] * len(ids),
-                "task_id": settings.tasks.index(ex["task"]),
-            }
-        )
-    size = settings.batch_size
-    return [
-        pad_collate(features[i : i + size], pad_token_id=tokenizer.pad_token_id) for i in range(0, len(features), size)
-    ]
-
-
 def train_adapters(model, tokenizer, settings: HubSettings, out: Path) -> dict[str, dict[str, Any]]:
     """Train and save one PEFT LoRA adapter per task; return ``{task: {"path", "accuracy", "seconds"}}``."""
     from peft import LoraConfig, get_peft_model
@@ -121,13 +80,20 @@ def train_adapters(model, tokenizer, settings: HubSettings, out: Path) -> dict[s
             LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=settings.target_modules),
         )
         train = make_builtin_dataset("train", settings.train_per_task, settings.seed, tasks=[task])
-        batches = encoded_batches(tokenizer, train, settings, task_ids=False, shuffle_seed=settings.seed)
+        batches = task_batches(
+            tokenizer,
+            train,
+            settings.tasks,
+            template=settings.template,
+            batch_size=settings.batch_size,
+            seed=settings.seed,
+        )
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=settings.adapter_lr)
         peft_model.train()
         for step in range(settings.adapter_steps):
             batch = batches[step % len(batches)]
-            loss = peft_model(**{k: v for k, v in batch.items() if k != "prompt_mask"}).loss
+            loss = peft_model(**{k: v for k, v in batch.items() if k not in ("prompt_mask", "task_ids")}).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -162,41 +128,39 @@ def fuse_and_evaluate(model, tokenizer, adapters: dict[str, Path], router: str, 
     fused = molex.fuse_adapters(model, adapters, router=router)
     try:
         train = make_builtin_dataset("train", settings.train_per_task, settings.seed + 1, tasks=settings.tasks)
-        if router == "dlp":  # a sentence classifier: fit it on labelled prompts (DLP-LoRA)
-            template = resolve_template(tokenizer, settings.template)
-            texts = [format_prompt(tokenizer, ex, template) for ex in train]
-            labels = [settings.tasks.index(ex["task"]) for ex in train]
-            history = train_dlp_classifier(
-                fused, texts, labels, tokenizer=tokenizer, epochs=settings.dlp_epochs, lr=settings.router_lr
-            )
-        else:  # token-level routers: LM loss + cross-entropy to the task's adapter (MeteoRA)
-            batches = encoded_batches(tokenizer, train, settings, task_ids=True, shuffle_seed=settings.seed)
-            history = molex.train_router(
-                fused,
-                batches,
-                steps=settings.router_steps,
-                lr=settings.router_lr,
-                task_loss_coef=settings.task_loss_coef,
-            )
+        history = fit_router(
+            fused,
+            tokenizer,
+            train,
+            template=settings.template,
+            steps=settings.router_steps,
+            lr=settings.router_lr,
+            task_loss_coef=settings.task_loss_coef,
+            dlp_epochs=settings.dlp_epochs,
+            batch_size=settings.batch_size,
+            seed=settings.seed,
+        )
         test = make_builtin_dataset("test", settings.test_per_task, settings.seed, tasks=settings.tasks)
-        routing = molex.routing_accuracy(fused, prompt_batches(tokenizer, test, settings))
-        per_task = {}
-        if settings.evaluate:
-            per_task = evaluate_generation(
-                fused, tokenizer, test, template=settings.template, max_new_tokens=settings.max_new_tokens
-            )["per_task"]
+        evaluation = evaluate_fused(
+            fused,
+            tokenizer,
+            test,
+            template=settings.template,
+            max_new_tokens=settings.max_new_tokens,
+            generation=settings.evaluate,
+        )
     finally:
         molex.unload(fused)
     result = {
         "router": router,
-        "routing_accuracy": routing,
-        "per_task": per_task,
+        "routing_accuracy": evaluation["routing_accuracy"],
+        "per_task": evaluation["per_task"],
         "router_loss": [history[0], history[-1]],
         "seconds": time.perf_counter() - start,
     }
     print(
-        f"fused/{router:<5} routing accuracy {routing:.3f}  router loss {history[0]:.3f} -> {history[-1]:.3f}  "
-        f"({result['seconds']:.0f} s)",
+        f"fused/{router:<5} routing accuracy {result['routing_accuracy']:.3f}  "
+        f"router loss {history[0]:.3f} -> {history[-1]:.3f}  ({result['seconds']:.0f} s)",
         flush=True,
     )
     return result
