@@ -1,0 +1,197 @@
+"""A small multi-task instruction dataset, generated deterministically by code (no files, no downloads).
+
+Eight clearly different skills with short answers, so that experts have something to specialise on
+and a 135M model learns them in minutes:
+
+========== ============================================ ===================== ===============
+task       instruction                                  input                 output
+========== ============================================ ===================== ===============
+add        Add the two numbers.                         ``34 + 57``           ``91``
+reverse    Write the words in reverse order.            ``cat sun tree``      ``tree sun cat``
+sort       Sort the numbers from smallest to largest.   ``42, 7, 19``         ``7, 19, 42``
+hyphenate  Join the words with hyphens.                 ``green apple tree``  ``green-apple-tree``
+count      How many words are in the list?              ``dog, cup, hat``     ``3``
+capital    What is the capital city of this country?    ``France``            ``Paris``
+antonym    Give the opposite of the word.               ``hot``               ``cold``
+parity     Is the number even or odd?                   ``417``               ``odd``
+========== ============================================ ===================== ===============
+
+Splits are disjoint by construction: each (task, input) pair belongs to exactly one split, chosen by a
+stable hash that does not depend on ``seed`` or on the requested sizes; ``seed`` only picks which
+examples of that split are drawn and their order. Tasks with a finite pool (capital, antonym) return at
+most the pool's share of the split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["TASKS", "BUILTIN_TASKS", "SPLITS", "BuiltinTask", "make_builtin_dataset", "split_of"]
+
+SPLITS = ("train", "validation", "test")
+
+_WORDS = (
+    "apple", "bird", "boat", "book", "bread", "cake", "car", "cat", "chair", "cloud", "coat", "cup", "desk",
+    "dog", "door", "duck", "egg", "fish", "flag", "frog", "girl", "goat", "hat", "horse", "house", "key",
+    "lamp", "leaf", "lion", "milk", "moon", "mouse", "nose", "pen", "pig", "plate", "rain", "ring", "river",
+    "road", "rock", "rose", "ship", "shoe", "sock", "star", "stone", "sun", "table", "tree", "wall", "water",
+    "wheel", "window", "wolf", "green", "blue", "red", "happy", "small", "big", "old", "new", "soft", "fast",
+)  # fmt: skip
+
+_CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
+    "Japan": "Tokyo", "China": "Beijing", "Russia": "Moscow", "Egypt": "Cairo", "Greece": "Athens",
+    "Ireland": "Dublin", "Austria": "Vienna", "Poland": "Warsaw", "Norway": "Oslo", "Sweden": "Stockholm",
+    "Finland": "Helsinki", "Denmark": "Copenhagen", "Hungary": "Budapest", "Belgium": "Brussels",
+    "Netherlands": "Amsterdam", "Canada": "Ottawa", "Mexico": "Mexico City", "Peru": "Lima", "Chile": "Santiago",
+    "Argentina": "Buenos Aires", "Colombia": "Bogota", "Cuba": "Havana", "Kenya": "Nairobi", "Thailand": "Bangkok",
+    "Vietnam": "Hanoi", "India": "New Delhi", "Iran": "Tehran", "Iraq": "Baghdad", "Turkey": "Ankara",
+    "South Korea": "Seoul", "Indonesia": "Jakarta", "Philippines": "Manila", "Australia": "Canberra",
+    "United Kingdom": "London", "United States": "Washington", "Czech Republic": "Prague", "Romania": "Bucharest",
+    "Ukraine": "Kyiv", "Switzerland": "Bern", "Saudi Arabia": "Riyadh", "Israel": "Jerusalem", "Syria": "Damascus",
+    "Lebanon": "Beirut", "Afghanistan": "Kabul", "Nepal": "Kathmandu", "Venezuela": "Caracas", "Ecuador": "Quito",
+    "Morocco": "Rabat", "Nigeria": "Abuja", "Ethiopia": "Addis Ababa", "Ghana": "Accra", "Iceland": "Reykjavik",
+    "Croatia": "Zagreb", "Serbia": "Belgrade", "Bulgaria": "Sofia", "Malaysia": "Kuala Lumpur",
+"Pakistan": "Islamabad", "Bangladesh": "Dhaka", "Sri Lanka": "Colombo",
+    "New Zealand": "Wellington", "Jamaica": "Kingston", "Uruguay": "Montevideo", "Paraguay": "Asuncion",
+    "Bolivia": "Sucre", "Tunisia": "Tunis", "Algeria": "Algiers", "Qatar": "Doha", "Jordan": "Amman",
+    "Mongolia": "Ulaanbaatar", "Latvia": "Riga", "Lithuania": "Vilnius", "Estonia": "Tallinn",
+    "Slovakia": "Bratislava", "Slovenia": "Ljubljana", "Albania": "Tirana", "Cyprus": "Nicosia",
+    "Senegal": "Dakar", "Uganda": "Kampala", "Zimbabwe": "Harare", "Cambodia": "Phnom Penh", "Laos": "Vientiane",
+}  # fmt: skip
+
+_ANTONYMS = {
+    "hot": "cold", "big": "small", "fast": "slow", "happy": "sad", "light": "dark", "up": "down", "open": "closed",
+    "full": "empty", "hard": "soft", "high": "low", "long": "short", "old": "new", "rich": "poor", "wet": "dry",
+    "early": "late", "strong": "weak", "thick": "thin", "loud": "quiet", "clean": "dirty", "day": "night",
+    "win": "lose", "true": "false", "left": "right", "love": "hate", "push": "pull", "first": "last",
+    "inside": "outside", "before": "after", "buy": "sell", "give": "take", "start": "finish", "always": "never",
+    "heavy": "light", "near": "far", "deep": "shallow", "cheap": "expensive", "safe": "dangerous",
+    "easy": "difficult", "young": "old", "good": "bad", "top": "bottom", "front": "back", "wide": "narrow",
+    "sweet": "sour", "north": "south", "east": "west", "yes": "no", "alive": "dead", "asleep": "awake",
+    "friend": "enemy", "question": "answer", "accept": "refuse", "arrive": "leave", "remember": "forget",
+    "increase": "decrease", "maximum": "minimum", "plus": "minus", "male": "female", "tall": "short",
+    "polite": "rude", "brave": "afraid", "smooth": "rough", "sharp": "blunt", "wild": "tame", "noisy": "silent",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BuiltinTask:
+    """One skill: an instruction and either a sampler of ``(input, output)`` pairs or a finite pool of them."""
+
+    name: str
+    instruction: str
+    sample: Callable[[random.Random], tuple[str, str]] | None = None
+    pool: tuple[tuple[str, str], ...] = ()
+    #: share of the (task, input) space per split, as (train, validation, test) out of 100 hash buckets
+    buckets: tuple[int, int, int] = (80, 10, 10)
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    return f"{a} + {b}", str(a + b)
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    words = rng.sample(_WORDS, rng.randint(3, 4))
+    return " ".join(words), " ".join(reversed(words))
+
+
+def _sort(rng: random.Random) -> tuple[str, str]:
+    numbers = rng.sample(range(100), rng.randint(3, 4))
+    while numbers == sorted(numbers):  # an already sorted input would reward echoing it
+        rng.shuffle(numbers)
+    return ", ".join(map(str, numbers)), ", ".join(map(str, sorted(numbers)))
+
+
+def _hyphenate(rng: random.Random) -> tuple[str, str]:
+    words = rng.sample(_WORDS, rng.randint(2, 3))
+    return " ".join(words), "-".join(words)
+
+
+def _count(rng: random.Random) -> tuple[str, str]:
+    words = rng.choices(_WORDS, k=rng.randint(2, 7))
+    return ", ".join(words), str(len(words))
+
+
+def _parity(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(0, 999)
+    return str(n), "even" if n % 2 == 0 else "odd"
+
+
+BUILTIN_TASKS: tuple[BuiltinTask, ...] = (
+    BuiltinTask("add", "Add the two numbers.", sample=_add),
+    BuiltinTask("reverse", "Write the words in reverse order.", sample=_reverse),
+    BuiltinTask("sort", "Sort the numbers from smallest to largest.", sample=_sort),
+    # not "uppercase": exact match ignores case, so echoing the input would already score
+    BuiltinTask("hyphenate", "Join the words with hyphens.", sample=_hyphenate),
+    BuiltinTask("count", "How many words are in the list?", sample=_count),
+    BuiltinTask(
+        "capital",
+        "What is the capital city of this country?",
+        pool=tuple(_CAPITALS.items()),
+        buckets=(50, 20, 30),  # a finite pool: give the held-out splits enough countries to measure
+    ),
+    BuiltinTask("antonym", "Give the opposite of the word.", pool=tuple(_ANTONYMS.items()), buckets=(50, 20, 30)),
+    BuiltinTask("parity", "Is the number even or odd?", sample=_parity),
+)
+#: task names, in the order that defines their integer ids
+TASKS: list[str] = [task.name for task in BUILTIN_TASKS]
+
+
+def split_of(task: BuiltinTask, input_text: str) -> str:
+    """The split that owns ``(task, input_text)``: a stable hash, independent of seeds and sizes."""
+    digest = hashlib.sha256(f"{task.name}\x00{input_text}".encode()).digest()
+    bucket = int.from_bytes(digest[:4], "big") % 100
+    train, validation, _ = task.buckets
+    if bucket < train:
+        return "train"
+    return "validation" if bucket < train + validation else "test"
+
+
+def _task_examples(task: BuiltinTask, split: str, n: int, rng: random.Random) -> list[dict[str, str]]:
+    if task.pool:
+        pairs = [pair for pair in task.pool if split_of(task, pair[0]) == split]
+        rng.shuffle(pairs)
+        chosen = pairs[:n]
+    else:
+        chosen, seen = [], set()
+        # rejection sampling: the split's share of the input space is >= 10%, so this ends quickly
+        for _ in range(200 * n + 1000):
+            if len(chosen) == n:
+                break
+            pair = task.sample(rng)
+            if pair[0] not in seen and split_of(task, pair[0]) == split:
+                seen.add(pair[0])
+                chosen.append(pair)
+    return [{"instruction": task.instruction, "input": i, "output": o, "task": task.name} for i, o in chosen]
+
+
+def make_builtin_dataset(
+    split: str, num_per_task: int, seed: int = 0, tasks: list[str] | tuple[str, ...] | None = None
+) -> list[dict[str, str]]:
+    """``num_per_task`` examples of every task (fewer for a finite pool), interleaved in a seeded order.
+
+    Each example is ``{"instruction", "input", "output", "task"}``. The same arguments always give the same
+    list; different splits never share a (task, input) pair, whatever the seeds.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {list(SPLITS)}")
+    if num_per_task < 0:
+        raise ValueError(f"num_per_task must be >= 0, got {num_per_task}")
+    selected = BUILTIN_TASKS
+    if tasks is not None:
+        unknown = sorted(set(tasks) - set(TASKS))
+        if unknown:
+            raise ValueError(f"unknown built-in task(s) {unknown}; available: {list(TASKS)}")
+        selected = tuple(task for task in BUILTIN_TASKS if task.name in set(tasks))
+    examples: list[dict[str, str]] = []
+    for task in selected:
+        # one generator per (seed, split, task): selecting other tasks or sizes leaves this task's draws alone
+        rng = random.Random(f"{seed}:{split}:{task.name}")
+        examples.extend(_task_examples(task, split, num_per_task, rng))
+    random.Random(f"{seed}:{split}:order").shuffle(examples)
+    return examples

@@ -1,0 +1,407 @@
+"""``InstructionDataModule``: instruction data from the built-in tasks, local files or the hub, as Lightning loaders.
+
+Sources:
+
+* ``"builtin"`` (default): the generated multi-task set of :mod:`molex.data.builtin`.
+* a local ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` file (split deterministically into
+  train / validation / test with ``seed``), a folder holding ``train.*`` / ``validation.*`` / ``test.*`` files,
+  or a dict ``{"train": path, "validation": path, "test": path}``.
+* any other name: a hub dataset, loaded with ``datasets.load_dataset`` (the only case that may download).
+
+Columns are mapped to ``instruction`` / ``input`` / ``output`` / ``task`` (and optional ``choices``) with
+``columns={"instruction": "question", ...}``; ``input`` and ``task`` may be absent.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader
+
+from molex.data.builtin import SPLITS, TASKS, make_builtin_dataset
+from molex.data.collate import pack_features, packed_collate, pad_collate
+from molex.data.templates import encode_example, resolve_template
+
+__all__ = ["InstructionDataModule", "FIELDS", "FILE_FORMATS"]
+
+logger = logging.getLogger(__name__)
+
+#: the fields of a normalised example; instruction and output are required
+FIELDS = ("instruction", "input", "output", "task", "choices")
+REQUIRED_FIELDS = ("instruction", "output")
+DEFAULT_TASK = "default"
+_ENCODED_COLUMNS = ("input_ids", "labels", "prompt_mask", "task_id")
+#: file extension -> ``datasets`` builder name
+FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+    "testing": "test",
+}
+
+
+class InstructionDataModule(LightningDataModule):
+    """Tokenised instruction data with prompt-masked labels, for causal-LM fine-tuning.
+
+    Batches (``model(**batch)``-ready): ``input_ids``, ``attention_mask``, ``labels`` (-100 on prompt and
+    padding), ``prompt_mask`` (1 on prompt tokens), all ``[B, S]`` and right-padded; ``task_ids [B]`` (index
+    into :attr:`task_names`). With ``packing=True`` training rows hold several same-task examples and carry
+    ``position_ids [B, S]`` instead of ``attention_mask`` (see :mod:`molex.data.collate`).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer; may also be assigned later (``dm.tokenizer = tok``) before ``setup``.
+        source: ``"builtin"``, a file, a folder, a ``{split: file}`` dict, or a hub dataset name.
+        columns: map from molex field (instruction, input, output, task, choices) to the data's column name.
+        template: ``"chat"`` (the tokenizer's chat template, plain if it has none) or ``"plain"``.
+        system_prompt: optional system message (chat) or preamble (plain).
+        max_length: examples longer than this are cut at the end (counted in :attr:`truncated`); those that
+            lose their whole answer are dropped (counted in :attr:`dropped`).
+        batch_size / eval_batch_size: training / validation and test batch sizes.
+        packing: pack same-task training examples into rows of ``max_length`` tokens.
+        num_per_task / eval_per_task: built-in examples per task in train / in validation and test.
+        builtin_tasks: restrict the built-in set to these task names.
+        val_fraction / test_fraction: shares carved (seeded) out of ``train`` for splits the source lacks.
+        seed: controls built-in generation, splitting and training shuffle order.
+        task_names: fixed leading task order (for stable ids across datasets); other tasks found are appended.
+        hub_config: configuration name for hub datasets.
+    """
+
+    def __init__(
+        self,
+        *,
+        tokenizer: Any = None,
+        source: str | Mapping[str, str] = "builtin",
+        columns: Mapping[str, str] | None = None,
+        template: str = "chat",
+        system_prompt: str | None = None,
+        max_length: int = 256,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        packing: bool = False,
+        num_per_task: int = 200,
+        eval_per_task: int = 25,
+        builtin_tasks: Sequence[str] | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        task_names: Sequence[str] | None = None,
+        hub_config: str | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (a prompt token and an answer token), got {max_length}")
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError("batch_size and eval_batch_size must be >= 1")
+        for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 <= fraction < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {fraction}")
+        if val_fraction + test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must leave some training data (sum < 1)")
+        unknown = sorted(set(columns or {}) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"columns maps unknown field(s) {unknown}; molex fields are {list(FIELDS)}")
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer = tokenizer
+        self.source = dict(source) if isinstance(source, Mapping) else source
+        self.columns = dict(columns or {})
+        self.template = template
+        self.system_prompt = system_prompt
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.packing = packing
+        self.num_per_task = num_per_task
+        self.eval_per_task = eval_per_task
+        self.builtin_tasks = list(builtin_tasks) if builtin_tasks is not None else None
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.fixed_task_names = list(task_names or [])
+        self.hub_config = hub_config
+        self.num_workers = num_workers
+        self.raw: datasets.DatasetDict | None = None  # normalised text examples per split
+        self.datasets: dict[str, datasets.Dataset] = {}  # tokenised examples per split
+        self.truncated: dict[str, int] = {}  # examples cut to max_length, per split
+        self.dropped: dict[str, int] = {}  # examples whose whole answer was cut, per split
+        self._train_rows: list[dict[str, Any]] | None = None  # packed training rows
+
+    # ------------------------------------------------------------------ raw data
+    def prepare_data(self) -> None:
+        """Load (and for hub datasets download) the raw data once, before ``setup`` runs on every process."""
+        self._load_raw()
+
+    def _load_raw(self) -> datasets.DatasetDict:
+        if self.raw is None:
+            splits = self._read_source()
+            splits = {name: self._normalise(ds, name) for name, ds in splits.items()}
+            self.raw = datasets.DatasetDict(self._complete_splits(splits))
+        return self.raw
+
+    def _read_source(self) -> dict[str, datasets.Dataset]:
+        if self.source == "builtin":
+            sizes = {"train": self.num_per_task, "validation": self.eval_per_task, "test": self.eval_per_task}
+            return {
+                split: datasets.Dataset.from_list(
+                    make_builtin_dataset(split, sizes[split], self.seed, self.builtin_tasks)
+                )
+                for split in SPLITS
+            }
+        if isinstance(self.source, dict):
+            return {_split_name(split): _read_file(Path(path)) for split, path in self.source.items()}
+        path = Path(str(self.source)).expanduser()
+        if path.is_dir():
+            return _read_folder(path)
+        if path.exists() or path.suffix.lower() in FILE_FORMATS or str(self.source).startswith(("/", ".", "~")):
+            return {"train": _read_file(path)}
+        return self._read_hub(str(self.source))
+
+    def _read_hub(self, name: str) -> dict[str, datasets.Dataset]:
+        try:
+            loaded = datasets.load_dataset(name, self.hub_config)
+        except Exception as err:  # datasets raises many error types for missing names / no network
+            raise FileNotFoundError(
+                f"data source {name!r} is not a local file or folder, and the hub could not provide it "
+                f"({err.__class__.__name__}: {err}); pass an existing .json/.jsonl/.csv/.parquet path or 'builtin'"
+            ) from err
+        return {_split_name(split): ds for split, ds in loaded.items() if split.lower() in _SPLIT_ALIASES}
+
+    def _normalise(self, ds: datasets.Dataset, split: str) -> datasets.Dataset:
+        """Rename mapped columns to molex fields, check required ones, make every field a string."""
+        found = list(ds.column_names)
+        mapping = {field: self.columns.get(field, field) for field in FIELDS}
+        missing = [f"{f} (column {mapping[f]!r})" for f in REQUIRED_FIELDS if mapping[f] not in found]
+        absent_mapped = [f"{f} (column {c!r})" for f, c in self.columns.items() if c not in found]
+        missing += [m for m in absent_mapped if m not in missing]
+        if missing:
+            raise ValueError(
+                f"{split} data is missing required column(s): {', '.join(missing)}; columns found: {found}. "
+                "Rename them or map them with columns={'instruction': ..., 'output': ...}"
+            )
+        has_choices = mapping["choices"] in found
+
+        def convert(example: dict[str, Any]) -> dict[str, Any]:
+            out = {
+                "instruction": _text(example[mapping["instruction"]]),
+                "input": _text(example.get(mapping["input"])),
+                "output": _text(example[mapping["output"]]),
+                "task": _text(example.get(mapping["task"])) or DEFAULT_TASK,
+            }
+            if has_choices:
+                out["choices"] = [_text(c) for c in (example[mapping["choices"]] or [])]
+            return out
+
+        keep = ["choices"] if has_choices and mapping["choices"] == "choices" else []
+        return ds.map(
+            convert,
+            remove_columns=[c for c in found if c not in keep],
+            keep_in_memory=True,
+            new_fingerprint=_fingerprint("normalise", split, ds._fingerprint, sorted(mapping.items())),
+            desc=f"reading {split}",
+        )
+
+    def _complete_splits(self, splits: dict[str, datasets.Dataset]) -> dict[str, datasets.Dataset]:
+        """Carve missing validation / test splits out of train, deterministically (seeded)."""
+        if "train" not in splits:
+            raise ValueError(f"the data has no train split (found {sorted(splits)}); name one 'train'")
+        train = splits["train"]
+        total = len(train)  # fractions are shares of the whole file, not of what is left after each carve
+        for split, fraction in (("test", self.test_fraction), ("validation", self.val_fraction)):
+            if split in splits:
+                continue
+            count = max(round(total * fraction), 1) if fraction > 0 else 0
+            if count == 0:
+                splits[split] = train.select([])
+                continue
+            if count >= len(train):
+                raise ValueError(
+                    f"only {total} training example(s): too few to carve a {split} split of {count}; "
+                    f"add data or set {'test' if split == 'test' else 'val'}_fraction=0"
+                )
+            parts = train.train_test_split(test_size=count, seed=self.seed, shuffle=True, keep_in_memory=True)
+            train, splits[split] = parts["train"], parts["test"]
+        splits["train"] = train
+        return {split: splits[split] for split in SPLITS}
+
+    @property
+    def task_names(self) -> list[str]:
+        """Task names in id order: the given ``task_names`` first, then the others (built-in order, else sorted)."""
+        raw = self._load_raw()
+        found = {task for split in raw.values() for task in split["task"]}
+        if self.source == "builtin":
+            ordered = [t for t in TASKS if t in found]
+        else:
+            ordered = sorted(found)
+        names = list(self.fixed_task_names)
+        return names + [t for t in ordered if t not in names]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    def examples(self, split: str) -> list[dict[str, Any]]:
+        """The raw (normalised, untokenised) examples of ``split``."""
+        return self._load_raw()[_split_name(split)].to_list()
+
+    def test_examples(self) -> list[dict[str, Any]]:
+        """Raw test examples, for generation or multiple-choice evaluation."""
+        return self.examples("test")
+
+    # ------------------------------------------------------------------ tokenised data
+    def setup(self, stage: str | None = None) -> None:
+        """Tokenise every split (idempotent): prompt-masked labels, truncation, task ids."""
+        if self.datasets:
+            return
+        if self.tokenizer is None:
+            raise ValueError(
+                "InstructionDataModule needs a tokenizer: pass tokenizer= or set dm.tokenizer before setup"
+            )
+        from molex.models import ensure_pad_token
+
+        ensure_pad_token(self.tokenizer)
+        template = resolve_template(self.tokenizer, self.template)
+        task_ids = {name: i for i, name in enumerate(self.task_names)}
+        tokenizer, max_length, system_prompt = self.tokenizer, self.max_length, self.system_prompt
+
+        def encode(example: dict[str, Any]) -> dict[str, Any]:
+            enc = encode_example(tokenizer, example, template, max_length, system_prompt)
+            return {
+                "input_ids": enc.input_ids,
+                "labels": enc.labels,
+                "prompt_mask": enc.prompt_mask,
+                "task_id": task_ids[example["task"]],
+                "truncated": enc.truncated,
+                "answer_tokens": enc.answer_tokens,
+            }
+
+        tok_key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), template, max_length, system_prompt)
+        for split, raw in self._load_raw().items():
+            if len(raw) == 0:  # a split the source does not have (fraction 0)
+                self.datasets[split] = datasets.Dataset.from_dict({k: [] for k in _ENCODED_COLUMNS})
+                self.truncated[split] = self.dropped[split] = 0
+                continue
+            encoded = raw.map(
+                encode,
+                remove_columns=raw.column_names,
+                keep_in_memory=True,
+                new_fingerprint=_fingerprint("encode", split, raw._fingerprint, tok_key, sorted(task_ids.items())),
+                desc=f"tokenising {split}",
+            )
+            truncated = int(sum(encoded["truncated"]))
+            keep = [i for i, n in enumerate(encoded["answer_tokens"]) if n > 0]
+            self.truncated[split], self.dropped[split] = truncated, len(encoded) - len(keep)
+            if truncated:
+                logger.warning(
+                    "%s: truncated %d of %d examples to max_length=%d (%d lost their whole answer and were dropped)",
+                    split, truncated, len(encoded), max_length, self.dropped[split],
+                )  # fmt: skip
+            if len(keep) < len(encoded):
+                encoded = encoded.select(keep, keep_in_memory=True)
+            self.datasets[split] = encoded.remove_columns(["truncated", "answer_tokens"])
+        if len(self.datasets["train"]) == 0:
+            raise ValueError(f"no training examples left after truncation to max_length={max_length}; raise it")
+
+    def _require_setup(self, split: str) -> datasets.Dataset:
+        if not self.datasets:
+            self.setup()
+        ds = self.datasets[split]
+        if len(ds) == 0:
+            raise ValueError(f"the {split} split is empty; give the source a {split} split or a {split} fraction > 0")
+        return ds
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self._require_setup("train")
+        pad_id = self.tokenizer.pad_token_id
+        if self.packing:
+            if self._train_rows is None:
+                self._train_rows = pack_features(ds.to_list(), self.max_length)
+                logger.info("packed %d training examples into %d rows", len(ds), len(self._train_rows))
+            data, collate = self._train_rows, functools.partial(packed_collate, pad_token_id=pad_id)
+        else:
+            data, collate = ds, functools.partial(pad_collate, pad_token_id=pad_id, padding_side="right")
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            data,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        ds = self._require_setup(split)
+        collate = functools.partial(pad_collate, pad_token_id=self.tokenizer.pad_token_id, padding_side="right")
+        return DataLoader(
+            ds, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate, num_workers=self.num_workers
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _split_name(split: str) -> str:
+    key = split.lower()
+    if key not in _SPLIT_ALIASES:
+        raise ValueError(f"unknown split name {split!r}; use train, validation (or val/valid/dev) or test")
+    return _SPLIT_ALIASES[key]
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+
+def _read_file(path: Path) -> datasets.Dataset:
+    """One local data file as a ``Dataset``; clear errors for missing, empty or unsupported files."""
+    builder = FILE_FORMATS.get(path.suffix.lower())
+    if builder is None:
+        raise ValueError(f"unsupported data file {str(path)!r}; use one of {sorted(FILE_FORMATS)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {str(path)!r}")
+    if path.stat().st_size == 0 or (builder != "parquet" and path.read_bytes().strip() in (b"", b"[]", b"{}")):
+        raise ValueError(f"data file {str(path)!r} is empty: it holds no examples")
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+    except Exception as err:  # parse errors surface as several datasets / pyarrow exception types
+        raise ValueError(f"cannot read {str(path)!r} as {builder}: {err}") from err
+    if len(ds) == 0:
+        raise ValueError(f"data file {str(path)!r} is empty: it holds no examples")
+    return ds
+
+
+def _read_folder(folder: Path) -> dict[str, datasets.Dataset]:
+    """``train.*``, ``validation.*`` (or val / valid / dev) and ``test.*`` files of a folder."""
+    splits: dict[str, datasets.Dataset] = {}
+    for path in sorted(folder.iterdir()):
+        split = _SPLIT_ALIASES.get(path.stem.lower())
+        if split and path.suffix.lower() in FILE_FORMATS:
+            if split in splits:
+                raise ValueError(f"{folder} has several {split} files; keep one")
+            splits[split] = _read_file(path)
+    if not splits:
+        raise FileNotFoundError(
+            f"no data files in folder {os.fspath(folder)!r}: expected train / validation / test files ending in "
+            f"{sorted(FILE_FORMATS)}"
+        )
+    return splits
