@@ -109,7 +109,7 @@ def train_adapters(model, tokenizer, settings: HubSettings, out: Path) -> dict[s
         model = peft_model.unload()  # the base model again, without this adapter's layers
         results[task] = {"path": path, "accuracy": accuracy, "seconds": time.perf_counter() - start}
         print(
-            f"adapter {task:<10} loss {float(loss):.3f}  own-task accuracy {accuracy:.3f}  "
+            f"adapter {task:<10} loss {float(loss.detach()):.3f}  own-task accuracy {accuracy:.3f}  "
             f"({results[task]['seconds']:.0f} s)",
             flush=True,
         )

@@ -28,8 +28,9 @@ def compose(*overrides: str):
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    from molex.models import load_model
     from peft import LoraConfig, get_peft_model
+
+    from molex.models import load_model
 
     root = tmp_path_factory.mktemp("hub")
     for seed, task in enumerate(["add", "parity"]):
