@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from molex.data import TASKS, make_builtin_dataset
-from molex.eval import evaluate_generation
-from molex.models import load_model
 
 import molex
+from molex.data import TASKS, make_builtin_dataset
+from molex.eval import evaluate_generation
 from molex.hub_eval import evaluate_fused, fit_router, task_batches
+from molex.models import load_model
 
 
 @dataclass

@@ -13,7 +13,6 @@ import molex
 
 pytest.importorskip("peft")
 pytest.importorskip("hydra")
-pytest.importorskip("molex.data")
 
 CONF = str(Path(__file__).resolve().parents[1] / "molex" / "conf")
 

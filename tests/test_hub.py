@@ -67,12 +67,14 @@ def test_fixed_weights_equal_peft_cat(tmp_path):
     torch.testing.assert_close(logits(fused), logits(reference.eval()), atol=1e-5, rtol=1e-5)
 
 
-def test_fused_model_round_trips_save_load(tmp_path):
+@pytest.mark.parametrize(("router", "options"), [("soft", {"temperature": 0.5}), ("dlp", {"top_p": 0.9})])
+def test_fused_model_round_trips_save_load(tmp_path, router, options):
     adapters = two_adapters(tmp_path)
-    fused = molex.fuse_adapters(tiny_llama(), adapters, router="soft", temperature=0.5)
+    fused = molex.fuse_adapters(tiny_llama(), adapters, router=router, **options)
     torch.manual_seed(0)
-    for layer in molex.mole_layers(fused).values():
-        torch.nn.init.normal_(layer.router.gate.weight)
+    for name, param in fused.named_parameters():
+        if "router" in name:
+            torch.nn.init.normal_(param)
     molex.save_adapter(fused, tmp_path / "saved")
     loaded = molex.load_adapter(tiny_llama(), tmp_path / "saved")
     assert molex.adapter_names(loaded) == ["a", "b"]
