@@ -32,6 +32,20 @@ def test_one_adapter_top1_equals_peft(tmp_path, router):
     assert all(not p.requires_grad for layer in molex.mole_layers(fused).values() for p in layer.experts.parameters())
 
 
+def test_regex_targets_and_rank_pattern_equal_peft(tmp_path):
+    peft_model = make_peft_adapter(
+        tiny_llama,
+        tmp_path / "re",
+        seed=9,
+        target_modules=r".*\.(q_proj|down_proj)",
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"down_proj": 7},
+    )
+    fused = molex.fuse_adapters(tiny_llama(), {"re": tmp_path / "re"}, router="fixed", weights=[1.0])
+    assert len(molex.mole_layers(fused)) == 8
+    torch.testing.assert_close(logits(fused), logits(peft_model), atol=1e-5, rtol=1e-5)
+
+
 def test_gpt2_conv1d_fan_in_fan_out_equals_peft(tmp_path):
     peft_model = make_peft_adapter(
         tiny_gpt2, tmp_path / "g", seed=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True
