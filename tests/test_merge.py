@@ -96,3 +96,11 @@ def test_lorahub_finds_the_adapter_that_fits(tmp_path, adapters):
     merged = PeftModel.from_pretrained(tiny_llama(), str(result.out_dir)).eval()
     with torch.no_grad():
         assert float(merged(**batch).loss) == pytest.approx(result.loss, abs=1e-4)
+
+
+def test_lorahub_without_cma_says_how_to_install(monkeypatch, adapters):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cma", None)
+    with pytest.raises(ImportError, match=r"pip install 'molex\[hub\]'"):
+        molex.lorahub_search(tiny_llama(), adapters, [{"input_ids": IDS, "labels": IDS}])
