@@ -7,7 +7,7 @@ config), measures in one run:
 * the base model with a single LoRA adapter (PEFT when installed, else a one-expert molex layer);
 * the fused model with the selected kernel backend (``auto``) and with the ``reference`` loop.
 
-Prints a markdown table of median times and ratios. Usage::
+Prints a markdown table of best-of-N times and ratios. Usage::
 
     python benchmarks/bench_hub.py            # full sweep, a few minutes on 2 CPU cores
     python benchmarks/bench_hub.py --quick    # one small configuration
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 
 import torch
@@ -69,13 +68,14 @@ def single_adapter_model(base, adapter: PeftLoraAdapter):
 
 
 def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
+    """Best of ``repeats`` runs after a warm-up: on a shared machine the minimum is the least disturbed."""
+    fn()
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return min(samples)
 
 
 @torch.no_grad()

@@ -193,6 +193,7 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true", help="tiny random Llama and few steps")
     parser.add_argument("--out", type=Path, default=Path("demo_hub_out"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
+    parser.add_argument("--tasks", nargs="*", help=f"subset of the built-in tasks (default: all of {TASKS})")
     parser.add_argument("--routers", nargs="*", help="routers to fuse with (default: gate and dlp when available)")
     for name, default in vars(HubSettings()).items():
         if isinstance(default, (int, float, str)) and not isinstance(default, bool):
