@@ -104,6 +104,8 @@ def test_only_router_trains_and_gates_map_to_adapters(tmp_path):
     gates = adapter_gates(fused)
     torch.testing.assert_close(gates["model.layers.0.self_attn.v_proj"][:, 1], torch.zeros(IDS.numel()))
     torch.testing.assert_close(gates["model.layers.0.self_attn.q_proj"].sum(-1), torch.ones(IDS.numel()))
+    unfrozen = molex.fuse_adapters(tiny_llama(), two_adapters(tmp_path), router="soft", train_experts=True)
+    assert all(p.requires_grad for layer in molex.mole_layers(unfrozen).values() for p in layer.experts.parameters())
     with pytest.raises(ValueError, match=r"top_k=2 but .* fewer adapters"):
         molex.fuse_adapters(tiny_llama(), two_adapters(tmp_path), router="topk", top_k=2)
 
