@@ -12,14 +12,17 @@ from torch import Tensor
 from molex.routers.base import RoutingDecision
 
 
+def scaled_weights(indices: Tensor, weights: Tensor, scaling: float | Tensor) -> Tensor:
+    """``weights [rows, k]`` times the scaling of each chosen expert (``scaling`` float or ``[E]``)."""
+    if isinstance(scaling, Tensor):
+        return weights * scaling.to(weights.dtype)[indices]
+    return weights * scaling
+
+
 def expert_scaled_weights(decision: RoutingDecision, scaling: float | Tensor) -> tuple[Tensor, Tensor]:
     """Per-token ``indices [T, k]`` and ``weights [T, k]`` with each expert's scaling folded in."""
-    indices, weights = decision.token_indices(), decision.token_weights()
-    if isinstance(scaling, Tensor):
-        weights = weights * scaling.to(weights.dtype)[indices]
-    else:
-        weights = weights * scaling
-    return indices, weights
+    indices = decision.token_indices()
+    return indices, scaled_weights(indices, decision.token_weights(), scaling)
 
 
 def reference_delta(x: Tensor, A: Tensor, B: Tensor, decision: RoutingDecision, scaling: float | Tensor) -> Tensor:

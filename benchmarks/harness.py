@@ -1,0 +1,106 @@
+"""Timing harness: warm-up, interleaved repeats, median and spread, ratios within one run, JSON.
+
+Candidates are timed round-robin (one repeat of each in turn) so that load from other processes
+on a shared machine hits them all alike; compare ratios from one run, not absolute times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from molex.io import atomic_write
+
+__all__ = ["environment", "time_candidates", "ratio", "write_json", "fwd_bwd"]
+
+
+def environment() -> dict[str, Any]:
+    """Machine, library versions and device, recorded with every result."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env = {
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "device": "cpu",
+    }
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_candidates(
+    candidates: dict[str, Callable[[], Any]], *, warmup: int = 1, repeats: int = 5, device: str = "cpu"
+) -> dict[str, dict[str, float]]:
+    """Seconds per call of each candidate: ``{name: {median, min, max, spread, repeats}}``.
+
+    ``spread`` is ``(max - min) / median`` over the repeats.
+    """
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    stats = {}
+    for name, values in times.items():
+        median = statistics.median(values)
+        stats[name] = {
+            "median": median,
+            "min": min(values),
+            "max": max(values),
+            "spread": (max(values) - min(values)) / median if median > 0 else 0.0,
+            "repeats": len(values),
+        }
+    return stats
+
+
+def ratio(stats: dict[str, dict[str, float]], name: str, baseline: str) -> float:
+    """``baseline`` median time / ``name`` median time (> 1: ``name`` is faster)."""
+    return stats[baseline]["median"] / stats[name]["median"]
+
+
+def fwd_bwd(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor, params):
+    """A closure running forward and backward (gradients of ``x`` and ``params``, none accumulated)."""
+    inputs = [x, *params]
+
+    def run():
+        out = module(x)
+        return torch.autograd.grad(out, inputs, grad)
+
+    return run
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2)
+
+    atomic_write(path, write)

@@ -1,0 +1,39 @@
+"""Per-sequence backend: routing constant over each sequence (MiLoRA, DLP, fused hubs at inference).
+
+A per-sequence decision holds ``indices, weights [B, k]`` and ``tokens_per_sequence = S``; the
+tokens of ``x [T, in]`` are laid out ``[B, S]``. Each sequence gathers its ``k`` experts' ``A``
+and ``B`` into ``[B, k*r, in]`` / ``[B, k*r, out]`` and runs two ``bmm``:
+``h = x_b @ A_b^T`` (``[B, S, k*r]``), scale each expert's ``r`` columns by its weight, then
+``h @ B_b``. FLOPs ``2 T k r (in + out)`` like a grouped GEMM, but no sort and no host sync, and a
+fixed graph (``torch.compile`` friendly).
+
+A per-token decision has no sequence structure to exploit (a ``[T, k*r, in]`` weight gather would
+cost far more than the matmuls), so it is computed by the ``grouped`` backend instead; the cost
+model never selects ``per_seq`` for per-token decisions.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from molex.kernels.grouped import grouped_delta
+from molex.kernels.reference import scaled_weights
+from molex.routers.base import RoutingDecision
+
+
+def per_seq_delta(x: Tensor, A: Tensor, B: Tensor, decision: RoutingDecision, scaling: float | Tensor) -> Tensor:
+    """Shapes: ``x [T, in]``, ``A [E, r, in]``, ``B [E, r, out]`` -> ``[T, out]`` (``T = B * S``)."""
+    if not decision.is_per_sequence:
+        return grouped_delta(x, A, B, decision, scaling)
+    indices = decision.indices
+    weights = scaled_weights(indices, decision.weights, scaling)
+    num_seq, top_k = indices.shape
+    seq_len = decision.tokens_per_sequence
+    _, rank, in_features = A.shape
+    out_features = B.shape[-1]
+    a = A[indices].reshape(num_seq, top_k * rank, in_features)  # [B, k*r, in]
+    b = B[indices].reshape(num_seq, top_k * rank, out_features)  # [B, k*r, out]
+    hidden = x.view(num_seq, seq_len, in_features).bmm(a.transpose(1, 2))  # [B, S, k*r]
+    # weighting the k*r hidden columns is cheaper than weighting B (S < out) or x (S * in)
+    gate = weights.to(x.dtype).repeat_interleave(rank, dim=1).unsqueeze(1)  # [B, 1, k*r]
+    return (hidden * gate).bmm(b).view(num_seq * seq_len, out_features)
