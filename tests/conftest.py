@@ -9,6 +9,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors through its interpreter; triton reads this when first imported,
+    # so it is set here, before any test module can import it. `auto` never picks triton on CPU.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 #: one tolerance table per dtype: (atol, rtol) for comparisons against a float64 reference
 TOLERANCES = {

@@ -1,18 +1,12 @@
 """The Triton backend against the float64 per-token computation.
 
-Without CUDA the kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (set here, before triton
-is imported): fp32 and fp16 only, since the interpreter's bf16 ``tl.dot`` is wrong, and small
-shapes, since it is slow. With CUDA they are compiled for real; bf16 runs under the ``gpu`` marker. When an
-earlier test module already imported triton (then the interpreter can no longer be switched on),
-the same tests run in a fresh process instead.
+Without CUDA the kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (set by conftest.py
+before anything imports triton): fp32 and fp16 only, since the interpreter's bf16 ``tl.dot`` is
+wrong, and small shapes, since it is slow. With CUDA they are compiled for real; bf16 runs under
+the ``gpu`` marker.
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,13 +21,7 @@ from molex.kernels.grouped_ops import (
 )
 from tests.kernel_cases import check_all, expected, make_problem, run_with_grads
 
-#: whether the kernels can run in this process: compiled on CUDA, or interpreted if triton is not
-#: imported yet (triton fixes the interpreter choice when it is imported)
-IN_PROCESS = torch.cuda.is_available() or "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
-if not torch.cuda.is_available() and IN_PROCESS:
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
-in_process = pytest.mark.skipif(not IN_PROCESS, reason="run by test_triton_in_fresh_process")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -55,12 +43,10 @@ def _run(problem, dtype, grad_out):
     return run_with_grads(fn, problem, dtype, grad_out, device=DEVICE)
 
 
-@in_process
 def test_triton_backend_is_available():
     assert "triton" in available_backends()
 
 
-@in_process
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{tokens}-E{num_experts}-k{top_k}-r{rank}".format(**c))
 def test_triton_matches_per_token_float64(case, dtype):
@@ -73,7 +59,6 @@ def test_triton_matches_per_token_float64(case, dtype):
         assert torch.count_nonzero(got[2][1:]) == 0 and torch.count_nonzero(got[3][1:]) == 0
 
 
-@in_process
 def test_triton_per_sequence_decision():
     problem = make_problem(
         tokens=12, tokens_per_sequence=4, in_features=10, out_features=7, num_experts=4, rank=4, top_k=2
@@ -82,7 +67,6 @@ def test_triton_per_sequence_decision():
     check_all(_run(problem, torch.float32, grad_out), expected(problem, grad_out), torch.float32)
 
 
-@in_process
 def test_opcheck_triton_ops():
     problem = make_problem(tokens=9, in_features=7, out_features=5, num_experts=3, rank=2, top_k=2)
     x, A, B = (t.float().to(DEVICE) for t in (problem.x, problem.A, problem.B))
@@ -97,7 +81,6 @@ def test_opcheck_triton_ops():
     torch.library.opcheck(grouped_expand_backward, (grad_out, h, B, weight, order, offsets, 2, "triton"))
 
 
-@in_process
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES[2:], ids=lambda c: "T{tokens}-E{num_experts}-k{top_k}-r{rank}".format(**c))
 def test_triton_bf16_on_gpu(case):
@@ -106,7 +89,6 @@ def test_triton_bf16_on_gpu(case):
     check_all(_run(problem, torch.bfloat16, grad_out), expected(problem, grad_out), torch.bfloat16)
 
 
-@in_process
 @pytest.mark.gpu
 def test_triton_compiles_fullgraph_on_gpu():
     from molex.routers.base import RoutingDecision
@@ -122,13 +104,3 @@ def test_triton_compiles_fullgraph_on_gpu():
     out.float().sum().backward()
     want = fn(x.detach(), A.detach(), B.detach(), indices, weights)
     torch.testing.assert_close(out.detach().float(), want.float(), atol=5e-2, rtol=5e-2)
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the Triton tests ran in this process")
-def test_triton_in_fresh_process():
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
-    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout
