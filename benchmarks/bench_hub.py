@@ -7,7 +7,8 @@ config), measures in one run:
 * the base model with a single LoRA adapter (PEFT when installed, else a one-expert molex layer);
 * the fused model with the selected kernel backend (``auto``) and with the ``reference`` loop.
 
-Prints a markdown table of best-of-N times and ratios. Usage::
+Candidates are timed round-robin within each repeat (medians), so load changes on a shared machine hit
+them alike. Prints a markdown table of times and ratios. Usage::
 
     python benchmarks/bench_hub.py            # full sweep, a few minutes on 2 CPU cores
     python benchmarks/bench_hub.py --quick    # one small configuration
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -67,34 +70,58 @@ def single_adapter_model(base, adapter: PeftLoraAdapter):
     return model.eval(), "PEFT LoRA"
 
 
-def timed(fn, repeats: int) -> float:
-    """Best of ``repeats`` runs after a warm-up: on a shared machine the minimum is the least disturbed."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def round_robin(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each candidate, timed in turn within every repeat (after one warm-up each), so
+    that load changes on a shared machine hit all candidates alike."""
+    for fn in candidates.values():
         fn()
-        samples.append(time.perf_counter() - start)
-    return min(samples)
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def with_backend(model, backend: str | None, fn: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        if backend is not None:
+            for layer in molex.mole_layers(model).values():
+                layer.kernel_backend = backend
+        return fn()
+
+    return run
 
 
 @torch.no_grad()
-def measure(model, repeats: int, decode_tokens: int) -> tuple[float, float]:
+def measure(single, fused, repeats: int, decode_tokens: int) -> dict[str, dict[str, float]]:
+    """``{"forward" | "decode": {"single" | "auto" | "reference": seconds}}``."""
     ids = torch.randint(1, 1024, (8, 128), generator=torch.Generator().manual_seed(0))
     prompt = ids[:1, :16]
-    forward = timed(lambda: model(input_ids=ids), repeats)
-    decode = timed(
-        lambda: model.generate(
+
+    def forward(model):
+        return lambda: model(input_ids=ids)
+
+    def decode(model):
+        return lambda: model.generate(
             input_ids=prompt,
             attention_mask=torch.ones_like(prompt),
             max_new_tokens=decode_tokens,
             min_new_tokens=decode_tokens,
             do_sample=False,
             pad_token_id=0,
-        ),
-        max(1, repeats // 2),
-    )
-    return forward, decode
+        )
+
+    result = {}
+    for what, make, count in (("forward", forward, repeats), ("decode", decode, max(2, repeats // 2))):
+        candidates = {
+            "single": make(single),
+            "auto": with_backend(fused, "auto", make(fused)),
+            "reference": with_backend(fused, "reference", make(fused)),
+        }
+        result[what] = round_robin(candidates, count)
+    return result
 
 
 def main() -> None:
@@ -119,22 +146,18 @@ def main() -> None:
     for rank in ranks:
         adapters = [random_adapter(base, f"a{i}", rank, seed=i) for i in range(max(counts))]
         single, single_kind = single_adapter_model(copy.deepcopy(base), adapters[0])
-        single_fwd, single_dec = measure(single, args.repeats, decode_tokens)
         for count in counts:
             fused = molex.fuse_adapters(
                 copy.deepcopy(base), {a.name: a for a in adapters[:count]}, router=router, top_k=args.top_k
             )
-            times = {}
-            for backend in ("auto", "reference"):
-                for layer in molex.mole_layers(fused).values():
-                    layer.kernel_backend = backend
-                times[backend] = measure(fused, args.repeats, decode_tokens)
+            times = measure(single, fused, args.repeats, decode_tokens)
             layer = next(iter(molex.mole_layers(fused).values()))
             x = torch.zeros(8 * 128, layer.in_features)
             selected = molex.kernels.resolve_backend(
                 "auto", x, layer.experts.lora_A, layer.experts.lora_B, layer.route(x)
             )
-            rows.append((count, rank, selected, single_fwd, single_dec, times))
+            rows.append((count, rank, selected, times))
+            print(f"done: {count} adapters of rank {rank}", flush=True)
     print(
         f"\nbaseline: base model + one adapter ({single_kind}); fused: N adapters, router {router} top_k={args.top_k}"
     )
@@ -143,11 +166,12 @@ def main() -> None:
         "| decode single ms | decode fused ms | fused/single | reference/selected |"
     )
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for count, rank, selected, sf, sd, t in rows:
-        (af, ad), (rf, rd) = t["auto"], t["reference"]
+    for count, rank, selected, t in rows:
+        f, d = t["forward"], t["decode"]
         print(
-            f"| {count} | {rank} | {selected} | {sf * 1e3:.1f} | {af * 1e3:.1f} | {af / sf:.2f} | {rf / af:.2f} "
-            f"| {sd * 1e3:.0f} | {ad * 1e3:.0f} | {ad / sd:.2f} | {rd / ad:.2f} |"
+            f"| {count} | {rank} | {selected} | {f['single'] * 1e3:.1f} | {f['auto'] * 1e3:.1f} "
+            f"| {f['auto'] / f['single']:.2f} | {f['reference'] / f['auto']:.2f} | {d['single'] * 1e3:.0f} "
+            f"| {d['auto'] * 1e3:.0f} | {d['auto'] / d['single']:.2f} | {d['reference'] / d['auto']:.2f} |"
         )
 
 
