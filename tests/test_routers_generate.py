@@ -291,3 +291,14 @@ def test_shared_routers_save_load_and_unload(tmp_path, router, num_experts):
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert sum(len(m._forward_pre_hooks) for m in pristine.modules()) == hooks_before
     assert not any(hasattr(m, "mole_router") for m in pristine.modules())
+
+
+def test_milora_block_called_with_keyword_hidden_states():
+    from tests.conftest import tiny_qwen2
+
+    model = tiny_qwen2()  # attention modules receive hidden_states= as a keyword
+    molex.inject(model, molex.MoLEConfig(target_modules=["q_proj", "v_proj", "o_proj"], num_experts=1, router="milora"))
+    router = model.get_submodule("model.layers.0.self_attn.mole_router")
+    calls = count_calls(router)
+    out = greedy(model, torch.randint(1, 128, (2, 5)), new_tokens=3)
+    assert out.shape == (2, 8) and calls["score"] == 1

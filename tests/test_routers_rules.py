@@ -279,3 +279,20 @@ def test_milora_pools_prompt_tokens_and_keeps_top_k_modules():
 def test_bad_options_fail_clearly(name, options, message):
     with pytest.raises(ValueError, match=message):
         build_router(name, in_features=4, num_experts=4, **options)
+
+
+def test_switch_dropped_fraction_in_layer_routing_stats():
+    from molex.experts import LoRAExperts
+    from molex.layer import MoLELinear
+
+    router = switch(capacity_factor=1.0)
+    experts = LoRAExperts(in_features=2, out_features=3, num_experts=2, rank=1, scaling=1.0)
+    layer = MoLELinear(torch.nn.Linear(2, 3), experts=experts, router=router)
+    x = torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]] + [[1.0, 0.0]])
+    with torch.no_grad():
+        experts.lora_B.normal_()
+        out = layer(x)
+        base = layer.base_layer(x)
+    assert torch.equal(out[4], base[4])  # the overflow token gets only the base output
+    assert not torch.equal(out[0], base[0])
+    assert layer.routing_stats()["dropped"].item() == pytest.approx(1 / 5)

@@ -52,6 +52,7 @@ class RoutingDecision:
     probs: Tensor | None = None
     #: bool ``[T]`` mask of real tokens this decision was computed with; for statistics
     token_mask: Tensor | None = None
+    _dense: tuple[int, Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.indices.shape != self.weights.shape or self.indices.dim() != 2:
@@ -77,30 +78,47 @@ class RoutingDecision:
         """``[T, k]`` expert ids per token."""
         if not self.is_per_sequence:
             return self.indices
-        return self.indices.repeat_interleave(self.tokens_per_sequence, dim=0)
+        return _repeat_rows(self.indices, self.tokens_per_sequence)
 
     def token_weights(self) -> Tensor:
         """``[T, k]`` routing weights per token."""
         if not self.is_per_sequence:
             return self.weights
-        return self.weights.repeat_interleave(self.tokens_per_sequence, dim=0)
+        return _repeat_rows(self.weights, self.tokens_per_sequence)
 
     def to_dense(self, num_experts: int) -> Tensor:
-        """``[T, E]`` gate matrix (repeated ids add up); differentiable in the weights."""
+        """``[T, E]`` gate matrix (repeated ids add up); differentiable in the weights.
+
+        Without autograd the result is kept: a decision reused for many decode steps (sequence-level
+        routers) then builds its gate once.
+        """
+        cached = self._dense
+        if cached is not None and cached[0] == num_experts:
+            return cached[1]
         idx, w = self.indices, self.weights
         dense = w.new_zeros(idx.shape[0], num_experts).scatter_add(1, idx, w)
         if self.is_per_sequence:
-            dense = dense.repeat_interleave(self.tokens_per_sequence, dim=0)
+            dense = _repeat_rows(dense, self.tokens_per_sequence)
+        if not (torch.is_grad_enabled() and w.requires_grad):
+            self._dense = (num_experts, dense)
         return dense
 
     def per_token(self) -> RoutingDecision:
         """The same decision expressed per token."""
         if not self.is_per_sequence:
             return self
-        probs = None if self.probs is None else self.probs.repeat_interleave(self.tokens_per_sequence, dim=0)
+        probs = None if self.probs is None else _repeat_rows(self.probs, self.tokens_per_sequence)
         return RoutingDecision(
             self.token_indices(), self.token_weights(), self.aux_losses, None, probs, self.token_mask
         )
+
+
+def _repeat_rows(values: Tensor, times: int) -> Tensor:
+    """Each row ``times`` times in a row (``repeat_interleave`` on dim 0, without its cost at ``times = 1``)."""
+    if times == 1:
+        return values
+    rows = values.shape[0]
+    return values.unsqueeze(1).expand(rows, times, *values.shape[1:]).reshape(rows * times, *values.shape[1:])
 
 
 @dataclass

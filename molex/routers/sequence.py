@@ -130,6 +130,7 @@ class SharedRouterView(nn.Module):
         self.module_index = module_index
         self.num_experts = num_experts
         self.report_losses = report_losses
+        self._last: tuple[RoutingDecision, int, RoutingDecision] | None = None
 
     @property
     def router(self) -> SharedRouter:
@@ -143,6 +144,8 @@ class SharedRouterView(nn.Module):
         """``x [T, in]`` (only ``T`` is used) -> decision ``[B, k]`` with ``tokens_per_sequence = T / B``."""
         num_tokens = x.shape[0]
         decision, gates = self.router.decision_for(num_tokens)
+        if self._last is not None and self._last[0] is decision and self._last[1] == num_tokens:
+            return self._last[2]  # decode steps: the same view of the same decision, built once
         rows = decision.indices.shape[0]
         if self.module_index is None:
             indices, weights, probs = decision.indices, decision.weights, decision.probs
@@ -152,7 +155,9 @@ class SharedRouterView(nn.Module):
             probs = None
         mask = self.router.context.token_mask(num_tokens)
         losses = decision.aux_losses if self.report_losses else {}
-        return RoutingDecision(indices, weights, losses, num_tokens // rows, probs, mask)
+        view = RoutingDecision(indices, weights, losses, num_tokens // rows, probs, mask)
+        self._last = (decision, num_tokens, view)
+        return view
 
     def extra_repr(self) -> str:
         return f"router={self.name!r}, module_index={self.module_index}"
@@ -237,12 +242,13 @@ def place(
             except ValueError as err:
                 raise ValueError(f"block {block!r} ({len(names)} MoLE modules: {names}): {err}") from None
             groups[block] = (names, router)
+    for owner_name in groups:  # validate everything before changing the model
+        if hasattr(modules[owner_name], ROUTER_ATTR):
+            raise ValueError(f"module {owner_name or type(model).__name__!r} already has a {ROUTER_ATTR!r} attribute")
     placement = Placement(views={}, owners=[], hooks=[])
     num_experts = {plan.name: plan.num_experts for plan in plans}
     for owner_name, (names, router) in groups.items():
         owner = modules[owner_name]
-        if hasattr(owner, ROUTER_ATTR):
-            raise ValueError(f"module {owner_name or type(model).__name__!r} already has a {ROUTER_ATTR!r} attribute")
         router.to(device=device, dtype=torch.float32)
         router.context = context
         owner.add_module(ROUTER_ATTR, router)
