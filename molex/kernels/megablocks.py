@@ -10,13 +10,12 @@ is selected, explicitly or by the cost model on CUDA.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from torch import Tensor
 
 from molex.kernels.grouped import sort_slots
 from molex.kernels.reference import expert_scaled_weights
+from molex.kernels.registry import installed
 from molex.routers.base import RoutingDecision
 
 INSTALL_HINT = "pip install molex[gpu]  (installs megablocks and grouped_gemm; needs a CUDA toolchain)"
@@ -25,13 +24,13 @@ INSTALL_HINT = "pip install molex[gpu]  (installs megablocks and grouped_gemm; n
 def is_available() -> bool:
     if not torch.cuda.is_available():
         return False
-    return all(importlib.util.find_spec(name) is not None for name in ("megablocks", "grouped_gemm"))
+    return all(installed(name) for name in ("megablocks", "grouped_gemm"))
 
 
 def unavailable_reason() -> str:
     if not torch.cuda.is_available():
         return "megablocks kernels need a CUDA device"
-    missing = [name for name in ("megablocks", "grouped_gemm") if importlib.util.find_spec(name) is None]
+    missing = [name for name in ("megablocks", "grouped_gemm") if not installed(name)]
     return f"missing {', '.join(missing)}: {INSTALL_HINT}"
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +26,12 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
+
+
+@functools.cache
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (cached: availability is asked at every layer call)."""
+    return importlib.util.find_spec(module) is not None
 
 
 def register_backend(backend: Backend) -> Backend:

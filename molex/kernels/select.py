@@ -38,6 +38,7 @@ sequences are long (the weight gather is amortised over ``S`` tokens). ``triton`
 
 from __future__ import annotations
 
+import functools
 import os
 
 from torch import Tensor
@@ -120,7 +121,10 @@ def resolve_backend(requested: str | None, x: Tensor, A: Tensor, B: Tensor, deci
         get_backend(name)  # validates the name and availability with a clear message
         return name
     num_experts, rank, in_features = A.shape
-    dims = dict(
+    # the loop is the correctness baseline, never an automatic choice
+    candidates = tuple(b for b in available_backends() if b != "reference") or ("reference",)
+    return _cheapest(
+        candidates,
         tokens=x.shape[0],
         in_features=in_features,
         out_features=B.shape[-1],
@@ -131,6 +135,9 @@ def resolve_backend(requested: str | None, x: Tensor, A: Tensor, B: Tensor, deci
         num_sequences=decision.indices.shape[0] if decision.is_per_sequence else None,
         element_size=x.element_size(),
     )
-    # the loop is the correctness baseline, never an automatic choice
-    candidates = [b for b in available_backends() if b != "reference"] or ["reference"]
+
+
+@functools.lru_cache(maxsize=4096)
+def _cheapest(candidates: tuple[str, ...], **dims) -> str:
+    # cached: every MoLE layer asks at every step (decode steps repeat the same few shapes)
     return min(candidates, key=lambda b: estimate_cost(b, **dims))

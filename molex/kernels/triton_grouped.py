@@ -10,24 +10,24 @@ import triton.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 from torch import Tensor
 
 from molex.kernels.grouped import run_grouped
+from molex.kernels.registry import installed
 from molex.routers.base import RoutingDecision
 
 
 def is_available() -> bool:
-    if importlib.util.find_spec("triton") is None:
+    if not installed("triton"):
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def unavailable_reason() -> str:
-    if importlib.util.find_spec("triton") is None:
+    if not installed("triton"):
         return "triton is not installed (pip install triton)"
     return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly, for testing)"
 
