@@ -55,13 +55,18 @@ def test_gpt2_conv1d_fan_in_fan_out_equals_peft(tmp_path):
     torch.testing.assert_close(logits(fused), logits(peft_model), atol=1e-5, rtol=1e-5)
 
 
-def two_adapters(tmp_path):
+def two_adapters_on(tmp_path, num_layers=4):
     """Different ranks, alphas and targets (q/v vs q/k/o) and a .bin file."""
-    make_peft_adapter(tiny_llama, tmp_path / "a", seed=5, r=4, lora_alpha=8)
+    factory = lambda: tiny_llama(num_layers=num_layers)
+    make_peft_adapter(factory, tmp_path / "a", seed=5, r=4, lora_alpha=8)
     make_peft_adapter(
-        tiny_llama, tmp_path / "b", seed=6, r=8, lora_alpha=4, target_modules=["q_proj", "k_proj", "o_proj"], safe=False
+        factory, tmp_path / "b", seed=6, r=8, lora_alpha=4, target_modules=["q_proj", "k_proj", "o_proj"], safe=False
     )
     return {"a": tmp_path / "a", "b": tmp_path / "b"}
+
+
+def two_adapters(tmp_path):
+    return two_adapters_on(tmp_path)
 
 
 def test_fixed_weights_equal_peft_cat(tmp_path):
@@ -231,3 +236,24 @@ def test_train_router_needs_trainable_params_and_task_ids(tmp_path):
     soft = molex.fuse_adapters(tiny_llama(), {"a": tmp_path / "a"}, router="soft")
     with pytest.raises(ValueError, match="needs `task_ids`"):
         molex.train_router(soft, [{"input_ids": IDS}], steps=1, task_loss_coef=1.0)
+
+
+def test_lightning_module_trains_only_the_fused_router(tmp_path):
+    L = pytest.importorskip("lightning")
+    lightning_module = pytest.importorskip("molex.lightning")
+    fused = molex.fuse_adapters(tiny_llama(num_layers=2), two_adapters_on(tmp_path, num_layers=2), router="soft")
+    before = {k: v.clone() for k, v in molex.adapter_state_dict(fused).items()}
+    module = lightning_module.MoLEModule(model=fused, learning_rate=1e-2)
+    batches = [{"input_ids": IDS, "attention_mask": torch.ones_like(IDS), "labels": IDS}] * 3
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    after = molex.adapter_state_dict(fused)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".router." in k for k in changed)
