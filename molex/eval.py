@@ -102,17 +102,22 @@ def evaluate_generation(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     was_training = model.training
     model.eval()
-    predictions: list[dict[str, Any]] = []
+    examples = list(examples)
+    prompts = [encode_prompt(tokenizer, ex, template, system_prompt) for ex in examples]
+    # batch prompts of similar length together (less padding); results go back to input order
+    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
+    predictions: list[dict[str, Any]] = [{} for _ in examples]
     try:
-        for chunk in _batches(list(examples), batch_size):
-            prompts = [encode_prompt(tokenizer, ex, template, system_prompt) for ex in chunk]
-            features = [{"input_ids": p, "labels": p, "prompt_mask": [1] * len(p)} for p in prompts]
+        for chunk in _batches(order, batch_size):
+            features = [
+                {"input_ids": prompts[i], "labels": prompts[i], "prompt_mask": [1] * len(prompts[i])} for i in chunk
+            ]
             batch = pad_collate(features, pad_token_id=pad, padding_side="left")
             input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             pinned = {}
             if use_routing:
                 pinned["prompt_mask"] = attention_mask
-                ids = _task_ids(chunk, task_names)
+                ids = _task_ids([examples[i] for i in chunk], task_names)
                 if ids is not None:
                     pinned["task_ids"] = ids.to(device)
             with pin_routing_inputs(model, **pinned) if use_routing else contextlib.nullcontext():
@@ -126,17 +131,15 @@ def evaluate_generation(
                     eos_token_id=eos,
                     pad_token_id=pad,
                 )
-            for ex, row in zip(chunk, out[:, input_ids.shape[1] :], strict=True):
+            for i, row in zip(chunk, out[:, input_ids.shape[1] :], strict=True):
                 text = tokenizer.decode(row, skip_special_tokens=True)
-                target = str(ex.get("output", ""))
-                predictions.append(
-                    {
-                        "task": _task_of(ex),
-                        "prediction": text.strip(),
-                        "target": target,
-                        "correct": normalize_answer(text) == normalize_answer(target),
-                    }
-                )
+                target = str(examples[i].get("output", ""))
+                predictions[i] = {
+                    "task": _task_of(examples[i]),
+                    "prediction": text.strip(),
+                    "target": target,
+                    "correct": normalize_answer(text) == normalize_answer(target),
+                }
     finally:
         model.train(was_training)
     result = _summarise([p["task"] for p in predictions], [p["correct"] for p in predictions])

@@ -135,3 +135,22 @@ def contrastive_loss(outputs: Tensor, token_mask: Tensor | None = None, temperat
     targets = torch.arange(num_experts, device=z.device).expand(z.shape[0], -1)
     losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(-1)
     return masked_mean(losses, token_mask)
+
+
+def token_choice_losses(
+    logits: Tensor,
+    probs: Tensor,
+    indices: Tensor,
+    token_mask: Tensor | None,
+    *,
+    load_balance_coef: float,
+    z_loss_coef: float,
+) -> dict[str, Tensor]:
+    """Weighted load-balance (``f_e`` = share of routed slots) and z-losses of a token-choice router."""
+    losses: dict[str, Tensor] = {}
+    if load_balance_coef > 0:
+        fractions = slot_fractions(indices, probs.shape[-1], token_mask)
+        losses["load_balance"] = load_balance_coef * load_balance_loss(probs, fractions, token_mask)
+    if z_loss_coef > 0:
+        losses["z_loss"] = z_loss_coef * z_loss(logits, token_mask)
+    return losses

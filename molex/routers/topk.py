@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from molex.context import RoutingContext
-from molex.losses import load_balance_loss, slot_fractions, z_loss
+from molex.losses import token_choice_losses
 from molex.routers.base import ContrastiveOptions, Router, RoutingDecision, float32_logits, register_router
 
 
@@ -75,10 +75,7 @@ class TopKRouter(Router):
         if cfg.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         mask = context.token_mask(x.shape[0]) if context is not None else None
-        losses: dict[str, Tensor] = {}
-        if cfg.load_balance_coef > 0:
-            fractions = slot_fractions(indices, self.num_experts, mask)
-            losses["load_balance"] = cfg.load_balance_coef * load_balance_loss(probs, fractions, mask)
-        if cfg.z_loss_coef > 0:
-            losses["z_loss"] = cfg.z_loss_coef * z_loss(logits, mask)
+        losses = token_choice_losses(
+            logits, probs, indices, mask, load_balance_coef=cfg.load_balance_coef, z_loss_coef=cfg.z_loss_coef
+        )
         return RoutingDecision(indices, weights, losses, probs=probs, token_mask=mask)
