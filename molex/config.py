@@ -96,6 +96,12 @@ class MoLEConfig:
         default=True, metadata={"help": "keep experts in float32 when the base is fp16/bf16 (like PEFT)"}
     )
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "recorded at inject time"})
+    hub: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "set by molex.fuse_adapters: {'adapters': [names], 'experts': {module: [adapter index per expert]}}"
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, tuple, set)):

@@ -199,6 +199,9 @@ def test_cost_model_crossover():
     cands = ["dense", "per_seq", "grouped", "triton", "megablocks"]
     assert _pick(cands) == "dense"  # typical MoLE: E r = 64
     assert _pick(cands, num_experts=64, rank=64) == "grouped"  # fused hub: E r = 4096
+    # decoding a fused hub (4 tokens): grouped reads only the <= 8 experts in use, dense all 64
+    assert _pick(cands, tokens=4, num_experts=64, rank=64) == "grouped"
+    assert _pick(cands, tokens=4) == "dense"
     assert _pick(cands, num_sequences=4) == "per_seq"  # per-sequence routing, long sequences
     assert estimate_cost("per_seq", **_dims()) == float("inf")  # never for per-token decisions
     assert estimate_cost("triton", **_dims()) == float("inf")  # interpreter only on CPU

@@ -14,6 +14,8 @@ from molex.routers import available_routers, build_router, get_router_class
 
 TOKEN_ROUTERS = ("topk", "soft", "dynmole", "gate", "switch")
 ALL_ROUTERS = (*TOKEN_ROUTERS, "milora", "dlp")
+#: routers without trainable scoring (constant mixing weights)
+PARAMETER_FREE = ("fixed",)
 
 # options that make every loss of a router active, so the properties cover them too
 LOSS_OPTIONS = {
@@ -24,6 +26,7 @@ LOSS_OPTIONS = {
     "switch": {"capacity_factor": 1.0, "z_loss_coef": 0.1},
     "milora": {"load_balance_coef": 0.1},
     "dlp": {"dropout": 0.0},
+    "fixed": {},
 }
 
 
@@ -72,7 +75,7 @@ def routing_inputs(draw):
     return num_experts, x, context
 
 
-@pytest.mark.parametrize("name", ALL_ROUTERS)
+@pytest.mark.parametrize("name", ALL_ROUTERS + PARAMETER_FREE)
 @settings(max_examples=25, deadline=None)
 @given(data=routing_inputs())
 def test_router_properties(name, data):
@@ -88,8 +91,8 @@ def test_router_properties(name, data):
 
 
 def test_every_registered_router_is_covered():
-    assert set(available_routers()) == set(ALL_ROUTERS)
-    for name in ALL_ROUTERS:
+    assert set(available_routers()) == set(ALL_ROUTERS + PARAMETER_FREE)
+    for name in ALL_ROUTERS + PARAMETER_FREE:
         assert isinstance(get_router_class(name).emits, tuple)
 
 

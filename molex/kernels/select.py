@@ -94,8 +94,10 @@ def estimate_cost(
         flops, elems = active_flops, tokens * d + 2 * slots * rank + 2 * num_sequences * top_k * rank * d
         ops, syncs = 6, 0
     elif backend == "grouped":
-        flops, elems = active_flops, 3 * slots * d * spill + weights
-        ops, syncs = (12, 1) if device_type == "cuda" else (10 + 4 * num_experts, 1)
+        # only experts that receive a slot are read and looped over (few when T is small: decode)
+        used = min(num_experts, slots)
+        flops, elems = active_flops, 3 * slots * d * spill + used * rank * d
+        ops, syncs = (12, 1) if device_type == "cuda" else (10 + 4 * used, 1)
     elif backend == "triton":
         if device_type != "cuda":
             return float("inf")

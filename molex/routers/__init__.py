@@ -1,6 +1,6 @@
 """Routers: one file per router, registered by name. See :mod:`molex.routers.base` for the contract."""
 
-from molex.routers import dlp, dynmole, gate, milora, soft, switch, topk  # noqa: F401 - registration side effect
+from molex.routers import dlp, dynmole, fixed, gate, milora, soft, switch, topk  # noqa: F401 - registration side effect
 from molex.routers.base import (
     ContrastiveOptions,
     Router,
@@ -14,6 +14,7 @@ from molex.routers.base import (
 )
 from molex.routers.dlp import DLPConfig, DLPRouter, train_dlp_classifier
 from molex.routers.dynmole import DynMoLEConfig, DynMoLERouter
+from molex.routers.fixed import FixedConfig, FixedRouter
 from molex.routers.gate import GateConfig, GateRouter
 from molex.routers.milora import MiLoRAConfig, MiLoRARouter
 from molex.routers.sequence import SharedRouter, SharedRouterView
@@ -36,6 +37,8 @@ __all__ = [
     "train_dlp_classifier",
     "DynMoLEConfig",
     "DynMoLERouter",
+    "FixedConfig",
+    "FixedRouter",
     "GateConfig",
     "GateRouter",
     "MiLoRAConfig",

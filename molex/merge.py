@@ -1,0 +1,191 @@
+"""Static merges of LoRA adapters into one plain PEFT adapter, and LoraHub-style weight search.
+
+Conventions follow PEFT's ``add_weighted_adapter`` so that a merged adapter loads in PEFT and
+means what PEFT users expect (``s_i = alpha_i / r_i``, ``delta_i = s_i B_i A_i``):
+
+* ``cat``: ``A = [w_1 s_1 A_1; ...]``, ``B = [B_1, ...]``, rank ``sum r_i``; exactly
+  ``delta = sum_i w_i delta_i``.
+* ``linear``: ``A = sum_i sign(w_i) sqrt(|w_i s_i|) A_i``, ``B = sum_i sqrt(|w_i s_i|) B_i``
+  (same rank required); this mixes the factors, so it is not ``sum_i w_i delta_i``.
+* ``svd``: the best rank-``svd_rank`` approximation of ``sum_i w_i delta_i`` (``B = U S``, ``A = V^T``).
+
+A module that only some adapters target is merged over those adapters.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from molex.hub import AdapterSource, fuse_adapters, load_adapters, set_adapter_weights
+from molex.inject import unload
+from molex.peft_format import PeftLoraAdapter, write_peft_adapter
+
+__all__ = ["merge_adapters", "merged_factors", "lorahub_search", "LoraHubResult", "COMBINATIONS"]
+
+COMBINATIONS = ("cat", "linear", "svd")
+
+
+def merged_factors(
+    adapters: Sequence[PeftLoraAdapter], weights: Sequence[float], combination: str, svd_rank: int | None = None
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{module: (A [r, in], B [out, r])}`` of the merge, with scaling folded in (PEFT scaling 1)."""
+    if combination not in COMBINATIONS:
+        raise ValueError(f"unknown combination {combination!r}; choose one of {COMBINATIONS}")
+    if len(weights) != len(adapters):
+        raise ValueError(f"{len(weights)} weights given for {len(adapters)} adapters")
+    if svd_rank is not None and (combination != "svd" or svd_rank < 1):
+        raise ValueError("svd_rank is an option of combination='svd' and must be >= 1")
+    modules: list[str] = []
+    for adapter in adapters:
+        modules += [m for m in adapter.modules if m not in modules]
+    merged = {}
+    for module in modules:
+        parts = [
+            (a, float(w), a.modules[module]) for a, w in zip(adapters, weights, strict=True) if module in a.modules
+        ]
+        dtype = parts[0][2].A.dtype
+        if combination == "cat":
+            A = torch.cat([w * f.scaling * f.A.float() for _, w, f in parts])
+            B = torch.cat([f.B.float() for _, _, f in parts], dim=1)
+        elif combination == "linear":
+            ranks = {a.name: f.rank for a, _, f in parts}
+            if len(set(ranks.values())) > 1:
+                raise ValueError(
+                    f"combination='linear' needs one rank per module, but module {module!r} has ranks {ranks}; "
+                    "use 'cat' or 'svd'"
+                )
+            # PEFT puts the sign on A only, so that sqrt(|w s|) on both sides gives back w s
+            A = sum(
+                (1.0 if w * f.scaling >= 0 else -1.0) * abs(w * f.scaling) ** 0.5 * f.A.float() for _, w, f in parts
+            )
+            B = sum(abs(w * f.scaling) ** 0.5 * f.B.float() for _, w, f in parts)
+        else:
+            delta = sum(w * f.scaling * (f.B.double() @ f.A.double()) for _, w, f in parts)
+            rank = min(svd_rank or max(f.rank for _, _, f in parts), *delta.shape)
+            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+            B, A = U[:, :rank] * S[:rank], Vh[:rank]
+        merged[module] = (A.to(dtype), B.to(dtype))
+    return merged
+
+
+def merge_adapters(
+    adapters: Mapping[str, AdapterSource],
+    weights: Sequence[float],
+    combination: str = "cat",
+    out_dir: str | os.PathLike | None = None,
+    *,
+    svd_rank: int | None = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Merge PEFT LoRA adapters with one weight each and write a plain PEFT adapter to ``out_dir``.
+
+    Returns ``out_dir``; ``PeftModel.from_pretrained(base, out_dir)`` loads it.
+    """
+    if out_dir is None:
+        raise ValueError("merge_adapters needs out_dir, the directory to write the merged PEFT adapter to")
+    loaded = load_adapters(adapters)
+    fan_in_fan_out = {bool(a.config.get("fan_in_fan_out", False)) for a in loaded}
+    if len(fan_in_fan_out) > 1:
+        raise ValueError("the adapters disagree on fan_in_fan_out: they were trained on different architectures")
+    base = base_model_name_or_path or loaded[0].config.get("base_model_name_or_path")
+    return write_peft_adapter(
+        out_dir,
+        merged_factors(loaded, weights, combination, svd_rank),
+        base_model_name_or_path=base,
+        fan_in_fan_out=fan_in_fan_out.pop(),
+        task_type=loaded[0].config.get("task_type", "CAUSAL_LM"),
+    )
+
+
+@dataclass
+class LoraHubResult:
+    """Outcome of :func:`lorahub_search`: the best weights (one per adapter) and their objective."""
+
+    names: list[str]
+    weights: list[float]
+    objective: float
+    loss: float
+    evaluations: int
+    history: list[float] = field(default_factory=list)
+    out_dir: Path | None = None
+
+
+@torch.no_grad()
+def _mean_loss(model: nn.Module, batches: Sequence[Mapping[str, Any]]) -> float:
+    losses = [float(model(**{k: v for k, v in b.items() if k != "task_ids"}).loss) for b in batches]
+    return sum(losses) / len(losses)
+
+
+def lorahub_search(
+    model: nn.Module,
+    adapters: Mapping[str, AdapterSource],
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    max_evals: int = 60,
+    l1: float = 0.05,
+    bound: float = 1.5,
+    sigma0: float = 0.3,
+    seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+) -> LoraHubResult:
+    """LoraHub: gradient-free search (CMA-ES, the ``cma`` package) of one weight per adapter.
+
+    Minimises ``mean LM loss on batches + l1 * sum_i |w_i|`` over ``w`` in ``[-bound, bound]^A``,
+    starting from the uniform average ``w_i = 1 / A``. The model mixes the adapters as
+    ``delta = sum_i w_i delta_i`` (``fixed`` router: the ``cat`` merge, exact) during the search and
+    is restored afterwards. With ``out_dir``, the best weights are written as a merged PEFT adapter.
+    Each batch needs ``input_ids`` and ``labels`` (and ``attention_mask``).
+    """
+    try:
+        import cma
+    except ImportError:
+        raise ImportError("lorahub_search needs the `cma` package: pip install 'molex[hub]'") from None
+    batches = list(batches)
+    if not batches:
+        raise ValueError("lorahub_search needs at least one batch of examples")
+    loaded = load_adapters(adapters)
+    if len(loaded) < 2:
+        raise ValueError("lorahub_search needs at least two adapters (with one there is nothing to weigh)")
+    names = [a.name for a in loaded]
+    fuse_adapters(model, dict(zip(names, loaded, strict=True)), router="fixed")
+    was_training = model.training
+    model.eval()
+    history: list[float] = []
+
+    def objective(w: Sequence[float]) -> float:
+        set_adapter_weights(model, list(w))
+        value = _mean_loss(model, batches) + l1 * sum(abs(x) for x in w)
+        history.append(value)
+        return value
+
+    try:
+        options = {"bounds": [-bound, bound], "maxfevals": max_evals, "seed": seed + 1, "verbose": -9}
+        es = cma.CMAEvolutionStrategy([1.0 / len(loaded)] * len(loaded), sigma0, options)
+        while not es.stop():
+            candidates = es.ask()
+            es.tell(candidates, [objective(c) for c in candidates])
+        best = [float(x) for x in es.result.xbest]
+        set_adapter_weights(model, best)
+        loss = _mean_loss(model, batches)
+    finally:
+        unload(model)
+        model.train(was_training)
+    written = None
+    if out_dir is not None:
+        written = merge_adapters(dict(zip(names, loaded, strict=True)), best, "cat", out_dir)
+    return LoraHubResult(
+        names=names,
+        weights=best,
+        objective=loss + l1 * sum(abs(x) for x in best),
+        loss=loss,
+        evaluations=len(history),
+        history=history,
+        out_dir=written,
+    )

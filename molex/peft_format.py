@@ -1,0 +1,255 @@
+"""Read and write LoRA adapters in PEFT's on-disk format, without importing peft.
+
+A PEFT LoRA adapter directory holds ``adapter_config.json`` (``r``, ``lora_alpha``,
+``target_modules``, ``use_rslora``, ``fan_in_fan_out``, ``rank_pattern``, ``alpha_pattern``, ...)
+and ``adapter_model.safetensors`` (or the older ``adapter_model.bin``). Weights are keyed
+``base_model.model.<module path>.lora_A.weight`` ``[r, in]`` and ``...lora_B.weight`` ``[out, r]``
+(PEFT strips the adapter name when saving). ``fan_in_fan_out`` only says how the *base* weight is
+laid out (GPT-2 ``Conv1D``); the LoRA factors have the same layout either way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from molex.io import atomic_write
+
+__all__ = [
+    "LoraFactors",
+    "PeftLoraAdapter",
+    "read_peft_adapter",
+    "write_peft_adapter",
+    "PEFT_CONFIG_NAME",
+    "PEFT_SAFETENSORS_NAME",
+    "PEFT_BIN_NAME",
+]
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_SAFETENSORS_NAME = "adapter_model.safetensors"
+PEFT_BIN_NAME = "adapter_model.bin"
+_PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+
+
+@dataclass
+class LoraFactors:
+    """One module's LoRA: ``delta_W = scaling * B @ A`` with ``A [r, in]``, ``B [out, r]``."""
+
+    A: Tensor
+    B: Tensor
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta_weight(self) -> Tensor:
+        """``[out, in]`` weight update of this module (in the factors' dtype)."""
+        return self.scaling * (self.B @ self.A)
+
+
+@dataclass
+class PeftLoraAdapter:
+    """A PEFT LoRA adapter read from disk: its config and ``{module path: LoraFactors}``."""
+
+    name: str
+    path: Path | None
+    config: dict[str, Any]
+    modules: dict[str, LoraFactors] = field(default_factory=dict)
+
+    @property
+    def target_modules(self) -> list[str] | str:
+        return self.config["target_modules"]
+
+
+def _fail(name: str, path: Path, message: str) -> ValueError:
+    return ValueError(f"adapter {name!r} ({path}): {message}")
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    # PEFT's rule (peft.utils.other.get_pattern_key): a key is a regex matching a dotted suffix
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _read_config(name: str, path: Path) -> dict[str, Any]:
+    config_path = path / PEFT_CONFIG_NAME
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter {name!r}: {path} is not a directory (expected a PEFT adapter directory)")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"adapter {name!r}: no {PEFT_CONFIG_NAME} in {path}; is it a PEFT adapter directory?")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _fail(name, path, f"{PEFT_CONFIG_NAME} is not valid JSON ({err}); the adapter is corrupt") from None
+    if not isinstance(config, dict):
+        raise _fail(name, path, f"{PEFT_CONFIG_NAME} must hold a JSON object")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise _fail(name, path, f"peft_type is {peft_type!r}; only LoRA adapters can be fused")
+    unsupported = {
+        "use_dora": "DoRA magnitude vectors",
+        "modules_to_save": "fully trained modules (modules_to_save)",
+        "layer_replication": "layer replication",
+        "lora_bias": "LoRA biases",
+        "trainable_token_indices": "trainable tokens",
+    }
+    for key, what in unsupported.items():
+        if config.get(key):
+            raise _fail(name, path, f"uses {what} ({key}={config[key]!r}), which a LoRA expert cannot hold")
+    if config.get("bias", "none") != "none":
+        raise _fail(name, path, f"trains biases (bias={config['bias']!r}); only bias='none' adapters can be fused")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            raise _fail(name, path, f"{PEFT_CONFIG_NAME} lacks {key!r}")
+    if isinstance(config["target_modules"], (list, tuple)):
+        config["target_modules"] = list(config["target_modules"])
+    elif not isinstance(config["target_modules"], str):
+        raise _fail(name, path, f"target_modules must be a list or a regex string, got {config['target_modules']!r}")
+    if int(config["r"]) < 1:
+        raise _fail(name, path, f"r must be >= 1, got {config['r']}")
+    return config
+
+
+def _read_tensors(name: str, path: Path) -> dict[str, Tensor]:
+    st, binary = path / PEFT_SAFETENSORS_NAME, path / PEFT_BIN_NAME
+    if st.is_file():
+        try:
+            with safe_open(str(st), framework="pt") as f:
+                return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        except Exception as err:  # safetensors raises its own error types for truncated files
+            raise _fail(name, path, f"cannot read {st.name} ({err}); the file is corrupt") from None
+    if binary.is_file():
+        try:
+            state = torch.load(binary, map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling errors come in many types
+            raise _fail(
+                name,
+                path,
+                f"cannot read {binary.name} as plain tensors ({type(err).__name__}: {err}); convert it to safetensors",
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise _fail(name, path, f"{binary.name} does not hold a flat dict of tensors")
+        return state
+    raise FileNotFoundError(f"adapter {name!r}: no {PEFT_SAFETENSORS_NAME} or {PEFT_BIN_NAME} in {path}")
+
+
+def read_peft_adapter(path: str | os.PathLike, name: str | None = None) -> PeftLoraAdapter:
+    """Read a PEFT LoRA adapter directory into :class:`PeftLoraAdapter` (CPU, stored dtype).
+
+    Checks the file structure (both factors per module, matching ranks, finite values, ``r`` /
+    ``rank_pattern`` agree with the weights); checking against a base model is the caller's job.
+    """
+    path = Path(path)
+    name = name or path.name
+    config = _read_config(name, path)
+    tensors = _read_tensors(name, path)
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        stripped = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
+        match = _KEY.match(stripped)
+        if match is None:
+            raise _fail(
+                name,
+                path,
+                f"holds tensor {key!r}, which is not a LoRA factor (lora_A / lora_B); "
+                "embedding LoRA, DoRA and saved modules cannot be fused",
+            )
+        pairs.setdefault(match["module"], {})[match["which"]] = value
+    if not pairs:
+        raise _fail(name, path, "holds no LoRA weights")
+    alpha_default, rank_default = float(config["lora_alpha"]), int(config["r"])
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    modules: dict[str, LoraFactors] = {}
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise _fail(name, path, f"module {module!r} has no {missing} weight; the adapter is incomplete")
+        A, B = pair["A"], pair["B"]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise _fail(
+                name,
+                path,
+                f"module {module!r}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not "
+                "[r, in] and [out, r] with one rank",
+            )
+        rank = A.shape[0]
+        expected_rank = int(_pattern_value(rank_pattern, module, rank_default))
+        if rank != expected_rank:
+            raise _fail(name, path, f"module {module!r} has rank {rank} but the config says r={expected_rank}")
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise _fail(name, path, f"module {module!r} holds NaN or inf values; the adapter is corrupt")
+        alpha = float(_pattern_value(alpha_pattern, module, alpha_default))
+        scaling = alpha / (rank**0.5 if config.get("use_rslora", False) else rank)
+        modules[module] = LoraFactors(A=A, B=B, scaling=scaling)
+    return PeftLoraAdapter(name=name, path=path, config=config, modules=modules)
+
+
+def write_peft_adapter(
+    directory: str | os.PathLike,
+    modules: Mapping[str, tuple[Tensor, Tensor]],
+    *,
+    base_model_name_or_path: str | None = None,
+    fan_in_fan_out: bool = False,
+    task_type: str | None = "CAUSAL_LM",
+) -> Path:
+    """Write ``{module path: (A [r, in], B [out, r])}`` as a PEFT LoRA adapter with scaling 1.
+
+    Every module's scaling is already folded into its factors: ``lora_alpha = r`` per module
+    (``rank_pattern`` / ``alpha_pattern`` name the modules whose rank differs from the most
+    common one), so PEFT computes ``delta_W = B @ A``. Files are written atomically.
+    """
+    if not modules:
+        raise ValueError("write_peft_adapter needs at least one module")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ranks = {module: A.shape[0] for module, (A, _) in modules.items()}
+    values = list(ranks.values())
+    common = max(set(values), key=values.count)
+    # anchored, escaped full paths: PEFT matches pattern keys as regexes against dotted suffixes
+    pattern = {re.escape(m): r for m, r in ranks.items() if r != common}
+    tensors: dict[str, Tensor] = {}
+    for module, (A, B) in modules.items():
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"module {module!r}: A {tuple(A.shape)} and B {tuple(B.shape)} are not [r, in], [out, r]")
+        tensors[f"{_PREFIX}{module}.lora_A.weight"] = A.detach().to("cpu").contiguous()
+        tensors[f"{_PREFIX}{module}.lora_B.weight"] = B.detach().to("cpu").contiguous()
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": common,
+        "lora_alpha": common,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted(modules),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "use_rslora": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+    atomic_write(directory / PEFT_SAFETENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+    def write_config(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    atomic_write(directory / PEFT_CONFIG_NAME, write_config)
+    return directory
