@@ -47,10 +47,14 @@ def _loggers(run_dir: Path) -> list[Any]:
 
 
 def _callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
     every = cfg.checkpoint.every_n_train_steps
+    # tqdm rather than Lightning's rich bar: it counts steps against max_steps and still reports
+    # progress when the output is a log file rather than a terminal
+    progress = [TQDMProgressBar(refresh_rate=1)] if cfg.trainer.get("enable_progress_bar", True) else []
     return [
+        *progress,
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="step-{step}",
@@ -59,7 +63,7 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
             save_top_k=-1 if every else 0,
             save_last=True,
             save_weights_only=cfg.checkpoint.save_weights_only,
-        )
+        ),
     ]
 
 
