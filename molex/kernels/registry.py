@@ -36,6 +36,9 @@ def installed(module: str) -> bool:
 
 def register_backend(backend: Backend) -> Backend:
     _BACKENDS[backend.name] = backend
+    from molex.kernels.select import _auto_candidates  # select imports this module
+
+    _auto_candidates.cache_clear()  # a new backend becomes an automatic candidate
     return backend
 
 

@@ -123,10 +123,8 @@ def resolve_backend(requested: str | None, x: Tensor, A: Tensor, B: Tensor, deci
         get_backend(name)  # validates the name and availability with a clear message
         return name
     num_experts, rank, in_features = A.shape
-    # the loop is the correctness baseline, never an automatic choice
-    candidates = tuple(b for b in available_backends() if b != "reference") or ("reference",)
     return _cheapest(
-        candidates,
+        _auto_candidates(os.environ.get("TRITON_INTERPRET")),
         tokens=x.shape[0],
         in_features=in_features,
         out_features=B.shape[-1],
@@ -137,6 +135,13 @@ def resolve_backend(requested: str | None, x: Tensor, A: Tensor, B: Tensor, deci
         num_sequences=decision.indices.shape[0] if decision.is_per_sequence else None,
         element_size=x.element_size(),
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _auto_candidates(triton_interpret: str | None) -> tuple[str, ...]:
+    # availability only changes with TRITON_INTERPRET (the key) within a process; the loop is the
+    # correctness baseline, never an automatic choice
+    return tuple(b for b in available_backends() if b != "reference") or ("reference",)
 
 
 @functools.lru_cache(maxsize=4096)
