@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
+import functools
 import sys
 import time
 from pathlib import Path
@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import molex
+from benchmarks.harness import time_candidates
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -113,13 +114,11 @@ def decode_once(model, prompts: torch.Tensor, new_tokens: int) -> float:
 
 def time_variants(models: dict, prompts: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
     """Median seconds per variant; the variants take turns so that a change in machine load hits all alike."""
-    for model in models.values():
-        decode_once(model, prompts, args.new_tokens)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(args.repeats):
-        for name, model in models.items():
-            times[name].append(decode_once(model, prompts, args.new_tokens))
-    return {name: statistics.median(values) for name, values in times.items()}
+    candidates = {
+        name: functools.partial(decode_once, model, prompts, args.new_tokens) for name, model in models.items()
+    }
+    stats = time_candidates(candidates, warmup=1, repeats=args.repeats, device=prompts.device.type)
+    return {name: s["median"] for name, s in stats.items()}
 
 
 def main() -> None:

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
 import molex
+from benchmarks.harness import time_candidates
 from molex.peft_format import LoraFactors, PeftLoraAdapter
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -70,20 +73,6 @@ def single_adapter_model(base, adapter: PeftLoraAdapter):
     return model.eval(), "PEFT LoRA"
 
 
-def round_robin(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each candidate, timed in turn within every repeat (after one warm-up each), so
-    that load changes on a shared machine hit all candidates alike."""
-    for fn in candidates.values():
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def with_backend(model, backend: str | None, fn: Callable[[], object]) -> Callable[[], object]:
     def run() -> object:
         if backend is not None:
@@ -120,7 +109,7 @@ def measure(single, fused, repeats: int, decode_tokens: int) -> dict[str, dict[s
             "auto": with_backend(fused, "auto", make(fused)),
             "reference": with_backend(fused, "reference", make(fused)),
         }
-        result[what] = round_robin(candidates, count)
+        result[what] = {name: st["median"] for name, st in time_candidates(candidates, repeats=count).items()}
     return result
 
 
