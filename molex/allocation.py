@@ -1,16 +1,135 @@
-"""MoLA layer-wise allocation: module paths -> (experts, rank) per MoLE layer."""
+"""MoLA layer-wise allocation: module paths -> (experts, rank) per MoLE layer.
+
+A *schedule* gives the experts of one decoder layer from its index; schedules are registered by
+name (:func:`register_schedule`), so a new one is one more registration, and
+:class:`AllocationConfig` validates its ``schedule`` against the registry. Imports nothing of molex
+at run time: :mod:`molex.config` builds on it.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from molex.config import AllocationConfig, MoLEConfig
+if TYPE_CHECKING:
+    from molex.config import MoLEConfig
 
-__all__ = ["LayerPlan", "layer_index", "plan_allocation", "group_of_layer"]
+__all__ = [
+    "AllocationConfig",
+    "LayerPlan",
+    "SCHEDULES",
+    "Schedule",
+    "register_schedule",
+    "get_schedule",
+    "group_schedule",
+    "layer_index",
+    "plan_allocation",
+    "group_of_layer",
+]
 
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+#: ``schedule(layer_index, num_layers, allocation, default) -> experts`` for one decoder layer;
+#: ``default`` is ``MoLEConfig.num_experts``
+Schedule = Callable[[int, int, "AllocationConfig", int], int]
+
+#: registered schedules by name (use :func:`register_schedule` to add one)
+SCHEDULES: dict[str, Schedule] = {}
+
+
+def register_schedule(name: str, schedule: Schedule) -> Schedule:
+    """Make ``schedule`` available as ``AllocationConfig(schedule=name)``."""
+    if name in SCHEDULES and SCHEDULES[name] is not schedule:
+        raise ValueError(f"an allocation schedule named {name!r} is already registered")
+    SCHEDULES[name] = schedule
+    return schedule
+
+
+def get_schedule(name: str) -> Schedule:
+    try:
+        return SCHEDULES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown allocation schedule {name!r}; known: {sorted(SCHEDULES)} "
+            "(register your own with molex.allocation.register_schedule)"
+        ) from None
+
+
+def group_of_layer(index: int, num_layers: int, num_groups: int) -> int:
+    """Which of ``num_groups`` equal, contiguous groups layer ``index`` falls in (bottom = 0)."""
+    return min(index * num_groups // max(num_layers, 1), num_groups - 1)
+
+
+def group_schedule(*experts: int) -> Schedule:
+    """Schedule giving ``experts[g]`` experts to the ``g``-th of ``len(experts)`` equal groups of layers."""
+
+    def schedule(index: int, num_layers: int, alloc: AllocationConfig, default: int) -> int:
+        return int(experts[group_of_layer(index, num_layers, len(experts))])
+
+    return schedule
+
+
+def _uniform(index: int, num_layers: int, alloc: AllocationConfig, default: int) -> int:
+    return alloc.num_experts or default
+
+
+def _pattern(index: int, num_layers: int, alloc: AllocationConfig, default: int) -> int:
+    return group_schedule(*alloc.pattern)(index, num_layers, alloc, default)
+
+
+register_schedule("uniform", _uniform)  # num_experts everywhere
+register_schedule("pattern", _pattern)  # AllocationConfig.pattern: experts per group, bottom to top
+# the MoLA schedules: experts per quarter of the layers, bottom to top
+register_schedule("mola-increasing", group_schedule(2, 4, 6, 8))
+register_schedule("mola-decreasing", group_schedule(8, 6, 4, 2))
+register_schedule("mola-hourglass", group_schedule(8, 2, 2, 8))
+register_schedule("mola-diamond", group_schedule(2, 8, 8, 2))
+register_schedule("mola-uniform", group_schedule(5, 5, 5, 5))
+
+
+@dataclass
+class AllocationConfig:
+    """How many experts (and which rank) each layer gets (MoLA layer-wise allocation).
+
+    Precedence, lowest to highest: ``schedule`` / ``pattern``, ``per_layer``, ``overrides``.
+    Layer indices come from the first integer in a module's path (``model.layers.3.mlp`` -> 3);
+    modules without one get ``num_experts``.
+    """
+
+    schedule: str = field(default="uniform", metadata={"help": f"one of {sorted(SCHEDULES)}"})
+    num_experts: int | None = field(default=None, metadata={"help": "experts per layer for 'uniform'"})
+    pattern: list[int] | None = field(
+        default=None, metadata={"help": "experts per equal group of layers, bottom to top (any number of groups)"}
+    )
+    per_layer: list[int] | None = field(default=None, metadata={"help": "explicit experts for every layer index"})
+    overrides: dict[str, int] = field(default_factory=dict, metadata={"help": "{module regex: experts}"})
+    rank_per_layer: list[int] | None = field(default=None, metadata={"help": "explicit rank for every layer index"})
+    rank_overrides: dict[str, int] = field(default_factory=dict, metadata={"help": "{module regex: rank}"})
+
+    def __post_init__(self) -> None:
+        if self.pattern is not None:
+            self.pattern = list(self.pattern)
+            if self.schedule == "uniform":
+                self.schedule = "pattern"
+        get_schedule(self.schedule)  # a clear error for an unknown name
+        if self.schedule == "pattern" and not self.pattern:
+            raise ValueError("schedule='pattern' needs pattern=[experts per group, ...]")
+        for name, values in (("pattern", self.pattern), ("per_layer", self.per_layer)):
+            if values is not None and any(int(v) < 1 for v in values):
+                raise ValueError(f"allocation {name} must hold experts >= 1, got {values}")
+        if self.rank_per_layer is not None and any(int(v) < 1 for v in self.rank_per_layer):
+            raise ValueError(f"rank_per_layer must hold ranks >= 1, got {self.rank_per_layer}")
+        for mapping, what in ((self.overrides, "experts"), (self.rank_overrides, "rank")):
+            for regex, value in mapping.items():
+                re.compile(regex)
+                if int(value) < 1:
+                    raise ValueError(f"override {regex!r}: {what} must be >= 1, got {value}")
+        self.overrides = dict(self.overrides)
+        self.rank_overrides = dict(self.rank_overrides)
+
+
 
 
 @dataclass(frozen=True)
@@ -29,11 +148,6 @@ def layer_index(module_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def group_of_layer(index: int, num_layers: int, num_groups: int) -> int:
-    """Which of ``num_groups`` equal, contiguous groups layer ``index`` falls in (bottom = 0)."""
-    return min(index * num_groups // max(num_layers, 1), num_groups - 1)
-
-
 def _experts_for(index: int | None, num_layers: int, alloc: AllocationConfig, default: int) -> int:
     if index is None:
         return default
@@ -43,10 +157,7 @@ def _experts_for(index: int | None, num_layers: int, alloc: AllocationConfig, de
                 f"allocation per_layer has {len(alloc.per_layer)} entries but the model has {num_layers} layers"
             )
         return int(alloc.per_layer[index])
-    pattern = alloc.group_pattern()
-    if pattern is None:
-        return alloc.num_experts or default
-    return int(pattern[group_of_layer(index, num_layers, len(pattern))])
+    return get_schedule(alloc.schedule)(index, num_layers, alloc, default)
 
 
 def _first_override(name: str, overrides: dict[str, int]) -> int | None:

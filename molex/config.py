@@ -1,75 +1,21 @@
-"""Configuration dataclasses: :class:`MoLEConfig` and :class:`AllocationConfig`.
+"""Configuration of a mixture of LoRA experts: :class:`MoLEConfig`.
 
-Router options live in each router's own config dataclass (``molex.routers.<name>``) and are
-passed here through ``top_k`` / ``router_options``; they are validated when the config is made.
+Layer-wise allocation (:class:`~molex.allocation.AllocationConfig`, re-exported here) lives with
+its schedules in :mod:`molex.allocation`. Router options live in each router's own config
+dataclass (``molex.routers.<name>``) and are passed here through ``top_k`` / ``router_options``;
+they are validated when the config is made.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from molex.allocation import SCHEDULES, AllocationConfig
 from molex.routers.base import get_router_class, make_router_config
 
 __all__ = ["MoLEConfig", "AllocationConfig", "SCHEDULES"]
-
-#: group patterns of the named MoLA schedules: experts per quarter of the layers, bottom to top
-SCHEDULES: dict[str, tuple[int, ...] | None] = {
-    "uniform": None,  # num_experts everywhere
-    "mola-increasing": (2, 4, 6, 8),
-    "mola-decreasing": (8, 6, 4, 2),
-    "mola-hourglass": (8, 2, 2, 8),
-    "mola-diamond": (2, 8, 8, 2),
-    "mola-uniform": (5, 5, 5, 5),
-}
-
-
-@dataclass
-class AllocationConfig:
-    """How many experts (and which rank) each layer gets (MoLA layer-wise allocation).
-
-    Precedence, lowest to highest: ``schedule`` / ``pattern``, ``per_layer``, ``overrides``.
-    Layer indices come from the first integer in a module's path (``model.layers.3.mlp`` -> 3);
-    modules without one get ``num_experts``.
-    """
-
-    schedule: str = field(default="uniform", metadata={"help": f"one of {sorted(SCHEDULES)} or 'pattern'"})
-    num_experts: int | None = field(default=None, metadata={"help": "experts per layer for 'uniform'"})
-    pattern: list[int] | None = field(
-        default=None, metadata={"help": "experts per equal group of layers, bottom to top (any number of groups)"}
-    )
-    per_layer: list[int] | None = field(default=None, metadata={"help": "explicit experts for every layer index"})
-    overrides: dict[str, int] = field(default_factory=dict, metadata={"help": "{module regex: experts}"})
-    rank_per_layer: list[int] | None = field(default=None, metadata={"help": "explicit rank for every layer index"})
-    rank_overrides: dict[str, int] = field(default_factory=dict, metadata={"help": "{module regex: rank}"})
-
-    def __post_init__(self) -> None:
-        if self.pattern is not None:
-            self.pattern = list(self.pattern)
-            if self.schedule == "uniform":
-                self.schedule = "pattern"
-        if self.schedule not in SCHEDULES and self.schedule != "pattern":
-            raise ValueError(f"unknown allocation schedule {self.schedule!r}; known: {sorted(SCHEDULES)} or 'pattern'")
-        if self.schedule == "pattern" and not self.pattern:
-            raise ValueError("schedule='pattern' needs pattern=[experts per group, ...]")
-        for name, values in (("pattern", self.pattern), ("per_layer", self.per_layer)):
-            if values is not None and any(int(v) < 1 for v in values):
-                raise ValueError(f"allocation {name} must hold experts >= 1, got {values}")
-        if self.rank_per_layer is not None and any(int(v) < 1 for v in self.rank_per_layer):
-            raise ValueError(f"rank_per_layer must hold ranks >= 1, got {self.rank_per_layer}")
-        for mapping, what in ((self.overrides, "experts"), (self.rank_overrides, "rank")):
-            for regex, value in mapping.items():
-                re.compile(regex)
-                if int(value) < 1:
-                    raise ValueError(f"override {regex!r}: {what} must be >= 1, got {value}")
-        self.overrides = dict(self.overrides)
-        self.rank_overrides = dict(self.rank_overrides)
-
-    def group_pattern(self) -> tuple[int, ...] | None:
-        return tuple(self.pattern) if self.schedule == "pattern" else SCHEDULES[self.schedule]
-
 
 @dataclass
 class MoLEConfig:

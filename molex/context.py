@@ -24,11 +24,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from molex._refs import get_unregistered, pop_unregistered, set_unregistered
+
 __all__ = ["RoutingContext", "ROUTING_KWARGS", "routing_inputs", "get_context", "generate"]
 
 #: keyword arguments molex takes out of the model's forward call
 ROUTING_KWARGS = ("prompt_mask", "task_ids", "route_text", "sentence_embeddings")
 _CONTEXT_ATTR = "_molex_routing_context"
+_HOOK_ATTR = "_molex_context_hook"
 
 
 @dataclass
@@ -117,7 +120,7 @@ def _cache_length(kwargs: dict[str, Any]) -> int:
 
 
 def _routing_pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    ctx: RoutingContext = getattr(module, _CONTEXT_ATTR)
+    ctx: RoutingContext = get_unregistered(module, _CONTEXT_ATTR)
     ctx.reset()
     ctx.inputs = {k: kwargs.pop(k) for k in ROUTING_KWARGS if k in kwargs}
     input_ids = kwargs.get("input_ids")
@@ -141,27 +144,24 @@ def _routing_pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) ->
 
 def install_context(model: nn.Module) -> RoutingContext:
     """Attach a :class:`RoutingContext` and its pre-hook to ``model`` (idempotent)."""
-    ctx = getattr(model, _CONTEXT_ATTR, None)
+    ctx = get_unregistered(model, _CONTEXT_ATTR)
     if ctx is not None:
         return ctx
     ctx = RoutingContext()
-    object.__setattr__(model, _CONTEXT_ATTR, ctx)  # not a submodule, not in state_dict
-    handle = model.register_forward_pre_hook(_routing_pre_hook, with_kwargs=True)
-    object.__setattr__(model, "_molex_context_hook", handle)
+    set_unregistered(model, _CONTEXT_ATTR, ctx)  # per-model state, not in state_dict (see molex._refs)
+    set_unregistered(model, _HOOK_ATTR, model.register_forward_pre_hook(_routing_pre_hook, with_kwargs=True))
     return ctx
 
 
 def remove_context(model: nn.Module) -> None:
-    handle = getattr(model, "_molex_context_hook", None)
+    handle = pop_unregistered(model, _HOOK_ATTR)
     if handle is not None:
         handle.remove()
-    for attr in (_CONTEXT_ATTR, "_molex_context_hook"):
-        if attr in model.__dict__:
-            del model.__dict__[attr]
+    pop_unregistered(model, _CONTEXT_ATTR)
 
 
 def get_context(model: nn.Module) -> RoutingContext:
-    ctx = getattr(model, _CONTEXT_ATTR, None)
+    ctx = get_unregistered(model, _CONTEXT_ATTR)
     if ctx is None:
         raise ValueError("this model has no molex routing context; call molex.inject(model, config) first")
     return ctx
@@ -189,7 +189,7 @@ def routing_inputs(model: nn.Module, **inputs: Any) -> Iterator[RoutingContext]:
 
 
 def find_context(module: nn.Module) -> RoutingContext | None:
-    return getattr(module, _CONTEXT_ATTR, None)
+    return get_unregistered(module, _CONTEXT_ATTR)
 
 
 def generate(model: nn.Module, **kwargs: Any) -> Any:

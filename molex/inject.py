@@ -9,12 +9,13 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from molex._refs import get_unregistered, pop_unregistered, set_unregistered
 from molex.allocation import LayerPlan, plan_allocation
 from molex.config import MoLEConfig
 from molex.context import install_context, remove_context
 from molex.experts import LoRAExperts
 from molex.layer import MoLELinear, is_supported_linear, linear_dims
-from molex.routers import sequence as shared
+from molex.placement import place, remove
 from molex.routers.base import Router, get_router_class
 
 __all__ = [
@@ -138,12 +139,12 @@ def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
     try:
         if router_cls.scope != "linear":  # one router shared by several layers, seen through views
             dims = {plan.name: linear_dims(modules[plan.name])[0] for plan in plans}
-            placement = shared.place(model, router_cls, plans, config.router_config(), dims, context)
+            placement = place(model, router_cls, plans, config.router_config(), dims, context)
         views = placement.views if placement is not None else {}
         new_layers = {plan.name: _build_layer(modules[plan.name], plan, config, views.get(plan.name)) for plan in plans}
     except Exception:
         if placement is not None:
-            shared.remove(placement)
+            remove(placement)
         remove_context(model)
         raise
 
@@ -162,23 +163,23 @@ def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     state = {"config": config, "plans": plans, "requires_grad": requires_grad, "placement": placement}
-    object.__setattr__(model, _STATE_ATTR, state)
+    set_unregistered(model, _STATE_ATTR, state)  # bookkeeping, not part of the model (see molex._refs)
     return model
 
 
 def is_injected(model: nn.Module) -> bool:
-    return _STATE_ATTR in model.__dict__
+    return get_unregistered(model, _STATE_ATTR) is not None
 
 
 def get_config(model: nn.Module) -> MoLEConfig:
     if not is_injected(model):
         raise ValueError("this model has no MoLE layers; call molex.inject(model, config) first")
-    return model.__dict__[_STATE_ATTR]["config"]
+    return get_unregistered(model, _STATE_ATTR)["config"]
 
 
 def get_plans(model: nn.Module) -> list[LayerPlan]:
     get_config(model)
-    return list(model.__dict__[_STATE_ATTR]["plans"])
+    return list(get_unregistered(model, _STATE_ATTR)["plans"])
 
 
 def mole_layers(model: nn.Module) -> dict[str, MoLELinear]:
@@ -194,9 +195,9 @@ def unload(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.base_layer)
-    state = model.__dict__.pop(_STATE_ATTR)
+    state = pop_unregistered(model, _STATE_ATTR)
     if state.get("placement") is not None:
-        shared.remove(state["placement"])
+        remove(state["placement"])
     remove_context(model)
     for name, param in model.named_parameters():
         param.requires_grad_(state["requires_grad"].get(name, param.requires_grad))

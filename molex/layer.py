@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from molex._refs import set_unregistered
+from molex.decision import RoutingDecision
 from molex.experts import LoRAExperts
 from molex.kernels import mole_delta
-from molex.routers.base import Router, RoutingDecision
+from molex.routers.base import Router
 
 if TYPE_CHECKING:
     from molex.context import RoutingContext
@@ -78,7 +80,8 @@ class MoLELinear(nn.Module):
         self.experts = experts
         self.router = router
         # a shared router is not a submodule here: its parameters belong to the block that owns it
-        self._router_view = [router_view] if router_view is not None else []
+        # (an unregistered reference, see molex._refs)
+        set_unregistered(self, "_router_view", router_view)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.kernel_backend = kernel_backend
         self.in_features, self.out_features = in_features, out_features
@@ -87,7 +90,7 @@ class MoLELinear(nn.Module):
 
     @property
     def active_router(self) -> nn.Module:
-        return self.router if self.router is not None else self._router_view[0]
+        return self.router if self.router is not None else self._router_view
 
     def route(self, x: Tensor) -> RoutingDecision:
         """Routing decision for flattened inputs ``x [T, in]``."""

@@ -1,4 +1,7 @@
-"""Auxiliary router losses. Every function ignores padding through ``token_mask`` (bool ``[T]``)."""
+"""Auxiliary router losses. Every function ignores padding through ``token_mask`` (bool ``[T]``).
+
+Imports nothing of molex: routers, layers and analysis all build on :func:`masked_mean`.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,8 @@ import math
 import torch
 from torch import Tensor
 
-from molex.routers.base import masked_mean
-
 __all__ = [
+    "masked_mean",
     "load_balance_loss",
     "z_loss",
     "slot_fractions",
@@ -21,6 +23,21 @@ __all__ = [
 
 #: ``|q - 1|`` below which the Tsallis entropy is computed as its limit, the Shannon entropy
 SHANNON_LIMIT = 1e-6
+
+
+def masked_mean(values: Tensor, mask: Tensor | None, dim: int = 0) -> Tensor:
+    """Mean of ``values`` over ``dim`` counting only the positions where ``mask`` is true.
+
+    ``mask`` (bool or 0/1) covers the leading dimensions of ``values``, ``dim`` among them: a
+    token mask ``[T]`` for ``values [T, ...]`` (``dim = 0``), or an attention mask ``[B, S]`` for
+    ``values [B, S, d]`` (``dim = 1``: one mean per sequence, ``[B, d]``). Positions that are all
+    masked out give 0. Without a mask: the plain mean (0 over an empty dimension).
+    """
+    if mask is None:
+        return values.mean(dim) if values.shape[dim] else values.sum(dim)
+    weights = mask.to(values.dtype)
+    weights = weights.view(*weights.shape, *([1] * (values.dim() - weights.dim())))
+    return (values * weights).sum(dim) / weights.sum(dim).clamp_min(1.0)
 
 
 def slot_fractions(indices: Tensor, num_experts: int, token_mask: Tensor | None = None) -> Tensor:

@@ -115,7 +115,8 @@ def test_per_sequence_routing_agrees_across_backends():
             return mole_delta(x, A, B, decision, scaling, backend=backend)
 
         def per_token(x, A, B, decision, scaling, backend=backend):
-            return mole_delta(x, A, B, decision.per_token(), scaling, backend=backend)
+            token_level = RoutingDecision(decision.token_indices(), decision.token_weights())
+            return mole_delta(x, A, B, token_level, scaling, backend=backend)
 
         check_all(run_with_grads(per_seq, problem, torch.float64, grad_out), want, torch.float64)
         check_all(run_with_grads(per_token, problem, torch.float64, grad_out), want, torch.float64)

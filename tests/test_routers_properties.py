@@ -84,7 +84,7 @@ def test_router_properties(name, data):
         num_experts = 1
     router = make_router(name, num_experts, x.shape[-1]).train()
     decision = router(x, context)
-    rows = context.batch_size if router.sequence_level else x.shape[0]
+    rows = context.batch_size if router.scope != "linear" else x.shape[0]  # shared routers: per sequence
     check_decision(decision, num_experts, rows)
     assert decision.num_tokens == x.shape[0]
     assert set(decision.aux_losses) <= set(router.emits), f"{name} emits undeclared losses"

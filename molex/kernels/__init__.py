@@ -11,18 +11,19 @@ loop); they differ only in speed:
 * ``grouped``: sort slots by expert, grouped GEMMs (``grouped_mm`` on CUDA, a group loop elsewhere);
 * ``triton``: the grouped algorithm with Triton kernels (CUDA; ``TRITON_INTERPRET=1`` on CPU);
 * ``megablocks``: megablocks / grouped_gemm kernels (CUDA with ``pip install molex[gpu]``).
+
+Each backend is one module that registers its function, cost (:mod:`molex.kernels.cost`) and
+availability with :func:`register_backend`; :mod:`molex.kernels.select` only compares costs.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from molex.kernels import megablocks as _megablocks
-from molex.kernels import triton_grouped as _triton
-from molex.kernels.dense import dense_delta
-from molex.kernels.grouped import grouped_delta
-from molex.kernels.per_seq import per_seq_delta
-from molex.kernels.reference import reference_delta
+from molex.decision import RoutingDecision
+
+# each backend module registers itself (function, cost and availability) when imported
+from molex.kernels import dense, grouped, megablocks, per_seq, reference, triton_grouped  # noqa: F401
 from molex.kernels.registry import (
     Backend,
     available_backends,
@@ -31,30 +32,6 @@ from molex.kernels.registry import (
     registered_backends,
 )
 from molex.kernels.select import ENV_VAR, estimate_cost, resolve_backend
-from molex.routers.base import RoutingDecision
-
-register_backend(Backend("reference", reference_delta, "loop over experts (index_select / index_add)"))
-register_backend(Backend("dense", dense_delta, "two dense GEMMs over all experts, gate in between"))
-register_backend(Backend("per_seq", per_seq_delta, "per-sequence routing: gather each sequence's experts, two bmm"))
-register_backend(Backend("grouped", grouped_delta, "sort slots by expert once, grouped GEMM shrink and expand"))
-register_backend(
-    Backend(
-        "triton",
-        _triton.triton_delta,
-        "Triton grouped shrink/expand kernels reading token rows in place, with backward kernels",
-        is_available=_triton.is_available,
-        unavailable_reason=_triton.unavailable_reason(),
-    )
-)
-register_backend(
-    Backend(
-        "megablocks",
-        _megablocks.megablocks_delta,
-        "megablocks gather/scatter + grouped_gemm gmm (CUDA, the gpu extra)",
-        is_available=_megablocks.is_available,
-        unavailable_reason=_megablocks.unavailable_reason(),
-    )
-)
 
 __all__ = [
     "mole_delta",

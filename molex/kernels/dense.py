@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from molex.routers.base import RoutingDecision
+from molex.decision import RoutingDecision
+from molex.kernels.cost import Workload
+from molex.kernels.registry import Backend, register_backend
 
 
 def dense_gate(decision: RoutingDecision, num_experts: int, scaling: float | Tensor) -> Tensor:
@@ -28,3 +30,15 @@ def dense_delta(x: Tensor, A: Tensor, B: Tensor, decision: RoutingDecision, scal
     hidden = x @ A.reshape(num_experts * rank, in_features).t()
     hidden = (hidden.view(-1, num_experts, rank) * gate.unsqueeze(-1)).view(-1, num_experts * rank)
     return hidden @ B.reshape(num_experts * rank, B.shape[-1])
+
+
+def dense_cost(w: Workload) -> float:
+    """``2 T E r d`` FLOPs; ``T d + 2 T E r + E r d`` elements; 5 ops, no sync."""
+    flops = 2.0 * w.tokens * w.num_experts * w.rank * w.d
+    elems = w.tokens * w.d + 2 * w.tokens * w.num_experts * w.rank + w.weights
+    return w.hardware.seconds(flops, elems, 5, 0)
+
+
+register_backend(
+    Backend("dense", dense_delta, "two dense GEMMs over all experts, gate in between", cost=dense_cost)
+)

@@ -10,13 +10,16 @@ is selected, explicitly or by the cost model on CUDA.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
+from molex.decision import RoutingDecision
+from molex.kernels.common import expert_scaled_weights
+from molex.kernels.cost import Workload
 from molex.kernels.grouped import sort_slots
-from molex.kernels.reference import expert_scaled_weights
-from molex.kernels.registry import installed
-from molex.routers.base import RoutingDecision
+from molex.kernels.registry import Backend, installed, register_backend
 
 INSTALL_HINT = "pip install molex[gpu]  (installs megablocks and grouped_gemm; needs a CUDA toolchain)"
 
@@ -61,3 +64,22 @@ def megablocks_delta(x: Tensor, A: Tensor, B: Tensor, decision: RoutingDecision,
     y = gmm(h, B.contiguous(), group_sizes)  # [N, out]
     # scatter weights are indexed by the original flat slot id
     return ops.scatter(y, slot_ids, bin_ids, weights.reshape(-1).to(x.dtype), bins, top_k)
+
+
+def megablocks_cost(w: Workload) -> float:
+    """Active FLOPs; ``3 N d c + E r d`` elements; 8 ops, one sync (host group sizes). CUDA only."""
+    if not w.on_cuda:
+        return math.inf
+    return w.hardware.seconds(w.active_flops, 3 * w.slots * w.d * w.spill + w.weights, 8, 1)
+
+
+register_backend(
+    Backend(
+        "megablocks",
+        megablocks_delta,
+        "megablocks gather/scatter + grouped_gemm gmm (CUDA, the gpu extra)",
+        is_available=is_available,
+        unavailable_reason=unavailable_reason(),
+        cost=megablocks_cost,
+    )
+)

@@ -14,11 +14,15 @@ model never selects ``per_seq`` for per-token decisions.
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
+from molex.decision import RoutingDecision
+from molex.kernels.common import scaled_weights
+from molex.kernels.cost import Workload
 from molex.kernels.grouped import grouped_delta
-from molex.kernels.reference import scaled_weights
-from molex.routers.base import RoutingDecision
+from molex.kernels.registry import Backend, register_backend
 
 
 def per_seq_delta(x: Tensor, A: Tensor, B: Tensor, decision: RoutingDecision, scaling: float | Tensor) -> Tensor:
@@ -37,3 +41,23 @@ def per_seq_delta(x: Tensor, A: Tensor, B: Tensor, decision: RoutingDecision, sc
     # weighting the k*r hidden columns is cheaper than weighting B (S < out) or x (S * in)
     gate = weights.to(x.dtype).repeat_interleave(rank, dim=1).unsqueeze(1)  # [B, 1, k*r]
     return (hidden * gate).bmm(b).view(num_seq * seq_len, out_features)
+
+
+def per_seq_cost(w: Workload) -> float:
+    """Active FLOPs; ``T d + 2 T k r + 2 B k r d`` elements (the weight gather); 6 ops, no sync.
+    Never chosen for per-token decisions."""
+    if w.num_sequences is None:
+        return math.inf
+    flops = w.active_flops
+    elems = w.tokens * w.d + 2 * w.slots * w.rank + 2 * w.num_sequences * w.top_k * w.rank * w.d
+    return w.hardware.seconds(flops, elems, 6, 0)
+
+
+register_backend(
+    Backend(
+        "per_seq",
+        per_seq_delta,
+        "per-sequence routing: gather each sequence's experts, two bmm",
+        cost=per_seq_cost,
+    )
+)

@@ -9,20 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from molex.routers.base import RoutingDecision
-
-
-def scaled_weights(indices: Tensor, weights: Tensor, scaling: float | Tensor) -> Tensor:
-    """``weights [rows, k]`` times the scaling of each chosen expert (``scaling`` float or ``[E]``)."""
-    if isinstance(scaling, Tensor):
-        return weights * scaling.to(weights.dtype)[indices]
-    return weights * scaling
-
-
-def expert_scaled_weights(decision: RoutingDecision, scaling: float | Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token ``indices [T, k]`` and ``weights [T, k]`` with each expert's scaling folded in."""
-    indices = decision.token_indices()
-    return indices, scaled_weights(indices, decision.token_weights(), scaling)
+from molex.decision import RoutingDecision
+from molex.kernels.common import expert_scaled_weights
+from molex.kernels.cost import Workload
+from molex.kernels.registry import Backend, register_backend
 
 
 def reference_delta(x: Tensor, A: Tensor, B: Tensor, decision: RoutingDecision, scaling: float | Tensor) -> Tensor:
@@ -40,3 +30,20 @@ def reference_delta(x: Tensor, A: Tensor, B: Tensor, decision: RoutingDecision, 
         contribution = contribution * weights[token, slot].unsqueeze(-1).to(contribution.dtype)
         out = out.index_add(0, token, contribution)
     return out
+
+
+def reference_cost(w: Workload) -> float:
+    """Active FLOPs; ``3 N d c + E r d`` elements; ``2 + 6 E`` ops and one sync per expert."""
+    flops, elems = w.active_flops, 3 * w.slots * w.d * w.spill + w.weights
+    return w.hardware.seconds(flops, elems, 2 + 6 * w.num_experts, w.num_experts)
+
+
+register_backend(
+    Backend(
+        "reference",
+        reference_delta,
+        "loop over experts (index_select / index_add)",
+        cost=reference_cost,
+        auto=False,  # the correctness baseline, never an automatic choice
+    )
+)

@@ -1,31 +1,71 @@
-"""Backend registry for the expert op. Each backend computes the same function (see ``mole_delta``)."""
+"""Backend registry for the expert op. Each backend computes the same function (see ``mole_delta``).
+
+A backend is one module that calls :func:`register_backend` with everything about it: the
+function, its cost on a :class:`~molex.kernels.cost.Workload` and whether it can run here. Adding
+a backend is adding such a module (and importing it in :mod:`molex.kernels`); the selector has no
+list of backends.
+"""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
 
-from molex.routers.base import RoutingDecision
+from molex.decision import RoutingDecision
+from molex.kernels.cost import Workload
+
+__all__ = [
+    "Backend",
+    "BackendFn",
+    "CostFn",
+    "register_backend",
+    "get_backend",
+    "find_backend",
+    "registered_backends",
+    "available_backends",
+    "auto_candidates",
+    "installed",
+]
 
 #: ``fn(x [T, in], A [E, r, in], B [E, r, out], decision, scaling) -> [T, out]``
 BackendFn = Callable[[Tensor, Tensor, Tensor, RoutingDecision, "float | Tensor"], Tensor]
+#: estimated seconds of one forward on a workload (``inf``: never chosen for it)
+CostFn = Callable[[Workload], float]
+
+
+def _never(workload: Workload) -> float:
+    return math.inf
 
 
 @dataclass(frozen=True)
 class Backend:
+    """One implementation of the expert op.
+
+    ``cost``: its estimated time on a workload (see :mod:`molex.kernels.cost`); a backend without one
+    runs only when asked for by name. ``auto``: whether the cost model may choose it (the reference
+    loop is the correctness baseline, never an automatic choice). ``env_vars``: environment
+    variables its availability depends on (the automatic candidates are cached per their values).
+    """
+
     name: str
     fn: BackendFn
     description: str
     is_available: Callable[[], bool] = lambda: True
     #: why the backend cannot run on this machine (shown when it is forced but unavailable)
     unavailable_reason: str = ""
+    cost: CostFn = _never
+    auto: bool = True
+    env_vars: tuple[str, ...] = ()
 
 
 _BACKENDS: dict[str, Backend] = {}
+_ENV_VARS: list[str] = []  # every backend's env_vars: the key of the candidate cache
 
 
 @functools.cache
@@ -35,14 +75,20 @@ def installed(module: str) -> bool:
 
 
 def register_backend(backend: Backend) -> Backend:
+    """Make ``backend`` available by its name (replacing one of the same name)."""
     _BACKENDS[backend.name] = backend
-    from molex.kernels.select import _auto_candidates  # select imports this module
-
+    _ENV_VARS.extend(v for v in backend.env_vars if v not in _ENV_VARS)
     _auto_candidates.cache_clear()  # a new backend becomes an automatic candidate
     return backend
 
 
+def find_backend(name: str) -> Backend | None:
+    """The registered backend ``name``, available here or not (``None`` if unknown)."""
+    return _BACKENDS.get(name)
+
+
 def get_backend(name: str) -> Backend:
+    """The backend ``name``; a clear error if it is unknown or cannot run here."""
     try:
         backend = _BACKENDS[name]
     except KeyError:
@@ -61,3 +107,14 @@ def registered_backends() -> list[str]:
 def available_backends() -> list[str]:
     """Backends that can run on this machine."""
     return sorted(name for name, b in _BACKENDS.items() if b.is_available())
+
+
+def auto_candidates() -> tuple[str, ...]:
+    """Available backends the cost model may choose, sorted (the reference loop if there are none)."""
+    return _auto_candidates(tuple(os.environ.get(v) for v in _ENV_VARS))
+
+
+@functools.lru_cache(maxsize=8)
+def _auto_candidates(environment: tuple[str | None, ...]) -> tuple[str, ...]:
+    # availability only changes with the declared environment variables (the key) within a process
+    return tuple(b for b in available_backends() if _BACKENDS[b].auto) or ("reference",)

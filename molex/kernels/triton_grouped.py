@@ -10,14 +10,16 @@ import triton.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 from torch import Tensor
 
+from molex.decision import RoutingDecision
+from molex.kernels.cost import Workload
 from molex.kernels.grouped import run_grouped
-from molex.kernels.registry import installed
-from molex.routers.base import RoutingDecision
+from molex.kernels.registry import Backend, installed, register_backend
 
 
 def is_available() -> bool:
@@ -35,3 +37,25 @@ def unavailable_reason() -> str:
 def triton_delta(x: Tensor, A: Tensor, B: Tensor, decision: RoutingDecision, scaling: float | Tensor) -> Tensor:
     """Shapes: ``x [T, in]``, ``A [E, r, in]``, ``B [E, r, out]`` -> ``[T, out]``."""
     return run_grouped(x, A, B, decision, scaling, impl="triton")
+
+
+def triton_cost(w: Workload) -> float:
+    """Active FLOPs; ``N d + T out + E r d`` elements (token rows read in place); 8 ops, no sync.
+    CUDA only (the interpreter on CPU is for tests)."""
+    if not w.on_cuda:
+        return math.inf
+    elems = w.slots * w.d + w.tokens * w.out_features + w.weights
+    return w.hardware.seconds(w.active_flops, elems, 8, 0)
+
+
+register_backend(
+    Backend(
+        "triton",
+        triton_delta,
+        "Triton grouped shrink/expand kernels reading token rows in place, with backward kernels",
+        is_available=is_available,
+        unavailable_reason=unavailable_reason(),
+        cost=triton_cost,
+        env_vars=("TRITON_INTERPRET",),
+    )
+)

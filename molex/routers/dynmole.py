@@ -16,22 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from molex.context import RoutingContext
-from molex.losses import load_balance_loss, tsallis_entropy
-from molex.routers.base import (
-    ContrastiveOptions,
-    Router,
-    RoutingDecision,
-    float32_logits,
-    masked_mean,
-    register_router,
-)
+from molex.losses import load_balance_loss, masked_mean, tsallis_entropy
+from molex.routers.base import ContrastiveOptions, Router, RoutingDecision, float32_logits, register_router
+from molex.routers.top_p import top_p_keep
 
-#: slack on ``cumsum <= top_p`` so that float32 rounding of an exact boundary keeps the expert
-CUMSUM_TOLERANCE = 1e-6
+__all__ = ["DynMoLEConfig", "DynMoLERouter", "top_p_keep"]
 
 
 @dataclass
@@ -70,13 +62,6 @@ class DynMoLEConfig(ContrastiveOptions):
             raise ValueError(f"eps must be >= 0, got {self.eps}")
         if self.entropy_coef < 0 or self.load_balance_coef < 0:
             raise ValueError("loss coefficients must be >= 0")
-
-
-def top_p_keep(sorted_probs: Tensor, top_p: float, keep_top_k: int) -> Tensor:
-    """Bool ``[T, E]``: which of the descending-sorted probabilities the DynMoLE top-p rule keeps."""
-    cumulative = sorted_probs.cumsum(dim=-1)
-    rank = torch.arange(sorted_probs.shape[-1], device=sorted_probs.device)
-    return (cumulative <= top_p + CUMSUM_TOLERANCE) | (rank < keep_top_k)
 
 
 @register_router

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from molex.context import RoutingContext
-from molex.losses import load_balance_loss
-from molex.routers.base import Router, RouterConfig, RoutingDecision, float32_logits, masked_mean, register_router
+from molex.losses import load_balance_loss, masked_mean
+from molex.routers.base import Router, RouterConfig, RoutingDecision, float32_logits, register_router
 
 
 @dataclass

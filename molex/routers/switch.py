@@ -15,15 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from molex.context import RoutingContext
-from molex.losses import token_choice_losses
-from molex.routers.base import (
-    ContrastiveOptions,
-    Router,
-    RoutingDecision,
-    float32_logits,
-    masked_mean,
-    register_router,
-)
+from molex.losses import masked_mean, token_choice_losses
+from molex.routers.base import ContrastiveOptions, Router, RoutingDecision, float32_logits, register_router
 
 
 @dataclass
