@@ -115,8 +115,7 @@ def gate_cross_entropy(logits: Tensor, targets: Tensor, token_mask: Tensor | Non
     losses = torch.nn.functional.cross_entropy(
         logits.float(), torch.where(counted, targets, torch.zeros_like(targets)), reduction="none"
     )
-    weights = counted.to(losses.dtype)
-    return (losses * weights).sum() / weights.sum().clamp_min(1.0)
+    return masked_mean(losses, counted)
 
 
 def expert_outputs(x: Tensor, A: Tensor, B: Tensor, scaling: float | Tensor = 1.0) -> Tensor:
