@@ -111,7 +111,7 @@ def available_backends() -> list[str]:
 
 def auto_candidates() -> tuple[str, ...]:
     """Available backends the cost model may choose, sorted (the reference loop if there are none)."""
-    return _auto_candidates(tuple(os.environ.get(v) for v in _ENV_VARS))
+    return _auto_candidates(tuple(map(os.environ.get, _ENV_VARS)))  # called at every layer call: keep it lean
 
 
 @functools.lru_cache(maxsize=8)
