@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import molex
 from benchmarks.harness import time_candidates
-from molex.peft_format import LoraFactors, PeftLoraAdapter
+from molex.hub.peft_format import LoraFactors, PeftLoraAdapter
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

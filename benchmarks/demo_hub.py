@@ -28,7 +28,7 @@ import torch
 import molex
 from molex.data import TASKS, make_builtin_dataset
 from molex.eval import evaluate_generation
-from molex.hub_eval import evaluate_fused, fit_router, task_batches
+from molex.hub.evaluate import evaluate_fused, fit_router, task_batches
 from molex.models import load_model
 
 

@@ -8,7 +8,15 @@ from molex.allocation import LayerPlan, plan_allocation
 from molex.config import AllocationConfig, MoLEConfig
 from molex.context import RoutingContext, generate, routing_inputs
 from molex.experts import LoRAExperts
-from molex.hub import adapter_names, fuse_adapters, routing_accuracy, set_adapter_weights, train_router
+from molex.hub import (
+    adapter_names,
+    fuse_adapters,
+    lorahub_search,
+    merge_adapters,
+    routing_accuracy,
+    set_adapter_weights,
+    train_router,
+)
 from molex.inject import (
     aux_losses,
     find_target_modules,
@@ -23,7 +31,6 @@ from molex.inject import (
 from molex.io import adapter_state_dict, load_adapter, save_adapter
 from molex.kernels import mole_delta
 from molex.layer import MoLELinear
-from molex.merge import lorahub_search, merge_adapters
 from molex.routers import RoutingDecision, available_routers, build_router, register_router
 
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from molex.context import ROUTING_KWARGS
+from molex.files import atomic_write
 from molex.inject import mole_layers
 
 __all__ = ["RoutingReport", "collect_routing", "plot_routing", "log_routing_report"]
@@ -184,8 +185,6 @@ def plot_routing(report: RoutingReport, out_dir: str | Path, *, max_usage_layers
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     import numpy as np
-
-    from molex.io import atomic_write
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

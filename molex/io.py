@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +14,11 @@ from torch import Tensor, nn
 from molex.allocation import LayerPlan
 from molex.config import MoLEConfig
 from molex.experts import LoRAExperts
+from molex.files import atomic_write, read_json, require_file, sha256_file, write_json
 from molex.inject import get_config, get_plans, inject, mole_layers, unload
 from molex.routers.base import Router
 
+# atomic_write lives in molex.files; it stays importable from here for existing callers
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "atomic_write", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
@@ -37,32 +35,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
             for key, value in module.state_dict().items():
                 state[f"{name}.{key}"] = value
     return state
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it into place.
-
-    A crash mid-write leaves the old file (or none), never a half-written one.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    atomic_write(path, write)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -87,7 +59,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     # the config is written last and names the weights' checksum: a pair from two saves never loads
-    _write_json(
+    write_json(
         directory / CONFIG_NAME,
         {
             "format": FORMAT,
@@ -96,28 +68,18 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
             "base_model_name_or_path": config.base_model_name_or_path,
             "mole_config": config.to_dict(),
             "layers": plans,
-            "weights_sha256": _sha256(directory / WEIGHTS_NAME),
+            "weights_sha256": sha256_file(directory / WEIGHTS_NAME),
         },
     )
     return directory
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: is this a directory written by molex.save_adapter?")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the adapter is corrupt, save it again") from None
+    path = require_file(
+        Path(directory) / CONFIG_NAME,
+        f"no {CONFIG_NAME} in {directory}: is this a directory written by molex.save_adapter?",
+    )
+    data = read_json(path, fix="the adapter is corrupt, save it again")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path} is not a molex adapter config (missing format={FORMAT!r})")
     if data.get("format_version", 0) > FORMAT_VERSION:
@@ -126,8 +88,7 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path.parent}")
+    require_file(path, f"no {WEIGHTS_NAME} in {path.parent}")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
@@ -146,7 +107,7 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike) -> nn.Modu
     config = MoLEConfig.from_dict(data["mole_config"])
     weights_path = directory / WEIGHTS_NAME
     expected_sha = data.get("weights_sha256")
-    if expected_sha is not None and weights_path.is_file() and _sha256(weights_path) != expected_sha:
+    if expected_sha is not None and weights_path.is_file() and sha256_file(weights_path) != expected_sha:
         raise ValueError(
             f"{weights_path} does not match the checksum in {CONFIG_NAME}: the weights were modified or belong "
             "to another save; save the adapter again"

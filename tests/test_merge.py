@@ -7,8 +7,8 @@ import torch
 from hub_helpers import make_peft_adapter, one_thread  # noqa: F401 - one_thread is a fixture
 
 import molex
-from molex.merge import merged_factors
-from molex.peft_format import read_peft_adapter
+from molex.hub.merge import merged_factors
+from molex.hub.peft_format import read_peft_adapter
 from tests.conftest import tiny_llama
 
 pytest.importorskip("peft")

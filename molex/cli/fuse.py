@@ -19,7 +19,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from molex.peft_format import PEFT_CONFIG_NAME
+from molex.hub.peft_format import PEFT_CONFIG_NAME
 
 __all__ = ["resolve_adapters", "fuse", "format_table", "main"]
 
@@ -95,8 +95,8 @@ def fuse(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     import molex
-    from molex.hub_eval import evaluate_fused, evaluate_single_adapters, fit_router
-    from molex.io import atomic_write
+    from molex.files import atomic_write
+    from molex.hub.evaluate import evaluate_fused, evaluate_single_adapters, fit_router
     from molex.models import load_model
 
     torch.manual_seed(cfg.seed)

@@ -12,23 +12,16 @@ from torch import Tensor, nn
 
 from molex.config import MoLEConfig
 from molex.context import ROUTING_KWARGS
-from molex.inject import get_config, get_plans, inject, is_injected, mole_layers, total_aux_loss
+from molex.inject import get_config, get_plans, inject, is_injected, mole_layers
 from molex.io import adapter_state_dict
+from molex.training import OptimSettings, build_optimizer, build_scheduler, warmup_cosine
+from molex.training.objective import mole_objective
 
 __all__ = ["MoLEModule", "warmup_cosine"]
 
 #: batch keys handed to the model's forward; anything else in a batch (task names, ...) stays out
 _MODEL_KEYS = ("input_ids", "attention_mask", "labels", *ROUTING_KWARGS)
 _CHECKPOINT_KEY = "molex"
-
-
-def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Learning-rate multiplier: linear warm-up from ``1/(warmup+1)`` to 1, then cosine to ``min_lr_ratio``."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    decay_steps = max(total_steps - warmup_steps, 1)
-    progress = min((step - warmup_steps) / decay_steps, 1.0)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class MoLEModule(L.LightningModule):
@@ -95,9 +88,8 @@ class MoLEModule(L.LightningModule):
     def _losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
         if batch.get("labels") is None:
             raise ValueError("MoLEModule batches need `labels` ([B, S], -100 where no loss)")
-        lm_loss = self(**batch).loss
-        aux = total_aux_loss(self.model)
-        return (lm_loss if aux is None else lm_loss + aux.to(lm_loss.dtype)), lm_loss, aux
+        loss = mole_objective(self.model, self(**batch))
+        return loss.total, loss.lm, loss.aux
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, lm_loss, aux = self._losses(batch)
@@ -130,22 +122,25 @@ class MoLEModule(L.LightningModule):
                 metrics[f"routing/{short}/entropy"] = stats["entropy"]
         return metrics
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the model has no trainable parameters: nothing to optimise")
+    def optim_settings(self) -> OptimSettings:
+        """The optimizer and schedule settings of this module (gradient clipping is the trainer's
+        ``gradient_clip_val``)."""
         hp = self.hparams
-        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        return OptimSettings(
+            lr=hp.learning_rate,
+            weight_decay=hp.weight_decay,
+            betas=tuple(hp.betas),
+            warmup_steps=hp.warmup_steps,
+            min_lr_ratio=hp.min_lr_ratio,
+        )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        settings = self.optim_settings()
+        optimizer = build_optimizer((p for p in self.model.parameters() if p.requires_grad), settings)
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("set trainer max_steps (or max_epochs with a sized dataloader) so the schedule has an end")
-
-        def schedule(step: int) -> float:
-            return warmup_cosine(
-                step, warmup_steps=hp.warmup_steps, total_steps=int(total), min_lr_ratio=hp.min_lr_ratio
-            )
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = build_scheduler(optimizer, settings, int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoints: adapter weights + configs only ------------------------------------------------

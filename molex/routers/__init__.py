@@ -12,7 +12,8 @@ from molex.routers.base import (
     make_router_config,
     register_router,
 )
-from molex.routers.dlp import DLPConfig, DLPRouter, train_dlp_classifier
+from molex.routers.dlp import DLPConfig, DLPRouter
+from molex.routers.dlp_training import train_dlp_classifier
 from molex.routers.dynmole import DynMoLEConfig, DynMoLERouter
 from molex.routers.fixed import FixedConfig, FixedRouter
 from molex.routers.gate import GateConfig, GateRouter

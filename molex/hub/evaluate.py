@@ -17,8 +17,10 @@ from torch import nn
 from molex.data.collate import pad_collate
 from molex.data.templates import encode_example, encode_prompt, format_prompt, resolve_template
 from molex.eval import evaluate_generation
-from molex.hub import adapter_names, fuse_adapters, routing_accuracy, train_router
-from molex.inject import unload
+from molex.hub.fuse import adapter_names, fuse_adapters, routing_accuracy
+from molex.hub.train import train_router
+from molex.inject import get_config, unload
+from molex.training import get_text_fitter
 
 __all__ = ["task_batches", "prompt_batches", "fit_router", "evaluate_single_adapters", "evaluate_fused"]
 
@@ -98,19 +100,18 @@ def fit_router(
 ) -> list[float]:
     """Train the router of a fused model on labelled examples; returns the loss history.
 
-    ``dlp`` (a sentence classifier): fitted on the prompt texts with their adapter labels.
-    Token-level routers: :func:`molex.train_router` with the LM loss on answers plus
+    A router with a text fitter (:func:`molex.training.get_text_fitter`, e.g. ``dlp``'s sentence
+    classifier) is fitted on the prompt texts with their adapter labels for ``dlp_epochs`` epochs.
+    Other routers: :func:`molex.train_router` with the LM loss on answers plus
     ``task_loss_coef`` * cross-entropy to the example's adapter (MeteoRA-style supervision).
     """
     names = adapter_names(model)
-    router = getattr(model, "mole_router", None)
-    if router is not None and router.name == "dlp":
-        from molex.routers.dlp import train_dlp_classifier
-
+    fit_texts = get_text_fitter(get_config(model).router)
+    if fit_texts is not None:
         resolved = resolve_template(tokenizer, template)
         texts = [format_prompt(tokenizer, ex, resolved) for ex in examples]
         labels = [_task_index(ex, names) for ex in examples]
-        return train_dlp_classifier(model, texts, labels, tokenizer=tokenizer, epochs=dlp_epochs, lr=lr, seed=seed)
+        return fit_texts(model, texts, labels, tokenizer=tokenizer, epochs=dlp_epochs, lr=lr, seed=seed)
     batches = task_batches(tokenizer, examples, names, template=template, batch_size=batch_size, seed=seed)
     return train_router(model, batches, steps=steps, lr=lr, task_loss_coef=task_loss_coef)
 

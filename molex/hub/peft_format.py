@@ -10,7 +10,6 @@ laid out (GPT-2 ``Conv1D``); the LoRA factors have the same layout either way.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -23,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from molex.io import atomic_write
+from molex.files import atomic_write, read_json, require_dir, require_file, write_json
 
 __all__ = [
     "LoraFactors",
@@ -86,15 +85,14 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
 
 
 def _read_config(name: str, path: Path) -> dict[str, Any]:
-    config_path = path / PEFT_CONFIG_NAME
-    if not path.is_dir():
-        raise FileNotFoundError(f"adapter {name!r}: {path} is not a directory (expected a PEFT adapter directory)")
-    if not config_path.is_file():
-        raise FileNotFoundError(f"adapter {name!r}: no {PEFT_CONFIG_NAME} in {path}; is it a PEFT adapter directory?")
+    require_dir(path, f"adapter {name!r}: {path} is not a directory (expected a PEFT adapter directory)")
+    config_path = require_file(
+        path / PEFT_CONFIG_NAME, f"adapter {name!r}: no {PEFT_CONFIG_NAME} in {path}; is it a PEFT adapter directory?"
+    )
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise _fail(name, path, f"{PEFT_CONFIG_NAME} is not valid JSON ({err}); the adapter is corrupt") from None
+        config = read_json(config_path, fix="the adapter is corrupt")
+    except ValueError as err:
+        raise _fail(name, path, str(err)) from None
     if not isinstance(config, dict):
         raise _fail(name, path, f"{PEFT_CONFIG_NAME} must hold a JSON object")
     peft_type = str(config.get("peft_type", "LORA")).upper()
@@ -245,11 +243,5 @@ def write_peft_adapter(
         "modules_to_save": None,
     }
     atomic_write(directory / PEFT_SAFETENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-
-    def write_config(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    atomic_write(directory / PEFT_CONFIG_NAME, write_config)
+    write_json(directory / PEFT_CONFIG_NAME, config)
     return directory

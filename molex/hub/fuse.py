@@ -1,7 +1,7 @@
 """Fuse off-the-shelf PEFT LoRA adapters into one model as frozen experts behind a router.
 
 ``fuse_adapters(model, {"math": dir_a, "code": dir_b}, router="gate")`` reads each adapter
-(:mod:`molex.peft_format`, no peft import), checks every module against the base model, then
+(:mod:`molex.hub.peft_format`, no peft import), checks every module against the base model, then
 injects one MoLE layer per module that any adapter targets. A module targeted by ``n`` of the
 adapters gets ``n`` experts (in adapter order); ranks are zero-padded to the layer's largest one
 (exact: padded rows and columns contribute nothing); each expert keeps its own ``alpha / r``
@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from molex.config import AllocationConfig, MoLEConfig
 from molex.context import get_context
-from molex.inject import get_config, inject, is_injected, mole_layers, total_aux_loss, trainable_parameters
+from molex.hub.peft_format import PeftLoraAdapter, read_peft_adapter
+from molex.inject import get_config, inject, is_injected, mole_layers
 from molex.layer import is_supported_linear, linear_dims
-from molex.peft_format import PeftLoraAdapter, read_peft_adapter
 from molex.routers.base import get_router_class
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "set_adapter_weights",
     "adapter_gates",
     "routing_accuracy",
-    "train_router",
 ]
 
 AdapterSource = str | os.PathLike | PeftLoraAdapter
@@ -263,15 +262,6 @@ def adapter_gates(model: nn.Module) -> dict[str, Tensor]:
     return gates
 
 
-def _model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
-    """The batch for the model call: ``task_ids`` only when every layer holds every adapter in order
-    (then routers' own task losses, e.g. ``gate(task_loss_coef=...)``, read them as expert indices)."""
-    num_adapters = len(adapter_names(model))
-    if all(slots == list(range(num_adapters)) for slots in expert_slots(model).values()):
-        return dict(batch)
-    return {k: v for k, v in batch.items() if k != "task_ids"}
-
-
 @torch.no_grad()
 def routing_accuracy(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> float:
     """Share of sequences whose most-weighted adapter (summed over layers and real tokens) is
@@ -297,87 +287,3 @@ def routing_accuracy(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> 
     finally:
         model.train(was_training)
     return correct / max(total, 1)
-
-
-def _routing_cross_entropy(model: nn.Module, task_ids: Tensor) -> Tensor:
-    """Mean over layers and real tokens of ``-log p(expert of the task's adapter)``; layers the
-    task's adapter does not target are skipped."""
-    ctx = get_context(model)
-    slots = expert_slots(model)
-    losses = []
-    for name, layer in mole_layers(model).items():
-        decision = layer.last_decision
-        if decision is None or decision.probs is None:
-            continue
-        slot_of = torch.full((len(adapter_names(model)),), -1, dtype=torch.long)
-        slot_of[torch.tensor(slots[name])] = torch.arange(len(slots[name]))
-        target = slot_of[task_ids.cpu()].to(decision.probs.device)  # [B]
-        probs = decision.probs
-        if not decision.is_per_sequence:
-            target = target.repeat_interleave(ctx.seq_len)
-        valid = target >= 0
-        if decision.token_mask is not None and not decision.is_per_sequence:
-            valid = valid & decision.token_mask
-        if valid.any():
-            picked = probs[valid].gather(1, target[valid].unsqueeze(1)).clamp_min(1e-9)
-            losses.append(-picked.log().mean())
-    if not losses:
-        raise ValueError("task_loss_coef > 0 but no layer's router exposes probabilities (router 'fixed'?)")
-    return torch.stack(losses).mean()
-
-
-def train_router(
-    model: nn.Module,
-    batches: Iterable[Mapping[str, Any]],
-    *,
-    steps: int,
-    lr: float = 1e-3,
-    task_loss_coef: float = 0.0,
-    weight_decay: float = 0.0,
-) -> list[float]:
-    """Train whatever is trainable in ``model`` (the routers of a fused model) with AdamW.
-
-    Each batch is a dict of model inputs (``input_ids``, ``attention_mask``, ``labels`` for the
-    LM loss) plus optional ``task_ids [B]`` (adapter index per sequence). The loss is the LM
-    loss (when ``labels`` are given) + the routers' weighted auxiliary losses +
-    ``task_loss_coef`` * cross-entropy of every layer's router to the expert of the sequence's
-    adapter (MeteoRA-style supervision, mapped through :func:`expert_slots`). ``batches`` is
-    cycled until ``steps`` updates are done. Returns the loss of every step.
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    params = trainable_parameters(model)
-    if not params:
-        raise ValueError("model has no trainable parameters (router 'fixed' has none; use gate, soft or topk)")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    was_training = model.training
-    model.train()
-    history: list[float] = []
-    try:
-        while len(history) < steps:
-            seen = False
-            for batch in batches:
-                seen = True
-                if task_loss_coef > 0 and "task_ids" not in batch:
-                    raise ValueError("task_loss_coef > 0 needs `task_ids` (adapter index per sequence) in each batch")
-                out = model(**_model_inputs(model, batch))
-                loss = out.loss if "labels" in batch else None
-                aux = total_aux_loss(model)
-                if aux is not None:
-                    loss = aux if loss is None else loss + aux
-                if task_loss_coef > 0:
-                    ce = task_loss_coef * _routing_cross_entropy(model, torch.as_tensor(batch["task_ids"]))
-                    loss = ce if loss is None else loss + ce
-                if loss is None:
-                    raise ValueError("nothing to train on: give `labels` or task_ids with task_loss_coef > 0")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                history.append(float(loss.detach()))
-                if len(history) >= steps:
-                    break
-            if not seen:
-                raise ValueError("train_router got no batches")
-    finally:
-        model.train(was_training)
-    return history

@@ -1,0 +1,95 @@
+"""Optimizer, learning-rate schedule and gradient clipping: one definition for every way molex trains.
+
+``MoLEModule.configure_optimizers`` (Lightning), :func:`molex.training.train_steps` (in-memory jobs:
+:func:`molex.train_router`, :func:`molex.routers.train_dlp_classifier`) build both from
+:class:`OptimSettings`, so an AdamW step, its warm-up/cosine schedule and its clipping mean the same
+everywhere. Pure torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["OptimSettings", "warmup_cosine", "build_optimizer", "build_scheduler", "clip_gradients"]
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """How trainable parameters are updated.
+
+    Attributes:
+        lr: peak AdamW learning rate (> 0).
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: linear warm-up steps before the cosine decay.
+        min_lr_ratio: the cosine decays to ``lr * min_lr_ratio`` at the last step; ``1.0`` keeps the
+            learning rate constant after the warm-up.
+        max_grad_norm: clip the global gradient norm to this value before each step (``None``: no
+            clipping). Under Lightning the trainer's ``gradient_clip_val`` plays this role, with the
+            same norm clipping (``torch.nn.utils.clip_grad_norm_`` after unscaling).
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"the learning rate must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(
+                f"need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1, got {self.warmup_steps}, {self.min_lr_ratio}"
+            )
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {self.max_grad_norm}")
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up from ``1/(warmup+1)`` to 1, then cosine to ``min_lr_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(params: Iterable[nn.Parameter], settings: OptimSettings) -> torch.optim.AdamW:
+    """AdamW over ``params`` (the trainable ones: experts, routers); raises when there are none."""
+    params = list(params)
+    if not params:
+        raise ValueError("the model has no trainable parameters: nothing to optimise")
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=tuple(settings.betas))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, settings: OptimSettings, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step :func:`warmup_cosine` schedule over ``total_steps`` optimizer steps; call ``step()`` after each."""
+    if total_steps < 0:
+        raise ValueError(f"total_steps must be >= 0, got {total_steps}")
+    schedule = functools.partial(
+        warmup_cosine,
+        warmup_steps=settings.warmup_steps,
+        total_steps=int(total_steps),
+        min_lr_ratio=settings.min_lr_ratio,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def clip_gradients(params: Iterable[nn.Parameter], settings: OptimSettings) -> Tensor | None:
+    """Clip the global gradient norm of ``params`` to ``settings.max_grad_norm``; returns the norm before
+    clipping (``None`` when clipping is off)."""
+    if settings.max_grad_norm is None:
+        return None
+    return torch.nn.utils.clip_grad_norm_(list(params), settings.max_grad_norm)
