@@ -49,7 +49,11 @@ def sweep_digest(payload: dict) -> dict[str, Any]:
         for r in results
         if r["selected_vs_best"] > 1.10
     ]
-    return {"points": len(results), "within_10pct": len(results) - len(misses), "misses": misses}
+    counts: dict[str, dict[str, int]] = {"selected": {}, "best": {}}
+    for r in results:
+        for key in counts:
+            counts[key][r[key]] = counts[key].get(r[key], 0) + 1
+    return {"points": len(results), "within_10pct": len(results) - len(misses), "misses": misses, **counts}
 
 
 def _load(out: Path, step: str) -> tuple[Any, str | None]:
@@ -120,6 +124,7 @@ def build(out: Path, rc: dict[str, int]) -> tuple[dict[str, Any], list[str]]:
         digest = sweep_digest(sweep)
         summary["sweep"] = digest
         lines.append(summarize(sweep, short=True))
+        lines.append(f"  picked: {digest['selected']}; fastest (loop excluded): {digest['best']}")
         for miss in digest["misses"][:8]:
             p = miss["point"]
             lines.append(
