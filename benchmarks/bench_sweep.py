@@ -7,8 +7,10 @@ linear, and the MoLE layer with ``auto`` selection. Reports each backend's speed
 which backend the cost model selects and how far it is from the fastest (target: within 10%),
 and on CUDA the ratio to the roofline floor (max of bytes / bandwidth and FLOPs / peak).
 
-``--quick``: a CPU-sized subset (a few minutes on 2 cores). The full grid
-(E in {2, 8, 32, 64}, r in {4, 8, 16, 64}, k in {1, 2, 4}, T in {512, 4096}, d = 2048) is for a GPU.
+``--quick``: a CPU-sized subset (a few minutes on 2 cores). ``--tiny``: two small points (seconds;
+checks that the sweep runs). The full grid (E in {2, 8, 32, 64}, r in {4, 8, 16, 64}, k in
+{1, 2, 4}, T in {512, 4096}, d = 2048) is for a GPU. Each point also records the cost model's
+estimate for every backend (``estimated_s``, one forward), the input for recalibrating it.
 Run: ``python -m benchmarks.bench_sweep --quick [--json out.json]``.
 """
 
@@ -16,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import time
 
 import torch
 
 from benchmarks.harness import environment, fwd_bwd, time_candidates, write_json
 from benchmarks.layers import base_linear, mole_layer, peft_lora_layer, trainable
-from molex.kernels import available_backends, mole_delta, resolve_backend
+from molex.kernels import available_backends, estimate_cost, mole_delta, resolve_backend
 from molex.routers.base import RoutingDecision
 
 #: roofline ceilings of the GPU we measure on (H200: bf16 dense matmul, device copy)
@@ -43,6 +46,10 @@ QUICK_GRID = [
     dict(experts=64, rank=16, top_k=2, tokens=512, dim=2048),
     dict(experts=8, rank=64, top_k=1, tokens=512, dim=2048),
     dict(experts=8, rank=8, top_k=2, tokens=4096, dim=2048, sequences=8),  # per-sequence routing
+]
+TINY_GRID = [
+    dict(experts=4, rank=4, top_k=2, tokens=32, dim=32),
+    dict(experts=4, rank=4, top_k=2, tokens=32, dim=32, sequences=4),
 ]
 GPU_EXTRA = [
     dict(experts=8, rank=8, top_k=2, tokens=4096, dim=4096),  # the roofline point (h = 4096)
@@ -96,6 +103,22 @@ def run_point(point: dict, *, device: str, dtype: torch.dtype, repeats: int, war
 
     med = {name: s["median"] for name, s in stats.items()}
     selected = resolve_backend("auto", x, A, B, decision)
+    estimated = {  # None: the cost model rules the backend out on this device (infinite cost)
+        b: estimate_cost(
+            b,
+            tokens=T,
+            in_features=d,
+            out_features=d,
+            num_experts=E,
+            rank=r,
+            top_k=k,
+            device_type=x.device.type,
+            num_sequences=sequences,
+            element_size=x.element_size(),
+        )
+        for b in backends
+    }
+    estimated = {b: (c if math.isfinite(c) else None) for b, c in estimated.items()}
     fast = [b for b in backends if b != "reference"]
     best = min(fast, key=med.__getitem__)
     result = {
@@ -103,6 +126,7 @@ def run_point(point: dict, *, device: str, dtype: torch.dtype, repeats: int, war
         "stats": stats,
         "selected": selected,
         "best": best,
+        "estimated_s": estimated,
         "selected_vs_best": med[selected] / med[best],
         "speedup_vs_loop": {b: med["reference"] / med[b] for b in backends},
         "selected_vs_lora_delta": med[selected] / med["lora_delta"],
@@ -118,7 +142,9 @@ def run_point(point: dict, *, device: str, dtype: torch.dtype, repeats: int, war
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="the CPU-sized subset")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the CPU-sized subset")
+    size.add_argument("--tiny", action="store_true", help="two tiny points (checks that the sweep runs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--repeats", type=int, default=None)
@@ -135,13 +161,14 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
-    grid = QUICK_GRID if args.quick else FULL_GRID + (GPU_EXTRA if cuda else [])
+    # on CUDA the extra points come first: a run cut short by its time limit still has them
+    grid = TINY_GRID if args.tiny else QUICK_GRID if args.quick else (GPU_EXTRA if cuda else []) + FULL_GRID
     repeats = args.repeats or (10 if cuda else 3)
     warmup = args.warmup or (3 if cuda else 1)
     start = time.perf_counter()
     payload = {
         "env": environment(),
-        "config": {"quick": args.quick, "dtype": str(dtype), "repeats": repeats, "warmup": warmup},
+        "config": {"quick": args.quick, "tiny": args.tiny, "dtype": str(dtype), "repeats": repeats, "warmup": warmup},
         "seconds": 0.0,
         "results": [],
     }
