@@ -268,32 +268,53 @@ def score_multiple_choice(
 
 
 def format_table(
-    before: Mapping[str, Any], after: Mapping[str, Any], *, tasks: Sequence[str] | None = None, digits: int = 1
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
+    *,
+    tasks: Sequence[str] | None = None,
+    digits: int = 1,
+    labels: tuple[str, str] = ("before", "after"),
+    markdown: bool = False,
 ) -> str:
-    """A per-task before/after accuracy table (percent) with the overall row last.
+    """A per-task accuracy table (percent) of two results and their change, with the overall row last.
 
-    ``before`` / ``after`` are results of :func:`evaluate_generation` or :func:`score_multiple_choice`;
-    rows follow ``tasks`` (for example ``dm.task_names``), then any other task in sorted order.
+    ``before`` / ``after`` are results of :func:`evaluate_generation` or :func:`score_multiple_choice`
+    (``per_task``, ``counts``, ``accuracy``, ``num_examples``; missing values show as ``-``); rows follow
+    ``tasks`` (for example ``dm.task_names``), then any other task in sorted order. ``labels`` name the
+    two result columns (``molex-fuse`` compares "adapter alone" with the fused model); ``markdown=True``
+    writes a Markdown table instead of aligned plain-text columns.
     """
     found = set(after.get("per_task", {})) | set(before.get("per_task", {}))
     order = list(tasks or [])
     tasks = [t for t in order if t in found] + sorted(found - set(order))
     counts = {**before.get("counts", {}), **after.get("counts", {})}
-    width = max([len("overall"), len("task"), *map(len, tasks)])
+    total = after.get("num_examples", before.get("num_examples", "-"))
 
     def pct(result: Mapping[str, Any], task: str | None) -> float:
         value = result.get("accuracy") if task is None else result.get("per_task", {}).get(task)
         return math.nan if value is None else 100.0 * value
 
-    def row(name: str, n: Any, b: float, a: float) -> str:
-        delta = a - b
-        cells = [f"{v:>7.{digits}f}" if not math.isnan(v) else f"{'-':>7}" for v in (b, a, delta)]
-        return f"{name:<{width}}  {n!s:>5}  " + "  ".join(cells)
+    def cells(name: str, n: Any, b: float, a: float) -> list[str]:
+        values = [f"{v:.{digits}f}" if not math.isnan(v) else "-" for v in (b, a, a - b)]
+        return [name, str(n), *values]
 
-    lines = [f"{'task':<{width}}  {'n':>5}  {'before':>7}  {'after':>7}  {'change':>7}"]
+    header = ["task", "n", *labels, "change"]
+    rows = [cells(t, counts.get(t, "-"), pct(before, t), pct(after, t)) for t in tasks]
+    overall = cells("overall", total, pct(before, None), pct(after, None))
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---:|---:|"]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in [*rows, overall]])
+    width = max([len("overall"), len("task"), *map(len, tasks)])
+    widths = [width, 5, *(max(7, len(label)) for label in labels), 7]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+
+    lines = [line(header)]
     lines.append("-" * len(lines[0]))
-    lines += [row(t, counts.get(t, "-"), pct(before, t), pct(after, t)) for t in tasks]
+    lines += [line(row) for row in rows]
     lines.append("-" * len(lines[0]))
-    total = after.get("num_examples", before.get("num_examples", "-"))
-    lines.append(row("overall", total, pct(before, None), pct(after, None)))
+    lines.append(line(overall))
     return "\n".join(lines)

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from molex.sources import looks_like_path
+
 __all__ = ["MODEL_PRESETS", "load_model", "molex_cache_dir", "ensure_pad_token", "resolve_dtype", "smollm2_gguf_path"]
 
 logger = logging.getLogger(__name__)
@@ -144,11 +146,6 @@ def load_model(
     return model.eval(), tokenizer
 
 
-def _looks_like_path(name: str) -> bool:
-    # "org/model" is how hub names look; anything absolute, relative-dotted, home-based, deeper or a file is a path
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or name.endswith((".gguf", ".json"))
-
-
 def _load_pretrained(
     name: str, dtype: torch.dtype, hub_cache: str | None, trust_remote_code: bool
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -164,7 +161,7 @@ def _load_pretrained(
             raise FileNotFoundError(f"model path {name!r} has no config.json: is it a save_pretrained folder?")
         kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
         return AutoModelForCausalLM.from_pretrained(path, **kwargs), AutoTokenizer.from_pretrained(path, **kwargs)
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise FileNotFoundError(
             f"model path not found: {name!r}; pass an existing folder, one of the presets {list(MODEL_PRESETS)}, "
             "or a hub model name such as 'HuggingFaceTB/SmolLM2-135M-Instruct'"

@@ -139,3 +139,16 @@ def test_multirun_sweeps_routers(tmp_path):
     for router in ("topk", "soft"):
         config = json.loads((tmp_path / router / "adapter" / "adapter_config.json").read_text())
         assert config["mole_config"]["router"] == router
+
+
+def test_setup_builds_the_injected_model_and_the_data_once(tmp_path):
+    from molex.cli.train import setup
+
+    built = setup(compose_train(tmp_path))
+    assert molex.get_config(built.model) == built.mole_config  # injected here, handed to MoLEModule as it is
+    assert built.mole_config.router == "topk" and built.datamodule.datasets["train"]
+    assert built.datamodule.tokenizer is built.tokenizer
+    from molex.lightning import MoLEModule
+
+    module = MoLEModule(model=built.model)
+    assert module.model is built.model and module.mole_config == built.mole_config

@@ -86,3 +86,30 @@ def test_fuse_cli_errors(hub, tmp_path):
             fuse(cfg)
     finally:
         (tmp_path / "poetry" / "x").rename(hub / "add")
+
+
+def test_fuse_cli_reads_data_files_with_the_data_reader(hub, tmp_path, capsys):
+    from molex.cli.common import CLIError
+    from molex.cli.fuse import fuse
+
+    rows = [
+        {"instruction": "Add the numbers.", "input": f"{i} {i}", "output": str(2 * i), "task": "add"} for i in range(4)
+    ]
+    rows += [
+        {"instruction": "Even or odd?", "input": str(i), "output": "odd" if i % 2 else "even", "task": "parity"}
+        for i in range(4)
+    ]
+    train = tmp_path / "train.csv"  # any format the data reader knows, not only jsonl
+    train.write_text("instruction,input,output,task\n" + "\n".join(",".join(r.values()) for r in rows) + "\n")
+    test = tmp_path / "test.jsonl"
+    test.write_text("\n".join(json.dumps(r) for r in rows[::3]) + "\n")
+    common = [f"adapters={hub}", "model=tiny_llama", "train.steps=2", "eval.enabled=false", f"output_dir={tmp_path}"]
+    results = fuse(compose(*common, f"data.source={train}", f"data.eval_source={test}"))
+    assert "routing accuracy (gate)" in capsys.readouterr().out
+    assert 0.0 <= results["fused"]["routing_accuracy"] <= 1.0
+    untagged = tmp_path / "untagged.jsonl"
+    untagged.write_text(json.dumps({"instruction": "Add.", "output": "2"}) + "\n")
+    with pytest.raises(CLIError, match=r"tasks \['default'\] that name no adapter"):
+        fuse(compose(*common, f"data.source={train}", f"data.eval_source={untagged}"))
+    with pytest.raises(CLIError, match="also give data.eval_source"):
+        fuse(compose(*common, f"data.source={train}"))

@@ -124,3 +124,36 @@ def test_eval_conf_composes():
         cfg = compose(config_name="eval", overrides=["adapter=/some/run/adapter", "model=tiny_llama"])
     assert cfg.adapter == "/some/run/adapter" and cfg.model.name_or_path == "tiny-llama"
     assert cfg.data._target_.endswith("InstructionDataModule")
+
+
+@pytest.mark.parametrize(
+    ("name", "local"),
+    [
+        ("tiny-llama", False),
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", False),
+        ("data/train", False),  # could be either: loaders look on disk first
+        ("./model", True),
+        ("/abs/model", True),
+        ("~/model", True),
+        ("a/b/c", True),
+        ("C:\\models\\x", True),
+        ("train.JSONL", True),
+        ("weights.gguf", True),
+        ("model.safetensors", True),
+    ],
+)
+def test_one_rule_tells_local_paths_from_hub_names(name, local):
+    from molex.sources import looks_like_path
+
+    assert looks_like_path(name) is local
+
+
+def test_check_sources_and_the_model_loader_share_the_rule(tmp_path):
+    pytest.importorskip("molex.models")
+    from molex.models import load_model
+
+    deep = "no/such/deep/model"  # not a hub name: both reject it without asking the hub
+    with pytest.raises(CLIError, match="does not exist"):
+        check_sources(compose_train("model=hf", f"model.name_or_path={deep}").model, compose_train().data)
+    with pytest.raises(FileNotFoundError, match="model path not found"):
+        load_model(deep)

@@ -190,3 +190,14 @@ def test_format_table_rows_and_missing_values():
     assert lines[3].split() == ["add", "2", "0.0", "100.0", "100.0"]
     assert lines[4].split() == ["new", "1", "-", "100.0", "-"]
     assert lines[-1].split() == ["overall", "5", "25.0", "75.0", "50.0"]
+
+
+def test_format_table_labels_and_markdown():
+    before = {"per_task": {"add": 0.5}, "counts": {"add": 2}}
+    after = {"accuracy": 1.0, "per_task": {"add": 1.0}, "counts": {"add": 2}, "num_examples": 2}
+    lines = format_table(before, after, labels=("alone", "fused"), markdown=True).splitlines()
+    assert lines[0] == "| task | n | alone | fused | change |"
+    assert lines[2] == "| add | 2 | 50.0 | 100.0 | 50.0 |"
+    assert lines[-1] == "| overall | 2 | - | 100.0 | - |"
+    plain = format_table(before, after, labels=("adapter alone", "fused")).splitlines()
+    assert plain[0].split() == ["task", "n", "adapter", "alone", "fused", "change"]

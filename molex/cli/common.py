@@ -1,7 +1,10 @@
 """What the entry points share: turning a composed Hydra config into molex objects, with clear errors.
 
-The entry points are the only place that instantiates the config; every check here runs before any
-training starts, so bad input fails in seconds with one readable line instead of a traceback.
+This module is the one place that instantiates the config for ``molex-train``, ``molex-eval`` and
+``molex-fuse``: the model and tokenizer (:func:`build_model`), the MoLE configuration
+(:func:`build_mole_config`), the data module (:func:`build_datamodule`) and, for training, all of them
+at once with the MoLE layers injected (:func:`build_training`). Every check runs before any evaluation
+or training starts, so bad input fails in seconds with one readable line instead of a traceback.
 """
 
 from __future__ import annotations
@@ -17,12 +20,17 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from molex.config import MoLEConfig
-from molex.io import atomic_write
+from molex.files import atomic_write
+from molex.sources import looks_like_path
 
 __all__ = [
     "CLIError",
     "report_errors",
     "build_mole_config",
+    "build_model",
+    "build_datamodule",
+    "build_training",
+    "TrainingObjects",
     "check_trainer",
     "check_sources",
     "instantiate",
@@ -30,8 +38,25 @@ __all__ = [
 ]
 
 
-class CLIError(Exception):
-    """A user-facing problem with the command line or the data it names."""
+class CLIError(ValueError):
+    """A user-facing problem with the command line or the data it names.
+
+    A ``ValueError``, so code that calls the functions behind the commands can catch it as one.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingObjects:
+    """Everything ``molex-train`` trains and evaluates, built once by :func:`build_training`.
+
+    ``model`` already holds the MoLE layers of ``mole_config`` (fresh: every ``B`` is zero, so it
+    computes exactly what the base model computes until it trains); ``datamodule`` is set up for ``fit``.
+    """
+
+    model: Any
+    tokenizer: Any
+    mole_config: MoLEConfig
+    datamodule: Any
 
 
 def report_errors(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -98,7 +123,7 @@ def check_sources(model: DictConfig, data: DictConfig) -> None:
     name = str(model.get("name_or_path"))
     from molex.models import MODEL_PRESETS
 
-    if name not in MODEL_PRESETS and _looks_local(name) and not Path(name).expanduser().exists():
+    if name not in MODEL_PRESETS and looks_like_path(name) and not Path(name).expanduser().exists():
         raise CLIError(
             f"model.name_or_path={name!r} does not exist; give a local model folder or .gguf file, a hub name, "
             f"or a preset ({', '.join(MODEL_PRESETS)})"
@@ -107,19 +132,47 @@ def check_sources(model: DictConfig, data: DictConfig) -> None:
     paths = list(source.values()) if isinstance(source, Mapping) else [source]
     for path in paths:
         text = str(path)
-        if text != "builtin" and _looks_local(text) and not Path(text).expanduser().exists():
+        if text != "builtin" and looks_like_path(text) and not Path(text).expanduser().exists():
             raise CLIError(f"data.source={text!r}: no such file or folder")
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or Path(name).suffix.lower() in {
-        ".json",
-        ".jsonl",
-        ".csv",
-        ".parquet",
-        ".gguf",
-        ".safetensors",
-    }
+def build_model(node: DictConfig) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a ``model`` config node (``molex.models.load_model`` and its options)."""
+    return instantiate(node, "model")
+
+
+def build_datamodule(node: DictConfig, tokenizer: Any, stage: str) -> Any:
+    """The ``data`` node's data module, read and tokenised for ``stage`` (``"fit"`` or ``"test"``)."""
+    dm = instantiate(node, "data", tokenizer=tokenizer)
+    try:
+        dm.prepare_data()
+        dm.setup(stage)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        raise CLIError(f"data: {err}") from None
+    return dm
+
+
+def build_training(cfg: DictConfig) -> TrainingObjects:
+    """Check the sources, then build the MoLE config, the model (seeded, injected once) and the data module.
+
+    Injection is where missing target modules and router options a layer cannot take (``top_k`` above
+    its experts) are found, so those fail here, before any evaluation or training.
+    """
+    from lightning.fabric.utilities.seed import seed_everything
+
+    import molex
+
+    check_sources(cfg.model, cfg.data)
+    mole_config = build_mole_config(cfg)
+    model, tokenizer = build_model(cfg.model)
+    # the experts' initial A factors come from the global generator: seed it right before injecting
+    seed_everything(cfg.seed, workers=True, verbose=False)
+    try:
+        molex.inject(model, mole_config)
+    except (ValueError, TypeError) as err:  # target modules not found, top_k > a layer's experts, ...
+        raise CLIError(f"router={cfg.router.name}, allocation: {err}") from None
+    datamodule = build_datamodule(cfg.data, tokenizer, "fit")
+    return TrainingObjects(model=model, tokenizer=tokenizer, mole_config=mole_config, datamodule=datamodule)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from molex.cli.common import CLIError, check_sources, instantiate, report_errors, write_json
+from molex.cli.common import CLIError, build_datamodule, build_model, check_sources, report_errors, write_json
 
 log = logging.getLogger("molex.eval")
 
@@ -34,23 +34,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = instantiate(cfg.model, "model")
+    model, tokenizer = build_model(cfg.model)
     if adapter is not None:
         try:
             model = molex.load_adapter(model, adapter)
         except (ValueError, FileNotFoundError) as err:
             raise CLIError(f"adapter: {err}") from None
-    dm = instantiate(cfg.data, "data", tokenizer=tokenizer)
-    try:
-        dm.prepare_data()
-        dm.setup("test")
-        examples = dm.test_examples()
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        raise CLIError(f"data: {err}") from None
+    dm = build_datamodule(cfg.data, tokenizer, "test")
     result = evaluate_generation(
         model,
         tokenizer,
-        examples,
+        dm.test_examples(),
         template=dm.template,
         system_prompt=dm.system_prompt,
         max_new_tokens=cfg.max_new_tokens,

@@ -1,17 +1,19 @@
 """``molex-fuse``: fuse PEFT LoRA adapters behind a trained router and compare it with each adapter alone.
 
     molex-fuse adapters=path/to/hub router.name=gate
-    molex-fuse adapters=path/to/hub router.name=dlp model.name_or_path=tiny-llama
+    molex-fuse adapters=path/to/hub router.name=dlp model=tiny_llama
+    molex-fuse adapters=path/to/hub data.source=train.jsonl data.eval_source=test.jsonl
 
 Every adapter is named by its folder; with the built-in data, adapter names are task names. Writes
 the fused model (``fused/``, :func:`molex.save_adapter` format) and ``results.json`` to ``output_dir``
-and prints a table: each adapter on its own task vs the fused model, and routing accuracy.
+and prints a Markdown table (:func:`molex.eval.format_table`): each adapter alone on its own task vs
+the fused model, then the routing accuracy. The model comes from the ``model`` config group shared with
+``molex-train``; data files are read by :mod:`molex.data.readers`, like ``molex-train``'s.
 """
 
 from __future__ import annotations
 
-import json
-import sys
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,13 +21,17 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from molex.cli.common import CLIError, build_model, check_sources, report_errors, write_json
 from molex.hub.peft_format import PEFT_CONFIG_NAME
 
-__all__ = ["resolve_adapters", "fuse", "format_table", "main"]
+__all__ = ["resolve_adapters", "fuse", "main"]
 
 
 def resolve_adapters(spec: Any) -> dict[str, Path]:
-    """``{name: folder}`` from a folder of adapter folders, one adapter folder, a list or a mapping."""
+    """``{name: folder}`` from a folder of adapter folders, one adapter folder, a list or a mapping.
+
+    Raises :class:`~molex.cli.common.CLIError` (a ``ValueError``) naming the problem.
+    """
     if isinstance(spec, (DictConfig, ListConfig)):
         spec = OmegaConf.to_container(spec, resolve=True)
     if isinstance(spec, Mapping):
@@ -34,79 +40,98 @@ def resolve_adapters(spec: Any) -> dict[str, Path]:
         adapters = {}
         for path in map(Path, spec):
             if path.name in adapters:
-                raise ValueError(f"two adapters are named {path.name!r}; pass adapters as {{name: folder}} instead")
+                raise CLIError(f"two adapters are named {path.name!r}; pass adapters as {{name: folder}} instead")
             adapters[path.name] = path
     else:
         root = Path(str(spec))
         if not root.is_dir():
-            raise ValueError(f"adapters={str(spec)!r} is not a folder")
+            raise CLIError(f"adapters={str(spec)!r} is not a folder")
         if (root / PEFT_CONFIG_NAME).is_file():
             adapters = {root.name: root}
         else:
             adapters = {p.name: p for p in sorted(root.iterdir()) if (p / PEFT_CONFIG_NAME).is_file()}
             if not adapters:
-                raise ValueError(f"no PEFT adapter (a folder with {PEFT_CONFIG_NAME}) in {root}")
+                raise CLIError(f"no PEFT adapter (a folder with {PEFT_CONFIG_NAME}) in {root}")
     if not adapters:
-        raise ValueError("adapters is empty")
+        raise CLIError("adapters is empty")
     return adapters
 
 
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"data file {path!r} does not exist")
-    rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    missing = [i for i, row in enumerate(rows) if "task" not in row or "output" not in row]
-    if missing:
-        raise ValueError(f"{path}: rows {missing[:5]} lack 'task' or 'output' (every row names its adapter)")
+def _read_rows(source: str, names: list[str]) -> list[dict[str, Any]]:
+    """The examples of one data file, read by :mod:`molex.data.readers`; every row's task must name an adapter."""
+    from molex.data.readers import DEFAULT_TASK, read_source
+
+    try:
+        splits = read_source(source)
+    except (ValueError, FileNotFoundError) as err:
+        raise CLIError(f"data: {err}") from None
+    if len(splits) != 1:
+        raise CLIError(f"data: {source!r} holds several splits {sorted(splits)}; give one file per option")
+    rows = next(iter(splits.values())).to_list()
+    unknown = sorted({row["task"] for row in rows} - set(names))
+    if unknown:
+        untagged = f" ('{DEFAULT_TASK}' is the task of rows without one)" if DEFAULT_TASK in unknown else ""
+        raise CLIError(
+            f"data: {source!r} has tasks {unknown} that name no adapter of {names}{untagged}; every row needs a "
+            "'task' naming the adapter that should answer it"
+        )
     return rows
 
 
 def _examples(cfg: DictConfig, names: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(router training examples, test examples)``, each labelled by the adapter that should answer it."""
     data = cfg.data
     if data.source == "builtin":
         from molex.data import TASKS, make_builtin_dataset
 
         unknown = sorted(set(names) - set(TASKS))
         if unknown:
-            raise ValueError(
+            raise CLIError(
                 f"adapters {unknown} are not built-in tasks {TASKS}; name adapter folders after tasks or give "
-                "data.source=<file.jsonl> with a 'task' field naming the adapter"
+                "data.source=<data file> with a 'task' field naming the adapter"
             )
         train = make_builtin_dataset("train", data.num_per_task, cfg.seed + 1, tasks=names)
         test = make_builtin_dataset("test", data.eval_per_task, cfg.seed, tasks=names)
         return train, test
     if data.eval_source is None:
-        raise ValueError("data.source is a file: also give data.eval_source=<test file.jsonl>")
-    return _read_jsonl(data.source), _read_jsonl(data.eval_source)
+        raise CLIError("data.source is a file: also give data.eval_source=<test data file>")
+    return _read_rows(str(data.source), names), _read_rows(str(data.eval_source), names)
 
 
-def format_table(singles: Mapping[str, float], fused: Mapping[str, Any], router: str) -> str:
-    lines = [f"| task | adapter alone | fused ({router}) | difference |", "|---|---:|---:|---:|"]
-    for task, alone in singles.items():
-        together = fused["per_task"].get(task, 0.0)
-        lines.append(f"| {task} | {alone:.3f} | {together:.3f} | {together - alone:+.3f} |")
-    lines.append(f"| routing accuracy | | {fused['routing_accuracy']:.3f} | |")
-    return "\n".join(lines)
+def _result(per_task: Mapping[str, float], counts: Mapping[str, int]) -> dict[str, Any]:
+    """``per_task`` accuracies as a :func:`molex.eval.evaluate_generation`-shaped result (for the table)."""
+    total = sum(counts[task] for task in per_task)
+    overall = sum(per_task[task] * counts[task] for task in per_task) / total if total else None
+    return {"per_task": dict(per_task), "counts": dict(counts), "accuracy": overall, "num_examples": total}
 
 
 def fuse(cfg: DictConfig) -> dict[str, Any]:
-    """Run the whole command for a composed config; returns the results written to ``results.json``."""
+    """Run the whole command for a composed config; returns the results written to ``results.json``.
+
+    Raises :class:`~molex.cli.common.CLIError` for bad adapters, model, data or router options.
+    """
     import torch
 
     import molex
-    from molex.files import atomic_write
+    from molex.eval import format_table
     from molex.hub.evaluate import evaluate_fused, evaluate_single_adapters, fit_router
-    from molex.models import load_model
 
     torch.manual_seed(cfg.seed)
     adapters = resolve_adapters(cfg.adapters)
     names = list(adapters)
+    check_sources(cfg.model, cfg.data)
+    try:  # an unknown router name fails now, not after the adapters alone have been evaluated
+        molex.routers.get_router_class(cfg.router.name)
+    except ValueError as err:
+        raise CLIError(f"router.name={cfg.router.name}: {err}") from None
     train, test = _examples(cfg, names)
-    molex.hub.load_adapters(adapters)  # read and check every adapter before loading the model
+    try:
+        molex.hub.load_adapters(adapters)  # read and check every adapter before loading the model
+    except (ValueError, FileNotFoundError) as err:
+        raise CLIError(f"adapters: {err}") from None
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype)
+    model, tokenizer = build_model(cfg.model)
     options = OmegaConf.to_container(cfg.router.options, resolve=True) or {}
     eval_options = {
         "template": cfg.data.template,
@@ -116,7 +141,10 @@ def fuse(cfg: DictConfig) -> dict[str, Any]:
     singles = {}
     if cfg.eval.enabled:
         singles = evaluate_single_adapters(model, tokenizer, adapters, test, **eval_options)
-    fused = molex.fuse_adapters(model, adapters, router=cfg.router.name, **options)
+    try:
+        fused = molex.fuse_adapters(model, adapters, router=cfg.router.name, **options)
+    except (ValueError, TypeError, KeyError) as err:  # unknown router, bad option, top_k above the adapters
+        raise CLIError(f"router.name={cfg.router.name}, router.options={options}: {err}") from None
     history = fit_router(
         fused,
         tokenizer,
@@ -138,27 +166,27 @@ def fuse(cfg: DictConfig) -> dict[str, Any]:
         "single": singles,
         "fused": evaluation,
     }
-    text = json.dumps(results, indent=2)
-    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+    write_json(out / "results.json", results)
     if cfg.eval.enabled:
-        print(format_table(singles, evaluation, cfg.router.name))
-    else:
-        print(f"routing accuracy ({cfg.router.name}): {evaluation['routing_accuracy']:.3f}")
+        counts = Counter(example["task"] for example in test)
+        print(
+            format_table(
+                _result(singles, counts),
+                _result(evaluation["per_task"], counts),
+                tasks=names,
+                labels=("adapter alone", f"fused ({cfg.router.name})"),
+                markdown=True,
+            )
+        )
+    print(f"routing accuracy ({cfg.router.name}): {evaluation['routing_accuracy']:.3f}")
     print(f"fused model written to {out / 'fused'}")
     return results
 
 
 @hydra.main(config_path="../conf", config_name="fuse", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        fuse(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"molex-fuse: error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    _hydra_main()
+@report_errors("molex-fuse")
+def main(cfg: DictConfig) -> None:
+    fuse(cfg)
 
 
 if __name__ == "__main__":

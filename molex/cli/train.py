@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from molex.cli.common import (
     CLIError,
-    build_mole_config,
-    check_sources,
+    TrainingObjects,
+    build_training,
     check_trainer,
     instantiate,
     report_errors,
@@ -102,40 +102,22 @@ def check_resumable(path: str) -> None:
         )
 
 
-def setup(cfg: DictConfig) -> tuple[Any, Any, Any, Any]:
-    """Validate everything, then load ``(model, mole_config, datamodule, tokenizer)``; raises :class:`CLIError`.
+def setup(cfg: DictConfig) -> TrainingObjects:
+    """Check the training options, then build the injected model, MoLE config, data and tokenizer once.
 
-    The MoLE layers are injected once and taken out again here, so that missing target modules or
-    router options a layer cannot take (``top_k`` above its experts) fail before any evaluation or
-    training; the model is returned without them.
+    Raises :class:`CLIError` for any bad option or source, before anything is evaluated or trained.
     """
-    import molex
-
     check_trainer(cfg.trainer)
-    check_sources(cfg.model, cfg.data)
     if cfg.ckpt_path is not None:
         check_resumable(cfg.ckpt_path)
     optim = cfg.optim
     if optim.lr <= 0 or optim.warmup_steps < 0 or not 0 <= optim.min_lr_ratio <= 1:
         raise CLIError(f"optim: need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1; got {dict(optim)}")
-    mole_config = build_mole_config(cfg)
-    model, tokenizer = instantiate(cfg.model, "model")
-    try:
-        molex.unload(molex.inject(model, mole_config))
-    except (ValueError, TypeError) as err:  # target modules not found, top_k > a layer's experts, ...
-        raise CLIError(f"router={cfg.router.name}, allocation: {err}") from None
-    dm = instantiate(cfg.data, "data", tokenizer=tokenizer)
-    try:
-        dm.prepare_data()
-        dm.setup("fit")
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        raise CLIError(f"data: {err}") from None
-    return model, mole_config, dm, tokenizer
+    return build_training(cfg)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job as configured; returns the metrics written to ``metrics.json``."""
-    import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
 
     import molex
@@ -148,20 +130,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     is_main = rank_zero_only.rank == 0
-    model, mole_config, dm, tokenizer = setup(cfg)
+    built = setup(cfg)
+    model, tokenizer, dm = built.model, built.tokenizer, built.datamodule
     trainer = instantiate(
         cfg.trainer, "trainer", logger=_loggers(run_dir), callbacks=_callbacks(cfg, run_dir), default_root_dir=run_dir
     )
     metrics: dict[str, Any] = {"run_dir": str(run_dir)}
     if is_main and cfg.eval.before:
-        # the base model alone: a freshly injected MoLE model computes exactly this (every B is zero)
+        # the model is freshly injected (every B is zero): it computes exactly what the base model does
         log.info("evaluating the untrained model on %d test examples", len(dm.test_examples()))
         metrics["before"] = _evaluate(model, tokenizer, dm, cfg)
         log.info("untrained exact-match accuracy: %.1f%%", 100 * metrics["before"]["accuracy"])
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = MoLEModule(
-        model=model,
-        mole_config=mole_config,
+        model=model,  # already injected by setup: the module trains its MoLE layers as they are
         learning_rate=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
         warmup_steps=cfg.optim.warmup_steps,

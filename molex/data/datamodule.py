@@ -8,18 +8,16 @@ Sources:
   or a dict ``{"train": path, "validation": path, "test": path}``.
 * any other name: a hub dataset, loaded with ``datasets.load_dataset`` (the only case that may download).
 
-Columns are mapped to ``instruction`` / ``input`` / ``output`` / ``task`` (and optional ``choices``) with
-``columns={"instruction": "question", ...}``; ``input`` and ``task`` may be absent.
+Everything but ``"builtin"`` is read by :mod:`molex.data.readers`. Columns are mapped to ``instruction`` /
+``input`` / ``output`` / ``task`` (and optional ``choices``) with ``columns={"instruction": "question", ...}``;
+``input`` and ``task`` may be absent.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -29,30 +27,23 @@ from torch.utils.data import DataLoader
 
 from molex.data.builtin import SPLITS, TASKS, make_builtin_dataset
 from molex.data.collate import pack_features, packed_collate, pad_collate
+from molex.data.readers import (
+    FIELDS,
+    FILE_FORMATS,
+    TEXT_FIELDS,
+    check_columns,
+    fingerprint,
+    normalise,
+    read_source,
+    split_name,
+)
 from molex.data.templates import encode_example, resolve_template
 
 __all__ = ["InstructionDataModule", "FIELDS", "FILE_FORMATS"]
 
 logger = logging.getLogger(__name__)
 
-#: the fields of a normalised example; instruction and output are required
-FIELDS = ("instruction", "input", "output", "task", "choices")
-REQUIRED_FIELDS = ("instruction", "output")
-_TEXT_FIELDS = ("instruction", "input", "output", "task")
-DEFAULT_TASK = "default"
 _ENCODED_COLUMNS = ("input_ids", "labels", "prompt_mask", "task_id")
-#: file extension -> ``datasets`` builder name
-FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-_SPLIT_ALIASES = {
-    "train": "train",
-    "training": "train",
-    "validation": "validation",
-    "valid": "validation",
-    "val": "validation",
-    "dev": "validation",
-    "test": "test",
-    "testing": "test",
-}
 
 
 class InstructionDataModule(LightningDataModule):
@@ -113,9 +104,7 @@ class InstructionDataModule(LightningDataModule):
                 raise ValueError(f"{name} must be in [0, 1), got {fraction}")
         if val_fraction + test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must leave some training data (sum < 1)")
-        unknown = sorted(set(columns or {}) - set(FIELDS))
-        if unknown:
-            raise ValueError(f"columns maps unknown field(s) {unknown}; molex fields are {list(FIELDS)}")
+        check_columns(columns)
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
         self.source = dict(source) if isinstance(source, Mapping) else source
@@ -148,80 +137,20 @@ class InstructionDataModule(LightningDataModule):
 
     def _load_raw(self) -> datasets.DatasetDict:
         if self.raw is None:
-            splits = self._read_source()
-            splits = {name: self._normalise(ds, name) for name, ds in splits.items()}
-            self.raw = datasets.DatasetDict(self._complete_splits(splits))
+            self.raw = datasets.DatasetDict(self._complete_splits(self._read_source()))
         return self.raw
 
     def _read_source(self) -> dict[str, datasets.Dataset]:
-        if self.source == "builtin":
-            sizes = {"train": self.num_per_task, "validation": self.eval_per_task, "test": self.eval_per_task}
-            empty = {field: [] for field in _TEXT_FIELDS}
-            out = {}
-            for split in SPLITS:
-                rows = make_builtin_dataset(split, sizes[split], self.seed, self.builtin_tasks)
-                out[split] = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(empty)
-            return out
-        if isinstance(self.source, dict):
-            return {_split_name(split): _read_file(Path(path)) for split, path in self.source.items()}
-        path = Path(str(self.source)).expanduser()
-        if path.is_dir():
-            return _read_folder(path)
-        if path.exists() or path.suffix.lower() in FILE_FORMATS or str(self.source).startswith(("/", ".", "~")):
-            return {"train": _read_file(path)}
-        return self._read_hub(str(self.source))
-
-    def _read_hub(self, name: str) -> dict[str, datasets.Dataset]:
-        try:
-            loaded = datasets.load_dataset(name, self.hub_config)
-        except Exception as err:  # datasets raises many error types for missing names / no network
-            raise FileNotFoundError(
-                f"data source {name!r} is not a local file or folder, and the hub could not provide it "
-                f"({err.__class__.__name__}: {err}); pass an existing .json/.jsonl/.csv/.parquet path or 'builtin'"
-            ) from err
-        splits = {_split_name(split): ds for split, ds in loaded.items() if split.lower() in _SPLIT_ALIASES}
-        if "train" not in splits:
-            raise ValueError(
-                f"hub dataset {name!r} has no train split (its splits: {sorted(loaded)}); "
-                "download it and pass {'train': path, ...} as the source"
-            )
-        return splits
-
-    def _normalise(self, ds: datasets.Dataset, split: str) -> datasets.Dataset:
-        """Rename mapped columns to molex fields, check required ones, make every field a string."""
-        found = list(ds.column_names)
-        mapping = {field: self.columns.get(field, field) for field in FIELDS}
-        missing = [f"{f} (column {mapping[f]!r})" for f in REQUIRED_FIELDS if mapping[f] not in found]
-        absent_mapped = [f"{f} (column {c!r})" for f, c in self.columns.items() if c not in found]
-        missing += [m for m in absent_mapped if m not in missing]
-        if missing:
-            raise ValueError(
-                f"{split} data is missing required column(s): {', '.join(missing)}; columns found: {found}. "
-                "Rename them or map them with columns={'instruction': ..., 'output': ...}"
-            )
-        has_choices = mapping["choices"] in found
-
-        def convert(example: dict[str, Any]) -> dict[str, Any]:
-            out = {
-                "instruction": _text(example[mapping["instruction"]]),
-                "input": _text(example.get(mapping["input"])),
-                "output": _text(example[mapping["output"]]),
-                "task": _text(example.get(mapping["task"])) or DEFAULT_TASK,
-            }
-            if has_choices:
-                out["choices"] = [_text(c) for c in (example[mapping["choices"]] or [])]
-            return out
-
-        if len(ds) == 0:  # map() on no rows cannot infer the new columns
-            return datasets.Dataset.from_dict({field: [] for field in _TEXT_FIELDS})
-        keep = ["choices"] if has_choices and mapping["choices"] == "choices" else []
-        return ds.map(
-            convert,
-            remove_columns=[c for c in found if c not in keep],
-            keep_in_memory=True,
-            new_fingerprint=_fingerprint("normalise", split, ds._fingerprint, sorted(mapping.items())),
-            desc=f"reading {split}",
-        )
+        if self.source != "builtin":
+            return read_source(self.source, columns=self.columns, hub_config=self.hub_config)
+        sizes = {"train": self.num_per_task, "validation": self.eval_per_task, "test": self.eval_per_task}
+        empty = {field: [] for field in TEXT_FIELDS}
+        out = {}
+        for split in SPLITS:
+            rows = make_builtin_dataset(split, sizes[split], self.seed, self.builtin_tasks)
+            ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(empty)
+            out[split] = normalise(ds, split, self.columns)
+        return out
 
     def _complete_splits(self, splits: dict[str, datasets.Dataset]) -> dict[str, datasets.Dataset]:
         """Carve missing validation / test splits out of train, deterministically (seeded)."""
@@ -264,7 +193,7 @@ class InstructionDataModule(LightningDataModule):
 
     def examples(self, split: str) -> list[dict[str, Any]]:
         """The raw (normalised, untokenised) examples of ``split``."""
-        return self._load_raw()[_split_name(split)].to_list()
+        return self._load_raw()[split_name(split)].to_list()
 
     def test_examples(self) -> list[dict[str, Any]]:
         """Raw test examples, for generation or multiple-choice evaluation."""
@@ -307,7 +236,7 @@ class InstructionDataModule(LightningDataModule):
                 encode,
                 remove_columns=raw.column_names,
                 keep_in_memory=True,
-                new_fingerprint=_fingerprint("encode", split, raw._fingerprint, tok_key, sorted(task_ids.items())),
+                new_fingerprint=fingerprint("encode", split, raw._fingerprint, tok_key, sorted(task_ids.items())),
                 desc=f"tokenising {split}",
             )
             truncated = int(sum(encoded["truncated"]))
@@ -364,53 +293,3 @@ class InstructionDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
-
-
-def _text(value: Any) -> str:
-    return "" if value is None else str(value).strip()
-
-
-def _split_name(split: str) -> str:
-    key = split.lower()
-    if key not in _SPLIT_ALIASES:
-        raise ValueError(f"unknown split name {split!r}; use train, validation (or val/valid/dev) or test")
-    return _SPLIT_ALIASES[key]
-
-
-def _fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
-
-
-def _read_file(path: Path) -> datasets.Dataset:
-    """One local data file as a ``Dataset``; clear errors for missing, empty or unsupported files."""
-    builder = FILE_FORMATS.get(path.suffix.lower())
-    if builder is None:
-        raise ValueError(f"unsupported data file {str(path)!r}; use one of {sorted(FILE_FORMATS)}")
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {str(path)!r}")
-    if path.stat().st_size == 0 or (builder != "parquet" and path.read_bytes().strip() in (b"", b"[]", b"{}")):
-        raise ValueError(f"data file {str(path)!r} is empty: it holds no examples")
-    try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
-    except Exception as err:  # parse errors surface as several datasets / pyarrow exception types
-        raise ValueError(f"cannot read {str(path)!r} as {builder}: {err}") from err
-    if len(ds) == 0:
-        raise ValueError(f"data file {str(path)!r} is empty: it holds no examples")
-    return ds
-
-
-def _read_folder(folder: Path) -> dict[str, datasets.Dataset]:
-    """``train.*``, ``validation.*`` (or val / valid / dev) and ``test.*`` files of a folder."""
-    splits: dict[str, datasets.Dataset] = {}
-    for path in sorted(folder.iterdir()):
-        split = _SPLIT_ALIASES.get(path.stem.lower())
-        if split and path.suffix.lower() in FILE_FORMATS:
-            if split in splits:
-                raise ValueError(f"{folder} has several {split} files; keep one")
-            splits[split] = _read_file(path)
-    if not splits:
-        raise FileNotFoundError(
-            f"no data files in folder {os.fspath(folder)!r}: expected train / validation / test files ending in "
-            f"{sorted(FILE_FORMATS)}"
-        )
-    return splits
