@@ -18,8 +18,7 @@ from molex.files import atomic_write, read_json, require_file, sha256_file, writ
 from molex.inject import get_config, get_plans, inject, mole_layers, unload
 from molex.routers.base import Router
 
-# atomic_write lives in molex.files; it stays importable from here for existing callers
-__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "atomic_write", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
