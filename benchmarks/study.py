@@ -128,7 +128,9 @@ def train_run(overrides: list[str], run_dir: Path, timeout: float) -> dict[str, 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     # the child imports the same molex this process analyses with (a checkout or an installed package)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(molex.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(Path(molex.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    )
     command = [sys.executable, "-m", "molex.cli.train", *overrides, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
     with open(run_dir / "stdout.log", "w", encoding="utf-8") as log:
         proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False)
@@ -160,7 +162,9 @@ class Study:
 
     def datamodule(self, seed: int) -> Any:
         if seed not in self._data:
-            self._data[seed] = measure.make_datamodule(measure.compose_config([*self.common, f"seed={seed}"]), self.tokenizer)
+            self._data[seed] = measure.make_datamodule(
+                measure.compose_config([*self.common, f"seed={seed}"]), self.tokenizer
+            )
         return self._data[seed]
 
     def overrides(self, variant: str, seed: int) -> list[str]:
@@ -205,6 +209,7 @@ class Study:
             return done
         from molex.eval import evaluate_generation, evaluate_loss
 
+        start = time.perf_counter()
         dm = self.datamodule(0)
         ev = evaluate_generation(self.base, self.tokenizer, dm.test_examples(), task_names=None, **self.eval_kwargs)
         result = {
@@ -213,6 +218,7 @@ class Study:
             "per_task": ev["per_task"],
             "val_lm_loss": round(evaluate_loss(self.base, dm.val_dataloader()), 5),
         }
+        result["seconds"] = round(time.perf_counter() - start, 1)
         _write_json(path, result)
         return result
 
@@ -229,7 +235,9 @@ class Study:
         if done is not None and done.get("run") == [run["variant"], run["seed"]]:
             return done
         adapter = self.args.out / "runs" / run["variant"] / f"seed{run['seed']}" / "adapter"
-        check = peft_equivalence(self.base, self.tokenizer, self.datamodule(run["seed"]), adapter, eval_kwargs=self.eval_kwargs)
+        check = peft_equivalence(
+            self.base, self.tokenizer, self.datamodule(run["seed"]), adapter, eval_kwargs=self.eval_kwargs
+        )
         check["run"] = [run["variant"], run["seed"]]
         _write_json(path, check)
         return check
@@ -241,7 +249,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     study = Study(args)
     base = study.base_reference()
-    print(f"base model: exact match {100 * base['accuracy']:.1f}%, validation LM loss {base['val_lm_loss']:.3f}")
+    print(
+        f"base model: exact match {100 * base['accuracy']:.1f}%, validation LM loss {base['val_lm_loss']:.3f} "
+        f"({base['seconds']:.0f} s)",
+        flush=True,
+    )
     runs, total = [], args.seeds * len(args.variants)
     for seed in range(args.seeds):  # seed-major: an interrupted study still has every variant on the first seeds
         for variant in args.variants:

@@ -54,7 +54,10 @@ def mole_config_of(cfg: DictConfig) -> molex.MoLEConfig:
     router = instantiate(cfg.router)
     mole = OmegaConf.to_container(cfg.mole, resolve=True)
     return molex.MoLEConfig(
-        **mole, router=cfg.router.name, router_options=dataclasses.asdict(router), allocation=instantiate(cfg.allocation)
+        **mole,
+        router=cfg.router.name,
+        router_options=dataclasses.asdict(router),
+        allocation=instantiate(cfg.allocation),
     )
 
 
@@ -177,9 +180,7 @@ def measure_run(base: nn.Module, dm: Any, adapter_dir: Path) -> dict[str, Any]:
         trainable = sum(p.numel() for p in molex.trainable_parameters(model))
         val_lm_loss = evaluate_loss(model, dm.val_dataloader())
         active: dict[str, float] = {}
-        report = collect_routing(
-            model, _counting(dm.test_dataloader(), layers, active), task_names=list(dm.task_names)
-        )
+        report = collect_routing(model, _counting(dm.test_dataloader(), layers, active), task_names=list(dm.task_names))
         tokens = max(active.get("tokens", 0.0), 1.0)
         per_layer = [active.get(n, 0.0) / tokens * layer.experts.rank for n, layer in layers.items()]
         mixture = any(layer.experts.num_experts > 1 for layer in layers.values())

@@ -38,7 +38,7 @@ def _peft_modules(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tenso
 def peft_equivalence(base: nn.Module, tokenizer: Any, dm: Any, adapter_dir: Path, *, eval_kwargs: dict) -> dict:
     """Compare the molex model of ``adapter_dir`` with the same weights run by PEFT.
 
-    Returns ``{"max_abs_logit_diff", "molex_accuracy", "peft_accuracy", "same_predictions"}``, or
+    Returns ``{"max_abs_logit_diff", "max_abs_logit_change" (adapter vs base), "molex_accuracy", "peft_accuracy", "same_predictions"}``, or
     ``{"skipped": reason}`` when peft is not installed. ``base`` is left as it was.
     """
     try:
@@ -50,6 +50,7 @@ def peft_equivalence(base: nn.Module, tokenizer: Any, dm: Any, adapter_dir: Path
     batch = next(iter(dm.val_dataloader()))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     examples = dm.test_examples()
+    base_logits = base.eval()(**inputs).logits.float()
     model = molex.load_adapter(base, adapter_dir).eval()
     try:
         mole_logits = model(**inputs).logits.float()
@@ -65,10 +66,15 @@ def peft_equivalence(base: nn.Module, tokenizer: Any, dm: Any, adapter_dir: Path
             peft_eval = evaluate_generation(peft_model, tokenizer, examples, routing_inputs=False, **eval_kwargs)
         finally:
             peft_model.unload()  # takes PEFT's layers out of ``base`` again
-    same = [a["prediction"] == b["prediction"] for a, b in zip(mole_eval["predictions"], peft_eval["predictions"])]
+    same = [
+        a["prediction"] == b["prediction"]
+        for a, b in zip(mole_eval["predictions"], peft_eval["predictions"], strict=True)
+    ]
     mask = inputs["attention_mask"].bool()
     return {
         "max_abs_logit_diff": float((mole_logits - peft_logits).abs()[mask].max()),
+        # how far the adapter moves the logits: a zero difference above means something only if this is not
+        "max_abs_logit_change": float((mole_logits - base_logits).abs()[mask].max()),
         "molex_accuracy": mole_eval["accuracy"],
         "peft_accuracy": peft_eval["accuracy"],
         "same_predictions": sum(same) / len(same),

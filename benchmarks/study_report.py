@@ -166,7 +166,9 @@ def plot(study: dict[str, Any], path: Path) -> Path:
     panels = [("overall", lambda a: a["accuracy"])] + [(t, lambda a, t=t: a["per_task"][t]) for t in tasks]
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 0.6 + 0.28 * len(order) * rows + 0.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.2 * cols, 0.6 + 0.28 * len(order) * rows + 0.8 * rows), squeeze=False
+    )
     for ax, (title, pick) in zip(axes.flat, panels, strict=False):
         for y, name in enumerate(order):
             s = pick(agg[name])

@@ -55,7 +55,12 @@ _LORA = ("allocation=uniform", "mole.num_experts=1", "router=fixed")
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
-        Variant("lora_r16", "one LoRA, rank 16 (= active rank of top-2 x r8)", (*_LORA, "mole.rank=16", "mole.alpha=32"), False),
+        Variant(
+            "lora_r16",
+            "one LoRA, rank 16 (= active rank of top-2 x r8)",
+            (*_LORA, "mole.rank=16", "mole.alpha=32"),
+            False,
+        ),
         Variant(
             "lora_matched",
             "one LoRA, rank matched to the 2-4-6-8 mixture's total parameters",
@@ -67,10 +72,14 @@ VARIANTS: dict[str, Variant] = {
             f"top-2 of {MOLA_MEAN_EXPERTS} experts in every layer (same total as 2-4-6-8)",
             ("router=topk", "allocation=uniform", f"mole.num_experts={MOLA_MEAN_EXPERTS}"),
         ),
-        Variant("mola_increasing", "top-2, MoLA 2-4-6-8 (molex default)", ("router=topk", "allocation=mola_increasing")),
+        Variant(
+            "mola_increasing", "top-2, MoLA 2-4-6-8 (molex default)", ("router=topk", "allocation=mola_increasing")
+        ),
         Variant("mola_decreasing", "top-2, MoLA 8-6-4-2", ("router=topk", "allocation=mola_decreasing")),
         Variant("mola_hourglass", "top-2, MoLA 8-2-2-8", ("router=topk", "allocation=mola_hourglass")),
-        Variant("dynmole", "DynMoLE (Tsallis entropy, top-p), 2-4-6-8", ("router=dynmole", "allocation=mola_increasing")),
+        Variant(
+            "dynmole", "DynMoLE (Tsallis entropy, top-p), 2-4-6-8", ("router=dynmole", "allocation=mola_increasing")
+        ),
         Variant("soft", "soft: every expert, softmax weights, 2-4-6-8", ("router=soft", "allocation=mola_increasing")),
         Variant("switch", "switch: top-1, 2-4-6-8", ("router=switch", "allocation=mola_increasing")),
         Variant(
