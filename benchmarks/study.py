@@ -60,7 +60,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", default=None, help="a data file or a folder of train/validation/test files")
     parser.add_argument("--model", default=None, help="smollm2-135m, tiny-llama, a local path or a hub name")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/study)")
-    parser.add_argument("--variants", nargs="+", default=None, help=f"any of: {' '.join(VARIANTS)}")
+    parser.add_argument(
+        "--variants", nargs="+", default=None, help=f"'all' or any of: {' '.join(VARIANTS)} (default: "
+        f"{' '.join(DEFAULT_VARIANTS)})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--peft-check", action="store_true", help="also run the first one-LoRA adapter through PEFT and compare "
+        "logits and exact match (costs two evaluations of the test split)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=None, help=f"training steps per run (default {STEPS})")
     parser.add_argument(
         "--test-per-task", type=int, default=None, help=f"built-in data: validation and test examples per task "
@@ -74,6 +81,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args.steps = quick["steps"] if args.steps is None else args.steps
     args.test_per_task = quick["test_per_task"] if args.test_per_task is None else args.test_per_task
     args.variants = args.variants or list(QUICK_VARIANTS if args.quick else DEFAULT_VARIANTS)
+    if args.variants == ["all"]:
+        args.variants = list(VARIANTS)
     args.model = args.model or ("tiny-llama" if args.quick else "smollm2-135m")
     args.out = args.out or Path("benchmarks/results") / ("study-quick" if args.quick else "study")
     for name, value in (("--seeds", args.seeds), ("--steps", args.steps), ("--test-per-task", args.test_per_task)):
@@ -91,8 +100,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def common_overrides(args: argparse.Namespace) -> list[str]:
-    """Overrides every run shares: model, data, steps; no Lightning validation (the study measures the
-    validation loss itself on the whole split), no before-training evaluation, no routing plots."""
+    """Overrides every run shares: model, data, steps; one validation over the whole validation split at
+    the last step (its ``val/lm_loss`` is the study's loss), no before-training evaluation, no routing plots."""
     group = MODEL_GROUPS.get(args.model)
     out = [f"model={group}"] if group else ["model=hf", f"model.name_or_path={args.model}"]
     if args.data is None:
@@ -101,7 +110,9 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
         out += ["data=jsonl", f"data.source={Path(args.data).resolve()}"]
     out += [
         f"trainer.max_steps={args.steps}",
-        "trainer.limit_val_batches=0",
+        "trainer.limit_val_batches=1.0",
+        f"trainer.val_check_interval={args.steps}",
+        "++trainer.num_sanity_val_steps=0",
         "trainer.enable_progress_bar=false",
         "eval.before=false",
         "analysis.enabled=false",
@@ -195,7 +206,7 @@ class Study:
             "counts": metrics["after"]["counts"],
             "train": metrics["train"],
             "train_seconds": metrics["train"]["seconds"],
-            **measure.measure_run(self.base, dm, run_dir / "adapter"),
+            **measure.measure_run(self.base, dm, run_dir / "adapter", logged=metrics["train"]),
         }
         result["seconds"] = round(time.perf_counter() - start, 1)
         _write_json(run_dir / "result.json", result)
@@ -265,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{result['trainable_params']:,} trainable ({result['seconds']:.0f} s)",
                 flush=True,
             )
-    peft = study.peft_check(runs)
+    peft = study.peft_check(runs) if args.peft_check else None
     report = {
         "command": "python -m benchmarks.study " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": args.model,

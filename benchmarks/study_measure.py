@@ -6,8 +6,9 @@ The configuration is composed from molex's packaged Hydra config (the same ``tra
 * trainable parameters and the active rank per token (mean over MoLE layers of the number of experts
   with a non-zero gate per real token, times the layer's rank), measured on the test split;
 * the validation LM loss of the final model over the whole validation split (cross-entropy per answer
-  token, float32, no auxiliary losses), with :func:`molex.eval.evaluate_loss`;
-* routing health on the test split, from :func:`molex.analysis.collect_routing`.
+  token, no auxiliary losses): the run's logged ``val/lm_loss``, else :func:`molex.eval.evaluate_loss`;
+* routing health on test batches covering every task with ``ROUTING_PER_TASK`` examples, from
+  :func:`molex.analysis.collect_routing`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ __all__ = [
     "routing_health",
 ]
 
+#: test examples per task the routing statistics are gathered over (at least; whole batches are used)
+ROUTING_PER_TASK = 16
 #: a layer whose largest expert share reaches this is counted as collapsed
 COLLAPSED_SHARE = 0.9
 
@@ -94,6 +97,26 @@ def matched_rank(base: nn.Module, target: molex.MoLEConfig, lora: molex.MoLEConf
     target_params = count_trainable(base, target)
     per_rank = count_trainable(base, lora) / lora.rank
     return max(1, round(target_params / per_rank)), target_params
+
+
+def _covering(batches: Iterable[Mapping[str, Tensor]], num_tasks: int, per_task: int) -> Iterator:
+    """The batches that bring some task (``task_ids [B]``) closer to ``per_task`` examples, until every
+    task has them: a cheap sample that covers every task whether the split is shuffled or grouped."""
+    seen = torch.zeros(max(num_tasks, 1), dtype=torch.long)
+    for batch in batches:
+        tasks = batch.get("task_ids")
+        if tasks is None:  # no task labels: a fixed number of examples
+            if int(seen[0]) >= per_task * max(num_tasks, 1):
+                return
+            seen[0] += batch["input_ids"].shape[0]
+            yield batch
+            continue
+        counts = torch.bincount(tasks.long(), minlength=seen.numel())[: seen.numel()]
+        if bool(((seen < per_task) & (counts > 0)).any()):
+            seen += counts
+            yield batch
+        if bool((seen >= per_task).all()):
+            return
 
 
 def _counting(batches: Iterable[Mapping[str, Tensor]], layers: Mapping[str, Any], active: dict[str, float]) -> Iterator:
@@ -169,8 +192,13 @@ def routing_health(report: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def measure_run(base: nn.Module, dm: Any, adapter_dir: Path) -> dict[str, Any]:
-    """Load the run's adapter onto ``base`` and measure it; ``base`` is returned to its original state."""
+def measure_run(base: nn.Module, dm: Any, adapter_dir: Path, *, logged: Mapping[str, Any]) -> dict[str, Any]:
+    """Load the run's adapter onto ``base`` and measure it; ``base`` is returned to its original state.
+
+    ``logged``: what the run logged at its end (``metrics.json``'s ``train``); its ``val/lm_loss`` (the
+    LM loss alone, over the whole validation split at the last step) is used when present, otherwise
+    the LM loss is computed here.
+    """
     from molex.analysis import collect_routing
     from molex.eval import evaluate_loss
 
@@ -178,15 +206,20 @@ def measure_run(base: nn.Module, dm: Any, adapter_dir: Path) -> dict[str, Any]:
     try:
         layers = molex.mole_layers(model)
         trainable = sum(p.numel() for p in molex.trainable_parameters(model))
-        val_lm_loss = evaluate_loss(model, dm.val_dataloader())
+        if "val/lm_loss" in logged:
+            val_lm_loss, source = float(logged["val/lm_loss"]), "val/lm_loss logged at the last step"
+        else:
+            val_lm_loss, source = evaluate_loss(model, dm.val_dataloader()), "molex.eval.evaluate_loss"
         active: dict[str, float] = {}
-        report = collect_routing(model, _counting(dm.test_dataloader(), layers, active), task_names=list(dm.task_names))
+        batches = _covering(dm.test_dataloader(), len(dm.task_names), ROUTING_PER_TASK)
+        report = collect_routing(model, _counting(batches, layers, active), task_names=list(dm.task_names))
         tokens = max(active.get("tokens", 0.0), 1.0)
         per_layer = [active.get(n, 0.0) / tokens * layer.experts.rank for n, layer in layers.items()]
         mixture = any(layer.experts.num_experts > 1 for layer in layers.values())
         return {
             "trainable_params": trainable,
             "val_lm_loss": round(val_lm_loss, 5),
+            "val_lm_loss_source": source,
             "active_rank": round(sum(per_layer) / len(per_layer), 3),
             "health": routing_health(report) if mixture else None,
         }

@@ -12,11 +12,11 @@ import torch
 from benchmarks import study
 from benchmarks.study_measure import compose_config, mole_config_of, routing_health
 from benchmarks.study_report import aggregate, markdown, plot
-from benchmarks.study_variants import DEFAULT_VARIANTS, VARIANTS, variant_overrides
+from benchmarks.study_variants import VARIANTS, variant_overrides
 from molex.analysis import RoutingReport
 
 
-@pytest.mark.parametrize("name", DEFAULT_VARIANTS)
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_variant_composes_into_a_valid_mole_config(name):
     config = mole_config_of(compose_config(variant_overrides(name, matched_rank=44, num_tasks=8)))
     if VARIANTS[name].mixture:
@@ -80,6 +80,16 @@ def test_routing_health_shows_a_collapsed_router():
     assert routing_health(_report([[0.3, 0.3]]))["layers"]["layer0"]["share"] == [0.5, 0.5]
 
 
+def test_routing_sample_covers_every_task_even_when_the_split_is_grouped():
+    from benchmarks.study_measure import _covering
+
+    grouped = [{"input_ids": torch.zeros(4, 3), "task_ids": torch.full((4,), t)} for t in (0, 0, 0, 1, 1, 2, 2, 2)]
+    picked = list(_covering(grouped, 3, 8))
+    assert [int(b["task_ids"][0]) for b in picked] == [0, 0, 1, 1, 2, 2]
+    unlabelled = [{"input_ids": torch.zeros(4, 3)}] * 5
+    assert len(list(_covering(unlabelled, 1, 8))) == 2
+
+
 def _run(variant, seed, acc, loss, health=None):
     return {
         "variant": variant,
@@ -125,7 +135,7 @@ def test_aggregate_pairs_seeds_and_markdown_and_plot_show_every_variant(tmp_path
 @pytest.mark.slow
 def test_quick_study_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "study"
-    report = study.main(["--quick", "--out", str(out)])
+    report = study.main(["--quick", "--peft-check", "--out", str(out)])
     saved = json.loads((out / "study.json").read_text())
     variants = list(saved["variants"])
     assert len(variants) >= 2 and saved["reference"] in variants
@@ -133,6 +143,7 @@ def test_quick_study_end_to_end_and_resumes(tmp_path):
     for run in saved["runs"]:
         assert 0.0 <= run["accuracy"] <= 1.0 and set(run["per_task"]) == set(saved["tasks"])
         assert math.isfinite(run["val_lm_loss"]) and 0 < run["val_lm_loss"] < 20
+        assert run["val_lm_loss_source"].startswith("val/lm_loss")  # one validation at the last step
         assert run["trainable_params"] > 0 and run["active_rank"] > 0
         assert (out / "runs" / run["variant"] / "seed0" / "adapter" / "adapter.safetensors").is_file()
         health = run["health"]
@@ -162,6 +173,6 @@ def test_quick_study_end_to_end_and_resumes(tmp_path):
     # resuming: every result exists, so nothing trains again and the report is the same
     result = out / "runs" / variants[0] / "seed0" / "result.json"
     stamp = result.stat().st_mtime_ns
-    again = study.main(["--quick", "--out", str(out)])
+    again = study.main(["--quick", "--peft-check", "--out", str(out)])
     assert result.stat().st_mtime_ns == stamp
     assert again["aggregate"] == report["aggregate"]
