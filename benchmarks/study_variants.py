@@ -1,0 +1,120 @@
+"""The variants the study compares, as ``molex-train`` overrides over molex's own defaults.
+
+Every variant keeps the default recipe (model, target modules, rank 8, alpha 16, optimiser, steps) and
+changes only what defines it, so differences come from routing and allocation, not from tuning:
+
+* ``lora_r16``: one LoRA of rank 16, the active rank per token of top-2 over rank-8 experts.
+* ``lora_matched``: one LoRA whose rank is chosen so its trainable parameters equal the reference
+  mixture's (``mola_increasing``); the rank is computed on the model, see :func:`matched_rank`.
+* ``topk_uniform``: top-2 over the same total number of experts as MoLA 2-4-6-8, spread evenly.
+* ``mola_increasing`` (molex's default), ``mola_decreasing``, ``mola_hourglass``: top-2, MoLA schedules.
+* ``dynmole``, ``soft``, ``switch``: other token routers over the default 2-4-6-8 allocation.
+* ``gate_supervised``: MeteoRA's gate trained with the task labels (one expert per task, top-2),
+  the "routing that knows the task" reference.
+
+LoRA variants keep ``alpha / rank = 2`` (the experts' ``16 / 8``) so every variant starts from the same
+update scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Variant", "VARIANTS", "DEFAULT_VARIANTS", "QUICK_VARIANTS", "REFERENCE", "variant_overrides"]
+
+#: the variant every other one is compared with (paired by seed)
+REFERENCE = "lora_r16"
+#: the mixture whose total trainable parameters ``lora_matched`` matches
+MATCH_TARGET = "mola_increasing"
+#: task-supervised gate: MeteoRA's order of magnitude for the cross-entropy weight
+GATE_TASK_LOSS_COEF = 10.0
+#: the MoLA schedules have 2, 4, 6, 8 experts over the four quarters of the layers: 5 on average
+MOLA_MEAN_EXPERTS = 5
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of the study.
+
+    Attributes:
+        name: short identifier (also the run folder's name).
+        description: one line for the tables.
+        overrides: ``molex-train`` overrides; ``{rank}`` and ``{alpha}`` are filled for ``lora_matched``
+            and ``{num_tasks}`` for ``gate_supervised``.
+        mixture: True when a router chooses among several experts (routing health applies).
+    """
+
+    name: str
+    description: str
+    overrides: tuple[str, ...]
+    mixture: bool = True
+
+
+_LORA = ("allocation=uniform", "mole.num_experts=1", "router=fixed")
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant(
+            "lora_r16",
+            "one LoRA, rank 16 (= active rank of top-2 x r8)",
+            (*_LORA, "mole.rank=16", "mole.alpha=32"),
+            False,
+        ),
+        Variant(
+            "lora_matched",
+            "one LoRA, rank matched to the 2-4-6-8 mixture's total parameters",
+            (*_LORA, "mole.rank={rank}", "mole.alpha={alpha}"),
+            False,
+        ),
+        Variant(
+            "topk_uniform",
+            f"top-2 of {MOLA_MEAN_EXPERTS} experts in every layer (same total as 2-4-6-8)",
+            ("router=topk", "allocation=uniform", f"mole.num_experts={MOLA_MEAN_EXPERTS}"),
+        ),
+        Variant(
+            "mola_increasing", "top-2, MoLA 2-4-6-8 (molex default)", ("router=topk", "allocation=mola_increasing")
+        ),
+        Variant("mola_decreasing", "top-2, MoLA 8-6-4-2", ("router=topk", "allocation=mola_decreasing")),
+        Variant("mola_hourglass", "top-2, MoLA 8-2-2-8", ("router=topk", "allocation=mola_hourglass")),
+        Variant(
+            "dynmole", "DynMoLE (Tsallis entropy, top-p), 2-4-6-8", ("router=dynmole", "allocation=mola_increasing")
+        ),
+        Variant("soft", "soft: every expert, softmax weights, 2-4-6-8", ("router=soft", "allocation=mola_increasing")),
+        Variant("switch", "switch: top-1, 2-4-6-8", ("router=switch", "allocation=mola_increasing")),
+        Variant(
+            "gate_supervised",
+            "MeteoRA gate, top-2 of one expert per task, trained on task labels",
+            (
+                "router=gate",
+                "allocation=uniform",
+                "mole.num_experts={num_tasks}",
+                f"router.options.task_loss_coef={GATE_TASK_LOSS_COEF}",
+            ),
+        ),
+    )
+}
+
+#: the default study: the two LoRA budgets, molex's default mixture and uniform top-2 at the same total;
+#: what 3 seeds of SmolLM2-135M fit in 75 minutes on 2 CPU cores (``--variants all`` runs every variant)
+DEFAULT_VARIANTS: tuple[str, ...] = ("lora_r16", "lora_matched", "mola_increasing", "topk_uniform")
+#: ``--quick``: the comparison the study exists for, at its smallest
+QUICK_VARIANTS: tuple[str, ...] = ("lora_r16", "mola_increasing")
+
+
+def variant_overrides(name: str, *, matched_rank: int | None = None, num_tasks: int | None = None) -> list[str]:
+    """The variant's ``molex-train`` overrides with its placeholders filled.
+
+    Raises ``ValueError`` naming the variant when it needs a value that was not given.
+    """
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    variant = VARIANTS[name]
+    needs_rank = any("{rank}" in o for o in variant.overrides)
+    if needs_rank and matched_rank is None:
+        raise ValueError(f"variant {name!r} needs matched_rank (computed from the model)")
+    if any("{num_tasks}" in o for o in variant.overrides) and num_tasks is None:
+        raise ValueError(f"variant {name!r} needs num_tasks (read from the data)")
+    # top-2 needs two experts even when the data has a single task
+    values = {"rank": matched_rank, "alpha": 2 * (matched_rank or 0), "num_tasks": max(num_tasks or 0, 2)}
+    return [o.format(**values) if "{" in o else o for o in variant.overrides]
