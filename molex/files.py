@@ -115,8 +115,8 @@ def require_file(path: str | os.PathLike, message: str) -> Path:
 # ``replace_dir`` runs these steps; each is atomic, so a kill falls between two of them:
 #
 #   1. recover: ``T`` missing and ``.old`` present -> rename ``.old`` back to ``T``; then delete
-#      ``.new`` and ``.trash`` (never complete parts of a published state) and move a ``.old`` that
-#      sits beside an existing ``T`` to ``.trash``.
+#      ``.new`` and ``.trash`` (a partial write, or content already superseded by ``T``) and a
+#      ``.old`` that sits beside an existing ``T`` (each renamed to ``.trash`` first).
 #   2. write ``.new``: hard links (copies where links are not supported) of every entry of ``T`` the
 #      writer does not own, then the writer's files; fsync the files and the folder.
 #   3. publish: with ``T`` absent, rename ``.new`` -> ``T``. With ``T`` present, exchange ``.new`` and
@@ -249,10 +249,10 @@ def replace_dir(target: str | os.PathLike, write: Callable[[Path], None], *, own
 
     ``write`` receives a sibling folder holding no entry named in ``owned`` and writes the files
     named in ``owned`` into it; every other entry already in ``target`` (a README, ``.git``, ...)
-    is kept, as a hard link (or copy) in the new folder. A kill
-    at any instant leaves ``target`` loadable as the complete old or the complete new content (see
-    the protocol above); an exception in ``write`` leaves ``target`` untouched. Returns ``target``
-    resolved. Check the target with :func:`check_dir_target` first.
+    is kept, as a hard link (or copy) in the new folder. A kill at any instant leaves ``target``
+    readable (through :func:`readable_dir`) as the complete old or the complete new content, see
+    the protocol above; an exception in ``write`` leaves ``target`` untouched. Returns ``target``
+    resolved (symlinks followed, so a symlinked folder is written where it points).
     """
     target = check_dir_target(target, "folder")
     target.parent.mkdir(parents=True, exist_ok=True)
