@@ -1,20 +1,37 @@
-"""File helpers shared by everything that reads or writes to disk: atomic writes, JSON, checksums, path checks.
+"""File helpers shared by everything that reads or writes to disk: atomic writes of one file or of
+a whole folder, JSON, checksums, path checks.
 
 This module imports nothing of molex, so any layer (adapter files, the LoRA hub, analytics plots,
-the CLIs, benchmarks) can use it without pulling in models or routers.
+the CLIs, benchmarks) can use it without pulling in models or routers. The folder protocol, and
+the invariant it keeps at every instant, is described above :func:`replace_dir`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import shutil
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "write_json", "read_json", "sha256_file", "require_dir", "require_file"]
+__all__ = [
+    "atomic_write",
+    "write_json",
+    "read_json",
+    "sha256_file",
+    "require_dir",
+    "require_file",
+    "replace_dir",
+    "readable_dir",
+    "check_dir_target",
+    "refuse_foreign",
+]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -82,3 +99,203 @@ def require_file(path: str | os.PathLike, message: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(message)
     return path
+
+
+# -- folders replaced as a whole ----------------------------------------------------------------
+#
+# A folder of several files (an adapter's config and weights) is published by ONE rename, so a
+# process killed at any instant leaves the folder holding either the complete previous content or
+# the complete new one. Beside the target folder ``T`` (same parent, so renames stay on one
+# filesystem) live up to three transient siblings:
+#
+#   ``.T.molex-new``    the new content being written; complete once it is renamed or exchanged
+#   ``.T.molex-old``    the previous ``T``, moved aside (only on the two-rename path below)
+#   ``.T.molex-trash``  a finished sibling being deleted
+#
+# ``replace_dir`` runs these steps; each is atomic, so a kill falls between two of them:
+#
+#   1. recover: ``T`` missing and ``.old`` present -> rename ``.old`` back to ``T``; then delete
+#      ``.new`` and ``.trash`` (a partial write, or content already superseded by ``T``) and a
+#      ``.old`` that sits beside an existing ``T`` (each renamed to ``.trash`` first).
+#   2. write ``.new``: hard links (copies where links are not supported) of every entry of ``T`` the
+#      writer does not own, then the writer's files; fsync the files and the folder.
+#   3. publish: with ``T`` absent, rename ``.new`` -> ``T``. With ``T`` present, exchange ``.new`` and
+#      ``T`` in one ``renameat2(RENAME_EXCHANGE)`` (Linux); where the system or filesystem cannot,
+#      rename ``T`` -> ``.old`` and then ``.new`` -> ``T``. fsync the parent.
+#   4. clean up: rename the previous content (now ``.new`` or ``.old``) to ``.trash``, delete it.
+#
+# Invariant, at every instant: ``T`` is the complete old or the complete new folder, except in the
+# window of the two-rename path between its two renames, where ``T`` is missing and ``.old`` is the
+# complete old folder. ``.old`` exists ONLY in that window or, after step 3, beside the complete new
+# ``T``: so "``T`` missing and ``.old`` present" always means ``.old`` is complete, which is what
+# readers (``readable_dir``) and the next writer's recovery (step 1) rely on. ``.new`` and
+# ``.trash`` are never read. Entries of ``T`` the writer does not own exist, at every instant, in
+# ``T`` or ``.old``. One writer per folder at a time: concurrent writers to the same folder race.
+
+_NEW, _OLD, _TRASH = ".molex-new", ".molex-old", ".molex-trash"
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _sibling(target: Path, suffix: str) -> Path:
+    return target.parent / f".{target.name}{suffix}"
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step; ``False`` where the system or filesystem cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without renameat2 (glibc < 2.28, some musl)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def _fsync(path: Path) -> None:
+    # directories can be fsynced on POSIX only; elsewhere a rename is as durable as the system makes it
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _carry_over(source: Path, dest: Path, owned: Collection[str]) -> None:
+    """Give ``dest`` every entry of ``source`` except ``owned`` names: hard links, not copies of data."""
+    for entry in source.iterdir():
+        if entry.name in owned:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, dest / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(entry), str(dest / entry.name))
+
+
+def _discard(path: Path, trash: Path) -> None:
+    """Delete ``path`` after renaming it to ``trash``, so a half-deleted folder is always named ``trash``."""
+    if path.exists() or path.is_symlink():
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _recover(target: Path) -> None:
+    """Step 1: bring ``target`` back after a writer was killed, and drop what that writer left."""
+    old, new, trash = (_sibling(target, s) for s in (_OLD, _NEW, _TRASH))
+    if not target.exists() and old.is_dir():
+        os.rename(old, target)
+    _discard(new, trash)
+    _discard(old, trash)
+
+
+def readable_dir(target: str | os.PathLike) -> Path:
+    """The folder to read for ``target``: ``target`` itself, or its complete previous content when a
+    writer of :func:`replace_dir` was killed in the instant between its two renames."""
+    target = Path(target)
+    old = _sibling(target, _OLD)
+    if not target.exists() and old.is_dir():
+        return old
+    return target
+
+
+def check_dir_target(target: str | os.PathLike, what: str) -> Path:
+    """``target`` resolved (symlinks followed) if :func:`replace_dir` may replace it.
+
+    Raises ``NotADirectoryError`` for an existing file and ``ValueError`` for a filesystem root or
+    a folder holding the working directory (replacing it would pull the directory from under the
+    process).
+
+    Args:
+        target: the folder to write.
+        what: the caller's name for the folder (e.g. ``"save_adapter directory"``) for messages.
+    """
+    given = Path(target)
+    if given.exists() and not given.is_dir():
+        raise NotADirectoryError(
+            f"{what} {str(given)!r} is a file, not a folder: pass a folder path (it is created if missing)"
+        )
+    resolved = given.resolve()
+    if resolved.parent == resolved:
+        raise ValueError(f"{what} {str(given)!r} is a filesystem root: pass a dedicated folder")
+    cwd = Path.cwd().resolve()
+    if cwd == resolved or resolved in cwd.parents:
+        raise ValueError(
+            f"{what} {str(given)!r} is the working directory or contains it, and the folder is replaced as a "
+            "whole when written: pass a dedicated folder, e.g. ./adapter"
+        )
+    return resolved
+
+
+def replace_dir(target: str | os.PathLike, write: Callable[[Path], None], *, owned: Collection[str]) -> Path:
+    """Make ``target`` a folder holding what ``write(folder)`` writes, published by one rename.
+
+    ``write`` receives a sibling folder holding no entry named in ``owned`` and writes the files
+    named in ``owned`` into it; every other entry already in ``target`` (a README, ``.git``, ...)
+    is kept, as a hard link (or copy) in the new folder. A kill at any instant leaves ``target``
+    readable (through :func:`readable_dir`) as the complete old or the complete new content, see
+    the protocol above; an exception in ``write`` leaves ``target`` untouched. Returns ``target``
+    resolved (symlinks followed, so a symlinked folder is written where it points).
+    """
+    target = check_dir_target(target, "folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    new, old, trash = (_sibling(target, s) for s in (_NEW, _OLD, _TRASH))
+    _recover(target)
+    new.mkdir()
+    try:
+        if target.is_dir():
+            _carry_over(target, new, owned)
+        write(new)
+        for name in owned:
+            if (new / name).is_file():
+                _fsync(new / name)
+        _fsync(new)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    if not target.exists():
+        os.rename(new, target)
+    elif _exchange(new, target):
+        old = new  # the exchange left the previous content where the new one was
+    else:
+        os.rename(target, old)
+        os.rename(new, target)
+    _fsync(target.parent)
+    _discard(old, trash)
+    return target
+
+
+def refuse_foreign(
+    target: str | os.PathLike, owned: Collection[str], *, ours: Callable[[Path], bool], overwrite: bool, what: str
+) -> None:
+    """``FileExistsError`` if writing ``owned`` into ``target`` would replace files another tool wrote.
+
+    ``ours(target)`` tells whether the files named ``owned`` already in ``target`` were written by
+    this writer (a marker in them); ``overwrite=True`` lets the writer replace them anyway.
+    """
+    target = Path(target)
+    if overwrite or not target.is_dir():
+        return
+    present = sorted(name for name in owned if (target / name).exists())
+    if present and not ours(target):
+        raise FileExistsError(
+            f"{target} holds {', '.join(present)} that molex did not write (another tool's adapter?); "
+            f"{what} refuses to replace them: choose another folder, or pass overwrite=True to replace them"
+        )

@@ -1,7 +1,15 @@
-"""Save and load MoLE adapters: ``adapter_config.json`` + ``adapter.safetensors`` (MoLE weights only)."""
+"""Save and load MoLE adapters: ``adapter_config.json`` + ``adapter.safetensors`` (MoLE weights only).
+
+A save publishes the config and the weights together by one folder rename
+(:func:`molex.files.replace_dir`), so a process killed at any instant of a save leaves a folder
+that loads as the complete previous adapter or the complete new one. The config names the weights'
+checksum and carries ``format: "molex-adapter"``, the marker by which a later save recognises a
+folder it may replace.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,7 +22,16 @@ from torch import Tensor, nn
 from molex.allocation import LayerPlan
 from molex.config import MoLEConfig
 from molex.experts import LoRAExperts
-from molex.files import atomic_write, read_json, require_file, sha256_file, write_json
+from molex.files import (
+    check_dir_target,
+    read_json,
+    readable_dir,
+    refuse_foreign,
+    replace_dir,
+    require_file,
+    sha256_file,
+    write_json,
+)
 from molex.inject import get_config, get_plans, inject, mole_layers, unload
 from molex.routers.base import Router
 
@@ -36,13 +53,30 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the MoLE config, the per-layer allocation and the MoLE weights of ``model`` to ``directory``."""
+def _is_molex_adapter(directory: Path) -> bool:
+    try:
+        data = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write the MoLE config, the per-layer allocation and the MoLE weights of ``model`` to ``directory``.
+
+    The folder is created if missing; other files in it are kept. A crash at any instant leaves it
+    holding the complete previous adapter or the complete new one. A folder holding an adapter
+    that molex did not write (e.g. PEFT's ``adapter_config.json``) is refused unless
+    ``overwrite=True``. Returns ``directory``.
+    """
     from molex import __version__
 
-    config = get_config(model)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    check_dir_target(directory, "save_adapter directory")
+    refuse_foreign(
+        directory, (CONFIG_NAME, WEIGHTS_NAME), ours=_is_molex_adapter, overwrite=overwrite, what="save_adapter"
+    )
+    config = get_config(model)
     layers = mole_layers(model)
     plans = [
         {
@@ -56,24 +90,29 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         for plan in get_plans(model)
     ]
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    # the config is written last and names the weights' checksum: a pair from two saves never loads
-    write_json(
-        directory / CONFIG_NAME,
-        {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "molex_version": __version__,
-            "base_model_name_or_path": config.base_model_name_or_path,
-            "mole_config": config.to_dict(),
-            "layers": plans,
-            "weights_sha256": sha256_file(directory / WEIGHTS_NAME),
-        },
-    )
+
+    def write(folder: Path) -> None:
+        save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+        # the config names the weights' checksum: a pair from two saves never loads
+        write_json(
+            folder / CONFIG_NAME,
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "molex_version": __version__,
+                "base_model_name_or_path": config.base_model_name_or_path,
+                "mole_config": config.to_dict(),
+                "layers": plans,
+                "weights_sha256": sha256_file(folder / WEIGHTS_NAME),
+            },
+        )
+
+    replace_dir(directory, write, owned=(CONFIG_NAME, WEIGHTS_NAME))
     return directory
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``adapter_config.json`` of a molex adapter folder; ``ValueError`` if it is not one."""
     path = require_file(
         Path(directory) / CONFIG_NAME,
         f"no {CONFIG_NAME} in {directory}: is this a directory written by molex.save_adapter?",
@@ -101,7 +140,7 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike) -> nn.Modu
     Raises a ``ValueError`` naming the key on any missing / unexpected key or shape mismatch;
     ``base_model`` is left untouched when loading fails.
     """
-    directory = Path(directory)
+    directory = readable_dir(directory)
     data = read_adapter_config(directory)
     config = MoLEConfig.from_dict(data["mole_config"])
     weights_path = directory / WEIGHTS_NAME

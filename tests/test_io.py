@@ -8,6 +8,7 @@ from conftest import tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 
 import molex
+from molex.hub.peft_format import read_peft_adapter
 
 CFG = dict(target_modules=["q_proj", "v_proj"], rank=4, top_k=2, allocation={"schedule": "mola-increasing"})
 
@@ -127,3 +128,52 @@ def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
         molex.save_adapter(trained(seed=1), tmp_path)
     assert (tmp_path / "adapter.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+
+
+def test_save_refuses_another_tools_adapter_unless_overwrite(tmp_path):
+    from hub_helpers import make_peft_adapter
+
+    pytest.importorskip("peft")
+    folder = tmp_path / "add"
+    make_peft_adapter(tiny_llama, folder, seed=0)
+    config = (folder / "adapter_config.json").read_bytes()
+    with pytest.raises(FileExistsError, match=r"add holds adapter_config.json that molex did not write.*overwrite=True"):
+        molex.save_adapter(trained(), folder)
+    assert (folder / "adapter_config.json").read_bytes() == config  # still a readable PEFT adapter
+    read_peft_adapter(folder)
+
+    # any adapter_config.json molex did not write counts, also one that is not JSON
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "adapter_config.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(FileExistsError, match="other holds adapter_config.json"):
+        molex.save_adapter(trained(), tmp_path / "other")
+
+    model = trained()
+    molex.save_adapter(model, folder, overwrite=True)
+    assert torch.equal(logits(molex.load_adapter(tiny_llama(), folder)), logits(model))
+    assert (folder / "README.md").is_file() and (folder / "adapter_model.safetensors").is_file()  # not ours: kept
+    molex.save_adapter(trained(seed=1), folder)  # molex's own adapter is replaced without asking
+
+
+def test_save_to_a_file_or_the_working_directory_is_a_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match=r"save_adapter directory '.*weights.bin' is a file, not a folder"):
+        molex.save_adapter(trained(), tmp_path / "weights.bin")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"save_adapter directory '.' is the working directory.*dedicated folder"):
+        molex.save_adapter(trained(), ".")
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.bin"]
+
+
+def test_save_keeps_other_files_and_follows_a_symlinked_folder(tmp_path):
+    real = tmp_path / "store" / "adapter"
+    molex.save_adapter(trained(), real)
+    (real / "notes").mkdir()
+    (real / "notes" / "README.md").write_text("kept", encoding="utf-8")
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    model = trained(seed=1)
+    molex.save_adapter(model, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()  # the link still points to the folder, which holds the new adapter
+    assert torch.equal(logits(molex.load_adapter(tiny_llama(), real)), logits(model))
+    assert (real / "notes" / "README.md").read_text(encoding="utf-8") == "kept"
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["adapter"]  # no siblings left behind

@@ -104,3 +104,27 @@ def test_lorahub_without_cma_says_how_to_install(monkeypatch, adapters):
     monkeypatch.setitem(sys.modules, "cma", None)
     with pytest.raises(ImportError, match=r"pip install 'molex\[hub\]'"):
         molex.lorahub_search(tiny_llama(), adapters, [{"input_ids": IDS, "labels": IDS}])
+
+
+def test_merge_never_replaces_its_inputs_or_another_tools_adapter(tmp_path, adapters):
+    before = (adapters["a"] / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"out_dir '.*a' is the folder of input adapter 'a'.*choose another out_dir"):
+        molex.merge_adapters(adapters, WEIGHTS, "cat", adapters["a"])
+    (tmp_path / "link").symlink_to(adapters["b"], target_is_directory=True)
+    with pytest.raises(ValueError, match=r"out_dir '.*link' is the folder of input adapter 'b'"):
+        molex.merge_adapters(adapters, WEIGHTS, "cat", tmp_path / "link")
+    with pytest.raises(ValueError, match="folder of input adapter 'a'"):  # refused before the search runs
+        molex.lorahub_search(tiny_llama(), adapters, [{"input_ids": IDS, "labels": IDS}], out_dir=adapters["a"])
+    assert (adapters["a"] / "adapter_model.safetensors").read_bytes() == before
+
+    # a PEFT adapter that molex did not write is replaced only with overwrite=True; its other files stay
+    make_peft_adapter(tiny_llama, tmp_path / "peft", seed=4)
+    with pytest.raises(FileExistsError, match=r"peft holds adapter_config.json, adapter_model.safetensors that molex"):
+        molex.merge_adapters(adapters, WEIGHTS, "cat", tmp_path / "peft")
+    molex.merge_adapters(adapters, WEIGHTS, "cat", tmp_path / "peft", overwrite=True)
+    assert (tmp_path / "peft" / "README.md").is_file()  # written by PEFT, kept
+    # molex's own output is replaced without asking; a file path is a clear error
+    molex.merge_adapters(adapters, [1.0, 0.0], "cat", tmp_path / "peft")
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    with pytest.raises(NotADirectoryError, match=r"folder '.*file' is a file, not a folder"):
+        molex.merge_adapters(adapters, WEIGHTS, "cat", tmp_path / "file")

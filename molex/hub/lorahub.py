@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from molex.hub.fuse import AdapterSource, fuse_adapters, load_adapters, set_adapter_weights
-from molex.hub.merge import merge_adapters
+from molex.hub.merge import check_merge_output, merge_adapters
 from molex.inject import unload
 
 __all__ = ["lorahub_search", "LoraHubResult"]
@@ -53,13 +53,15 @@ def lorahub_search(
     sigma0: float = 0.3,
     seed: int = 0,
     out_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> LoraHubResult:
     """LoraHub: gradient-free search (CMA-ES, the ``cma`` package) of one weight per adapter.
 
     Minimises ``mean LM loss on batches + l1 * sum_i |w_i|`` over ``w`` in ``[-bound, bound]^A``,
     starting from the uniform average ``w_i = 1 / A``. The model mixes the adapters as
     ``delta = sum_i w_i delta_i`` (``fixed`` router: the ``cat`` merge, exact) during the search and
-    is restored afterwards. With ``out_dir``, the best weights are written as a merged PEFT adapter.
+    is restored afterwards. With ``out_dir``, the best weights are written as a merged PEFT adapter
+    (as :func:`molex.merge_adapters` writes it: crash-safe; ``overwrite`` as there).
     Each batch needs ``input_ids`` and ``labels`` (and ``attention_mask``).
     """
     try:
@@ -72,6 +74,8 @@ def lorahub_search(
     loaded = load_adapters(adapters)
     if len(loaded) < 2:
         raise ValueError("lorahub_search needs at least two adapters (with one there is nothing to weigh)")
+    if out_dir is not None:  # a bad out_dir fails now, not after the search
+        check_merge_output(loaded, out_dir, overwrite=overwrite)
     names = [a.name for a in loaded]
     fuse_adapters(model, dict(zip(names, loaded, strict=True)), router="fixed")
     was_training = model.training
@@ -98,7 +102,7 @@ def lorahub_search(
         model.train(was_training)
     written = None
     if out_dir is not None:
-        written = merge_adapters(dict(zip(names, loaded, strict=True)), best, "cat", out_dir)
+        written = merge_adapters(dict(zip(names, loaded, strict=True)), best, "cat", out_dir, overwrite=overwrite)
     return LoraHubResult(
         names=names,
         weights=best,

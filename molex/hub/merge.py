@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from molex.hub.fuse import AdapterSource, load_adapters
-from molex.hub.peft_format import PeftLoraAdapter, write_peft_adapter
+from molex.hub.peft_format import PeftLoraAdapter, check_output_dir, write_peft_adapter
 
 __all__ = ["merge_adapters", "merged_factors", "COMBINATIONS"]
 
@@ -72,6 +72,19 @@ def merged_factors(
     return merged
 
 
+def check_merge_output(adapters: Sequence[PeftLoraAdapter], out_dir: str | os.PathLike, *, overwrite: bool) -> None:
+    """Refuse an ``out_dir`` that is one of the inputs' folders (symlinks resolved), a file, or a
+    folder holding an adapter molex did not write (unless ``overwrite``)."""
+    target = Path(out_dir).resolve()
+    for adapter in adapters:
+        if adapter.path is not None and Path(adapter.path).resolve() == target:
+            raise ValueError(
+                f"out_dir {str(out_dir)!r} is the folder of input adapter {adapter.name!r}: merging would replace "
+                "one of its own inputs; choose another out_dir"
+            )
+    check_output_dir(out_dir, overwrite=overwrite)
+
+
 def merge_adapters(
     adapters: Mapping[str, AdapterSource],
     weights: Sequence[float],
@@ -80,14 +93,18 @@ def merge_adapters(
     *,
     svd_rank: int | None = None,
     base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Merge PEFT LoRA adapters with one weight each and write a plain PEFT adapter to ``out_dir``.
 
-    Returns ``out_dir``; ``PeftModel.from_pretrained(base, out_dir)`` loads it.
+    Returns ``out_dir``; ``PeftModel.from_pretrained(base, out_dir)`` loads it. ``out_dir`` may
+    not be one of the inputs; an adapter there that molex did not write is replaced only with
+    ``overwrite=True``. A crash at any instant leaves ``out_dir`` as it was or fully written.
     """
     if out_dir is None:
         raise ValueError("merge_adapters needs out_dir, the directory to write the merged PEFT adapter to")
     loaded = load_adapters(adapters)
+    check_merge_output(loaded, out_dir, overwrite=overwrite)
     fan_in_fan_out = {bool(a.config.get("fan_in_fan_out", False)) for a in loaded}
     if len(fan_in_fan_out) > 1:
         raise ValueError("the adapters disagree on fan_in_fan_out: they were trained on different architectures")
@@ -98,4 +115,5 @@ def merge_adapters(
         base_model_name_or_path=base,
         fan_in_fan_out=fan_in_fan_out.pop(),
         task_type=loaded[0].config.get("task_type", "CAUSAL_LM"),
+        overwrite=overwrite,
     )

@@ -6,6 +6,11 @@ and ``adapter_model.safetensors`` (or the older ``adapter_model.bin``). Weights 
 ``base_model.model.<module path>.lora_A.weight`` ``[r, in]`` and ``...lora_B.weight`` ``[out, r]``
 (PEFT strips the adapter name when saving). ``fan_in_fan_out`` only says how the *base* weight is
 laid out (GPT-2 ``Conv1D``); the LoRA factors have the same layout either way.
+
+:func:`write_peft_adapter` publishes config and weights together by one folder rename
+(:func:`molex.files.replace_dir`) and marks its weights file's safetensors metadata with
+``written_by: molex`` (PEFT ignores metadata), so that only adapters molex wrote are replaced
+without ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from molex.files import atomic_write, read_json, require_dir, require_file, write_json
+from molex.files import (
+    check_dir_target,
+    read_json,
+    readable_dir,
+    refuse_foreign,
+    replace_dir,
+    require_dir,
+    require_file,
+    write_json,
+)
 
 __all__ = [
     "LoraFactors",
@@ -39,6 +53,7 @@ PEFT_SAFETENSORS_NAME = "adapter_model.safetensors"
 PEFT_BIN_NAME = "adapter_model.bin"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_MARKER = {"format": "pt", "written_by": "molex"}
 
 
 @dataclass
@@ -153,8 +168,8 @@ def read_peft_adapter(path: str | os.PathLike, name: str | None = None) -> PeftL
     """
     path = Path(path)
     name = name or path.name
-    config = _read_config(name, path)
-    tensors = _read_tensors(name, path)
+    config = _read_config(name, readable_dir(path))
+    tensors = _read_tensors(name, readable_dir(path))
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         stripped = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
@@ -196,6 +211,25 @@ def read_peft_adapter(path: str | os.PathLike, name: str | None = None) -> PeftL
     return PeftLoraAdapter(name=name, path=path, config=config, modules=modules)
 
 
+#: the files write_peft_adapter writes, and the only ones it replaces
+_OWNED = (PEFT_CONFIG_NAME, PEFT_SAFETENSORS_NAME)
+
+
+def _written_by_molex(directory: Path) -> bool:
+    try:
+        with safe_open(str(directory / PEFT_SAFETENSORS_NAME), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # missing, truncated or not safetensors: not a file molex wrote
+        return False
+    return metadata.get("written_by") == _MARKER["written_by"] and (directory / PEFT_CONFIG_NAME).is_file()
+
+
+def check_output_dir(directory: str | os.PathLike, *, overwrite: bool) -> None:
+    """Raise the error :func:`write_peft_adapter` would raise for ``directory``, before any work is done."""
+    check_dir_target(directory, "adapter output folder")
+    refuse_foreign(directory, _OWNED, ours=_written_by_molex, overwrite=overwrite, what="writing a PEFT adapter")
+
+
 def write_peft_adapter(
     directory: str | os.PathLike,
     modules: Mapping[str, tuple[Tensor, Tensor]],
@@ -203,17 +237,20 @@ def write_peft_adapter(
     base_model_name_or_path: str | None = None,
     fan_in_fan_out: bool = False,
     task_type: str | None = "CAUSAL_LM",
+    overwrite: bool = False,
 ) -> Path:
     """Write ``{module path: (A [r, in], B [out, r])}`` as a PEFT LoRA adapter with scaling 1.
 
     Every module's scaling is already folded into its factors: ``lora_alpha = r`` per module
     (``rank_pattern`` / ``alpha_pattern`` name the modules whose rank differs from the most
-    common one), so PEFT computes ``delta_W = B @ A``. Files are written atomically.
+    common one), so PEFT computes ``delta_W = B @ A``. A crash at any instant leaves ``directory``
+    holding the complete previous adapter or the complete new one; other files in it are kept.
+    An adapter there that molex did not write is refused unless ``overwrite=True``.
     """
     if not modules:
         raise ValueError("write_peft_adapter needs at least one module")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    check_output_dir(directory, overwrite=overwrite)
     ranks = {module: A.shape[0] for module, (A, _) in modules.items()}
     values = list(ranks.values())
     common = max(set(values), key=values.count)
@@ -242,6 +279,10 @@ def write_peft_adapter(
         "init_lora_weights": True,
         "modules_to_save": None,
     }
-    atomic_write(directory / PEFT_SAFETENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    write_json(directory / PEFT_CONFIG_NAME, config)
+
+    def write(folder: Path) -> None:
+        save_file(tensors, folder / PEFT_SAFETENSORS_NAME, metadata=_MARKER)
+        write_json(folder / PEFT_CONFIG_NAME, config)
+
+    replace_dir(directory, write, owned=_OWNED)
     return directory
