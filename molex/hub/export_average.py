@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from torch import nn
+
 from molex.hub.peft_format import write_peft_adapter
 from molex.inject import get_config, mole_layers
 from molex.routers.stochastic import StochasticRouter, average_experts
@@ -18,7 +20,7 @@ from molex.routers.stochastic import StochasticRouter, average_experts
 __all__ = ["export_average_adapter"]
 
 
-def export_average_adapter(model, directory: str | os.PathLike) -> Path:
+def export_average_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write every MoLE layer of ``model`` as its averaged LoRA, a PEFT adapter in ``directory``.
 
     ``model`` is the injected causal LM (module paths are taken relative to it, as PEFT names them).
