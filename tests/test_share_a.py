@@ -97,3 +97,12 @@ def test_shared_pool_saves_and_loads(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     assert molex.get_config(loaded).share_A
+
+
+def test_benchmark_reports_both_ratios(tmp_path):
+    from benchmarks.bench_share_a import main
+
+    out = tmp_path / "share_a.json"
+    result = main(["--tokens", "32", "--dim", "64", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    assert set(result["ratios"]) == {"layer: unshared / shared", "experts: unshared / shared"}
+    assert all(value > 0 for value in result["ratios"].values()) and out.exists()
