@@ -26,6 +26,15 @@ __all__ = ["RoutingReport", "collect_routing", "plot_routing", "log_routing_repo
 _FORWARD_KEYS = ("input_ids", "attention_mask", *ROUTING_KWARGS)
 
 
+def _to_device(value: object, device: torch.device) -> object:
+    """A tensor, or a dict of tensors (``features``), on ``device``; ``None`` for anything else."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict) and all(isinstance(v, Tensor) for v in value.values()):
+        return {k: v.to(device) for k, v in value.items()}
+    return None
+
+
 @dataclass
 class RoutingReport:
     """Routing aggregated over many tokens.
@@ -117,7 +126,8 @@ def collect_routing(
         for step, batch in enumerate(batches):
             if max_batches is not None and step >= max_batches:
                 break
-            inputs = {k: v.to(device) for k, v in batch.items() if k in _FORWARD_KEYS and isinstance(v, Tensor)}
+            inputs = {k: _to_device(v, device) for k, v in batch.items() if k in _FORWARD_KEYS}
+            inputs = {k: v for k, v in inputs.items() if v is not None}
             model(**inputs)
             ids = inputs["input_ids"]
             mask = inputs.get("attention_mask", torch.ones_like(ids)).reshape(-1).bool().cpu()

@@ -36,6 +36,9 @@ class MoLEConfig:
     router: str = field(default="topk", metadata={"help": "router name, see molex.routers.available_routers()"})
     top_k: int | None = field(default=None, metadata={"help": "experts per token, for routers that take it"})
     router_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra router options"})
+    share_A: bool = field(  # noqa: N815 - the name users know from HydraLoRA, mole.share_A
+        default=False, metadata={"help": "one LoRA A shared by a layer's experts, E B's (HydraLoRA / MTL-LoRA)"}
+    )
     kernel_backend: str = field(default="auto", metadata={"help": "expert op backend, or 'auto'"})
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "names/regex never replaced"})
     autocast_adapter_dtype: bool = field(

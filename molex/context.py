@@ -6,7 +6,7 @@ the hook
 * records the batch layout ``[B, S]`` of the current step and the attention mask, so token-level
   routers can ignore padding in their losses and statistics;
 * pops molex-only keyword arguments (``prompt_mask=``, ``task_ids=``, ``route_text=``,
-  ``sentence_embeddings=``) so the wrapped model never sees them;
+  ``sentence_embeddings=``, ``features=``) so the wrapped model never sees them;
 * decides prefill vs decode from the KV cache: a forward with no cache, or an empty one,
   starts a new generation (``generation`` is incremented) and sequence-level routers recompute
   their decision; decode steps reuse it.
@@ -29,7 +29,7 @@ from molex._refs import get_unregistered, pop_unregistered, set_unregistered
 __all__ = ["RoutingContext", "ROUTING_KWARGS", "routing_inputs", "get_context", "generate"]
 
 #: keyword arguments molex takes out of the model's forward call
-ROUTING_KWARGS = ("prompt_mask", "task_ids", "route_text", "sentence_embeddings")
+ROUTING_KWARGS = ("prompt_mask", "task_ids", "route_text", "sentence_embeddings", "features")
 _CONTEXT_ATTR = "_molex_routing_context"
 _HOOK_ATTR = "_molex_context_hook"
 

@@ -48,6 +48,24 @@ def _task_ids(examples: Sequence[Mapping[str, Any]], task_names: Sequence[str] |
     return torch.tensor([index[str(ex.get("task"))] for ex in examples], dtype=torch.long)
 
 
+def _feature_ids(
+    examples: Sequence[Mapping[str, Any]], feature_values: Mapping[str, Sequence[str]] | None
+) -> dict[str, Tensor] | None:
+    """``{feature: ids [B]}`` from each example's ``features`` values (see ``InstructionDataModule.feature_values``)."""
+    if not feature_values:
+        return None
+    ids: dict[str, list[int]] = {name: [] for name in feature_values}
+    for ex in examples:
+        values = list(ex.get("features") or [])
+        if len(values) != len(feature_values):
+            raise ValueError(f"an example has feature values {values}, expected one per feature {list(feature_values)}")
+        for (name, known), value in zip(feature_values.items(), values, strict=True):
+            if value not in known:
+                raise ValueError(f"feature {name!r} has value {value!r}, not one of {list(known)}")
+            ids[name].append(list(known).index(value))
+    return {name: torch.tensor(v, dtype=torch.long) for name, v in ids.items()}
+
+
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     if size < 1:
         raise ValueError(f"batch_size must be >= 1, got {size}")
@@ -83,12 +101,14 @@ def evaluate_generation(
     batch_size: int = 16,
     routing_inputs: bool | None = None,
     task_names: Sequence[str] | None = None,
+    feature_values: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Greedy-decode an answer for every example and score exact match against ``example["output"]``.
 
     Prompts are left-padded so a batch decodes together with the KV cache; answers are compared after
     :func:`normalize_answer`. ``routing_inputs``: pass ``prompt_mask`` (and ``task_ids`` when
-    ``task_names`` is given) to the routers; ``None`` means "if the model is molex-injected".
+    ``task_names`` is given, ``features`` when ``feature_values`` is given) to the routers; ``None``
+    means "if the model is molex-injected".
 
     Returns ``{"accuracy", "per_task": {task: acc}, "counts": {task: n}, "num_examples", "predictions"}``,
     ``predictions`` being ``[{"task", "prediction", "target", "correct"}]`` in input order.
@@ -120,6 +140,9 @@ def evaluate_generation(
                 ids = _task_ids([examples[i] for i in chunk], task_names)
                 if ids is not None:
                     pinned["task_ids"] = ids.to(device)
+                chunk_features = _feature_ids([examples[i] for i in chunk], feature_values)
+                if chunk_features is not None:
+                    pinned["features"] = {name: v.to(device) for name, v in chunk_features.items()}
             with pin_routing_inputs(model, **pinned) if use_routing else contextlib.nullcontext():
                 out = model.generate(
                     input_ids=input_ids,

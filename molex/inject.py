@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import logging
 import re
 from collections.abc import Iterable
 
@@ -32,6 +34,7 @@ __all__ = [
 ]
 
 _STATE_ATTR = "_molex_state"
+logger = logging.getLogger(__name__)
 
 
 def _matches(name: str, patterns: list[str] | str) -> bool:
@@ -100,6 +103,7 @@ def _build_layer(
         scaling=config.scaling_for(plan.rank),
         dtype=_adapter_dtype(base, config),
         device=device,
+        share_A=config.share_A or get_router_class(config.router).needs_shared_a,
     )
     router = None
     if router_view is None:
@@ -119,6 +123,20 @@ def _build_layer(
     )
 
 
+def _router_fixed_experts(plans: list[LayerPlan], config: MoLEConfig) -> list[LayerPlan]:
+    """The plans with the expert count the router's rule fixes, when it fixes one (see ``Router.fixed_num_experts``)."""
+    fixed = get_router_class(config.router).fixed_num_experts(config.router_config())
+    if fixed is None:
+        return plans
+    differ = sorted({plan.num_experts for plan in plans if plan.num_experts != fixed})
+    if differ:
+        logger.warning(
+            "router %r fixes %d experts per layer; the allocation's expert counts %s are not used",
+            config.router, fixed, differ,
+        )  # fmt: skip
+    return [dataclasses.replace(plan, num_experts=fixed) for plan in plans]
+
+
 def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
     """Replace the target linears of ``model`` by MoLE layers, in place; freeze everything else.
 
@@ -131,7 +149,7 @@ def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
     if router_cls.scope not in ("linear", "block", "model"):
         raise ValueError(f"router {config.router!r} has scope {router_cls.scope!r}, which inject cannot place")
     names = find_target_modules(model, config)
-    plans = plan_allocation(names, config, num_layers=_num_layers(model))
+    plans = _router_fixed_experts(plan_allocation(names, config, num_layers=_num_layers(model)), config)
     modules = dict(model.named_modules())
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     context = install_context(model)

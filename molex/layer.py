@@ -79,6 +79,8 @@ class MoLELinear(nn.Module):
         self.base_layer = base_layer
         self.experts = experts
         self.router = router
+        if router is not None:
+            router.bind_pool(experts)
         # a shared router is not a submodule here: its parameters belong to the block that owns it
         # (an unregistered reference, see molex._refs)
         set_unregistered(self, "_router_view", router_view)
@@ -108,7 +110,12 @@ class MoLELinear(nn.Module):
             extra = expert_losses(hidden, experts, decision)
             if extra:  # a new dict: a shared (block / model) decision's losses must not grow per layer
                 decision.aux_losses = {**decision.aux_losses, **extra}
-        delta = mole_delta(hidden, experts.lora_A, experts.lora_B, decision, experts.scaling, self.kernel_backend)
+        kernel_inputs = getattr(self.active_router, "kernel_inputs", None)
+        if kernel_inputs is None:  # a shared (block / model) router's view: the pool's own factors
+            A, B, scaling, applied = experts.lora_A, experts.lora_B, experts.scaling, decision
+        else:
+            A, B, scaling, applied = kernel_inputs(experts, decision, self.context)
+        delta = mole_delta(hidden, A, B, applied, scaling, self.kernel_backend)
         return result + delta.view(*x.shape[:-1], self.out_features).to(result.dtype)
 
     @torch.no_grad()

@@ -120,7 +120,9 @@ def gate_cross_entropy(logits: Tensor, targets: Tensor, token_mask: Tensor | Non
 
 def expert_outputs(x: Tensor, A: Tensor, B: Tensor, scaling: float | Tensor = 1.0) -> Tensor:
     """Every expert's output for every token: ``[T, E, out]`` from ``x [T, in]``, ``A [E, r, in]``,
-    ``B [E, r, out]`` and the per-expert ``scaling`` (a float or ``[E]``)."""
+    ``B [E, r, out]`` and the per-expert ``scaling`` (a float or ``[E]``); ``A [1, r, in]`` is a
+    down-projection shared by every expert."""
+    A = A.expand(B.shape[0], -1, -1)
     out = torch.einsum("ter,ero->teo", torch.einsum("ti,eri->ter", x.to(A.dtype), A), B)
     if isinstance(scaling, Tensor):
         return out * scaling.to(out.dtype).view(1, -1, 1)

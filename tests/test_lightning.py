@@ -174,9 +174,13 @@ def test_constructor_errors():
         MoLEModule(model=injected, learning_rate=0)
 
 
+#: options without a default: the feature router needs its features (the batches' three tasks)
+REQUIRED_OPTIONS = {"features": {"features": {"task": 3}}}
+
+
 @pytest.mark.parametrize("router", molex.available_routers())
 def test_fast_dev_run_every_router(tmp_path, router):
-    module = make_module(router)
+    module = make_module(router, **REQUIRED_OPTIONS.get(router, {}))
     trainer(tmp_path, fast_dev_run=2).fit(module, loader(), loader())
     assert torch.isfinite(module.trainer.callback_metrics["train/loss"])
 

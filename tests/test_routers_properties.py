@@ -13,9 +13,9 @@ from molex.context import RoutingContext
 from molex.routers import available_routers, build_router, get_router_class
 
 TOKEN_ROUTERS = ("topk", "soft", "dynmole", "gate", "switch")
-ALL_ROUTERS = (*TOKEN_ROUTERS, "milora", "dlp")
-#: routers without trainable scoring (constant mixing weights)
-PARAMETER_FREE = ("fixed",)
+ALL_ROUTERS = (*TOKEN_ROUTERS, "milora", "dlp", "mtl")
+#: routers without trainable scoring (constant, random or feature-given mixing)
+PARAMETER_FREE = ("fixed", "stochastic", "features")
 
 # options that make every loss of a router active, so the properties cover them too
 LOSS_OPTIONS = {
@@ -27,6 +27,9 @@ LOSS_OPTIONS = {
     "milora": {"load_balance_coef": 0.1},
     "dlp": {"dropout": 0.0},
     "fixed": {},
+    "stochastic": {},
+    "features": {},
+    "mtl": {},
 }
 
 
@@ -36,7 +39,17 @@ def make_router(name: str, num_experts: int, in_features: int):
         options["top_k"] = min(2, num_experts)
     if name == "dynmole":
         options["keep_top_k"] = min(2, num_experts)
+    if name == "features":  # one feature, "task", read from task_ids
+        options["features"] = {"task": num_experts}
+    if name == "mtl":
+        options["num_tasks"] = num_experts
     router = build_router(name, in_features=in_features, num_experts=num_experts, **options)
+    if name == "mtl":  # its task transforms are sized by the pool's rank
+        router.bind_pool(
+            molex.experts.LoRAExperts(
+                in_features=in_features, out_features=3, num_experts=num_experts, rank=2, scaling=1.0, share_A=True
+            )
+        )
     if hasattr(router, "gate") and in_features == num_experts:
         with torch.no_grad():
             router.gate.weight.copy_(torch.eye(num_experts))  # x are the logits
@@ -84,7 +97,7 @@ def test_router_properties(name, data):
         num_experts = 1
     router = make_router(name, num_experts, x.shape[-1]).train()
     decision = router(x, context)
-    rows = context.batch_size if router.scope != "linear" else x.shape[0]  # shared routers: per sequence
+    rows = context.batch_size if decision.is_per_sequence else x.shape[0]
     check_decision(decision, num_experts, rows)
     assert decision.num_tokens == x.shape[0]
     assert set(decision.aux_losses) <= set(router.emits), f"{name} emits undeclared losses"
@@ -106,8 +119,11 @@ def test_gradients_reach_the_gate(name):
     objective = (decision.weights * torch.randn_like(decision.weights)).sum()
     objective = objective + sum(decision.aux_losses.values(), torch.zeros(()))
     objective.backward()
-    scoring = router.gate if hasattr(router, "gate") else router.classifier
-    grads = [p.grad for p in scoring.parameters()]
+    if name == "mtl":  # its scoring is the per-task mixing logits (the transforms act in the kernel)
+        scoring = [router.task_logits]
+    else:
+        scoring = list((router.gate if hasattr(router, "gate") else router.classifier).parameters())
+    grads = [p.grad for p in scoring]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
 

@@ -50,6 +50,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
         task_names=dm.task_names,
+        feature_values=dm.feature_values,
     )
     write_json(run_dir / "predictions.json", {"predictions": result.pop("predictions")})
     if cfg.loss:

@@ -79,6 +79,7 @@ def _evaluate(model: Any, tokenizer: Any, dm: Any, cfg: DictConfig) -> dict[str,
         max_new_tokens=cfg.eval.max_new_tokens,
         batch_size=cfg.eval.batch_size,
         task_names=dm.task_names,
+        feature_values=dm.feature_values,
     )
 
 

@@ -10,7 +10,8 @@ Sources:
 
 Everything but ``"builtin"`` is read by :mod:`molex.data.readers`. Columns are mapped to ``instruction`` /
 ``input`` / ``output`` / ``task`` (and optional ``choices``) with ``columns={"instruction": "question", ...}``;
-``input`` and ``task`` may be absent.
+``input`` and ``task`` may be absent. ``columns={"features": ["task", "lang"]}`` adds
+``features = {"task": ids [B], "lang": ids [B]}`` to every batch (see :attr:`feature_values`).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class InstructionDataModule(LightningDataModule):
         *,
         tokenizer: Any = None,
         source: str | Mapping[str, str] = "builtin",
-        columns: Mapping[str, str] | None = None,
+        columns: Mapping[str, Any] | None = None,
         template: str = "chat",
         system_prompt: str | None = None,
         max_length: int = 256,
@@ -191,6 +192,22 @@ class InstructionDataModule(LightningDataModule):
     def num_tasks(self) -> int:
         return len(self.task_names)
 
+    @property
+    def feature_names(self) -> list[str]:
+        """The data columns named by ``columns={"features": [...]}`` (FLix's feature router), in order."""
+        return list(self.columns.get("features") or [])
+
+    @property
+    def feature_values(self) -> dict[str, list[str]]:
+        """``{feature: its values in id order}`` (sorted, over every split): batches carry the ids."""
+        raw = self._load_raw()
+        values: dict[str, set[str]] = {name: set() for name in self.feature_names}
+        for split in raw.values():
+            for row in split["features"] if self.feature_names else ():
+                for name, value in zip(self.feature_names, row, strict=True):
+                    values[name].add(value)
+        return {name: sorted(found) for name, found in values.items()}
+
     def examples(self, split: str) -> list[dict[str, Any]]:
         """The raw (normalised, untokenised) examples of ``split``."""
         return self._load_raw()[split_name(split)].to_list()
@@ -213,11 +230,12 @@ class InstructionDataModule(LightningDataModule):
         ensure_pad_token(self.tokenizer)
         template = resolve_template(self.tokenizer, self.template)
         task_ids = {name: i for i, name in enumerate(self.task_names)}
+        feature_ids = [{v: i for i, v in enumerate(values)} for values in self.feature_values.values()]
         tokenizer, max_length, system_prompt = self.tokenizer, self.max_length, self.system_prompt
 
         def encode(example: dict[str, Any]) -> dict[str, Any]:
             enc = encode_example(tokenizer, example, template, max_length, system_prompt)
-            return {
+            encoded = {
                 "input_ids": enc.input_ids,
                 "labels": enc.labels,
                 "prompt_mask": enc.prompt_mask,
@@ -225,6 +243,9 @@ class InstructionDataModule(LightningDataModule):
                 "truncated": enc.truncated,
                 "answer_tokens": enc.answer_tokens,
             }
+            if feature_ids:
+                encoded["feature_ids"] = [ids[v] for ids, v in zip(feature_ids, example["features"], strict=True)]
+            return encoded
 
         tok_key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), template, max_length, system_prompt)
         for split, raw in self._load_raw().items():
@@ -236,7 +257,9 @@ class InstructionDataModule(LightningDataModule):
                 encode,
                 remove_columns=raw.column_names,
                 keep_in_memory=True,
-                new_fingerprint=fingerprint("encode", split, raw._fingerprint, tok_key, sorted(task_ids.items())),
+                new_fingerprint=fingerprint(
+                    "encode", split, raw._fingerprint, tok_key, sorted(task_ids.items()), self.feature_values
+                ),
                 desc=f"tokenising {split}",
             )
             truncated = int(sum(encoded["truncated"]))
@@ -268,9 +291,13 @@ class InstructionDataModule(LightningDataModule):
             if self._train_rows is None:
                 self._train_rows = pack_features(ds.to_list(), self.max_length)
                 logger.info("packed %d training examples into %d rows", len(ds), len(self._train_rows))
-            data, collate = self._train_rows, functools.partial(packed_collate, pad_token_id=pad_id)
+            collate = functools.partial(packed_collate, pad_token_id=pad_id, feature_names=self.feature_names)
+            data = self._train_rows
         else:
-            data, collate = ds, functools.partial(pad_collate, pad_token_id=pad_id, padding_side="right")
+            data = ds
+            collate = functools.partial(
+                pad_collate, pad_token_id=pad_id, padding_side="right", feature_names=self.feature_names
+            )
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             data,
@@ -283,7 +310,12 @@ class InstructionDataModule(LightningDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = self._require_setup(split)
-        collate = functools.partial(pad_collate, pad_token_id=self.tokenizer.pad_token_id, padding_side="right")
+        collate = functools.partial(
+            pad_collate,
+            pad_token_id=self.tokenizer.pad_token_id,
+            padding_side="right",
+            feature_names=self.feature_names,
+        )
         return DataLoader(
             ds, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate, num_workers=self.num_workers
         )

@@ -11,6 +11,8 @@ both read through :func:`read_source`. Sources:
 Every split comes back normalised: string columns ``instruction``, ``input``, ``output``, ``task`` (and
 ``choices``, a list of strings, when the data has them), mapped from the data's own column names with
 ``columns={"instruction": "question", ...}``; ``input`` and ``task`` may be absent from the data.
+``columns={"features": ["task", "lang"]}`` also keeps those data columns' values, as strings in that
+order, in a list column ``features`` (the feature ids of FLix's ``features`` router).
 """
 
 from __future__ import annotations
@@ -74,12 +76,17 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 
-def check_columns(columns: Mapping[str, str] | None) -> dict[str, str]:
-    """``columns`` as a dict, after checking that it maps only molex fields."""
+def check_columns(columns: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``columns`` as a dict, after checking that it maps only molex fields (and ``features``, a list)."""
     columns = dict(columns or {})
-    unknown = sorted(set(columns) - set(FIELDS))
+    unknown = sorted(set(columns) - set(FIELDS) - {"features"})
     if unknown:
-        raise ValueError(f"columns maps unknown field(s) {unknown}; molex fields are {list(FIELDS)}")
+        raise ValueError(f"columns maps unknown field(s) {unknown}; molex fields are {list(FIELDS)} and 'features'")
+    if "features" in columns:
+        features = columns["features"]
+        if isinstance(features, str) or not all(isinstance(c, str) for c in features or []):
+            raise ValueError(f"columns.features must be a list of column names, e.g. [task, lang]; got {features!r}")
+        columns["features"] = list(features)
     return columns
 
 
@@ -164,9 +171,12 @@ def read_hub(name: str, config: str | None = None) -> dict[str, datasets.Dataset
 def normalise(ds: datasets.Dataset, split: str, columns: Mapping[str, str]) -> datasets.Dataset:
     """Rename mapped columns to molex fields, check required ones, make every field a string."""
     found = list(ds.column_names)
+    feature_columns = list(columns.get("features") or [])
+    columns = {f: c for f, c in columns.items() if f != "features"}
     mapping = {field: columns.get(field, field) for field in FIELDS}
     missing = [f"{f} (column {mapping[f]!r})" for f in REQUIRED_FIELDS if mapping[f] not in found]
     absent_mapped = [f"{f} (column {c!r})" for f, c in columns.items() if c not in found]
+    absent_mapped += [f"features (column {c!r})" for c in feature_columns if c not in found]
     missing += [m for m in absent_mapped if m not in missing]
     if missing:
         raise ValueError(
@@ -184,16 +194,19 @@ def normalise(ds: datasets.Dataset, split: str, columns: Mapping[str, str]) -> d
         }
         if has_choices:
             out["choices"] = [_text(c) for c in (example[mapping["choices"]] or [])]
+        if feature_columns:
+            out["features"] = [_text(example[c]) for c in feature_columns]
         return out
 
     if len(ds) == 0:  # map() on no rows cannot infer the new columns
-        return datasets.Dataset.from_dict({field: [] for field in TEXT_FIELDS})
+        empty = {field: [] for field in TEXT_FIELDS}
+        return datasets.Dataset.from_dict({**empty, "features": []} if feature_columns else empty)
     keep = ["choices"] if has_choices and mapping["choices"] == "choices" else []
     return ds.map(
         convert,
         remove_columns=[c for c in found if c not in keep],
         keep_in_memory=True,
-        new_fingerprint=fingerprint("normalise", split, ds._fingerprint, sorted(mapping.items())),
+        new_fingerprint=fingerprint("normalise", split, ds._fingerprint, sorted(mapping.items()), feature_columns),
         desc=f"reading {split}",
     )
 

@@ -2,7 +2,10 @@
 
 ``delta[t] = sum_j w[t, j] * s_e * B_e^T (A_e x[t])`` with ``e = decision.indices[t, j]``,
 ``x [T, in]``, ``A [E, r, in]``, ``B [E, r, out]``, ``s`` a float or a ``[E]`` tensor of
-per-expert scalings. Every backend computes this same function (tests hold them to a float64
+per-expert scalings. A pool whose experts share one down-projection passes ``A [1, r, in]``
+(``A_e = A_0`` for every ``e``): backends registered with ``shared_a=True`` exploit it (``dense``
+runs one ``r``-wide shrink instead of an ``E r``-wide one), the others get ``A`` expanded to
+``[E, r, in]`` (a view, no copy). Every backend computes this same function (tests hold them to a float64
 loop); they differ only in speed:
 
 * ``reference``: loop over experts (the baseline; never auto-selected);
@@ -64,9 +67,15 @@ def mole_delta(
             f"mole_delta expects x [T, in], A [E, r, in], B [E, r, out]; got {tuple(x.shape)}, "
             f"{tuple(A.shape)}, {tuple(B.shape)}"
         )
-    if A.shape[:2] != B.shape[:2] or A.shape[-1] != x.shape[-1]:
-        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
+    if A.shape[1] != B.shape[1] or A.shape[0] not in (1, B.shape[0]) or A.shape[-1] != x.shape[-1]:
+        raise ValueError(
+            f"shape mismatch: x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)} (A holds one factor per "
+            "expert, or one shared by all)"
+        )
     if decision.num_tokens != x.shape[0]:
         raise ValueError(f"routing decision covers {decision.num_tokens} tokens but x has {x.shape[0]}")
     name = resolve_backend(backend, x, A, B, decision)
-    return get_backend(name).fn(x, A, B, decision, scaling)
+    found = get_backend(name)
+    if A.shape[0] != B.shape[0] and not found.shared_a:
+        A = A.expand(B.shape[0], -1, -1)
+    return found.fn(x, A, B, decision, scaling)

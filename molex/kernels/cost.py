@@ -67,6 +67,7 @@ class Workload:
 
     ``num_sequences``: sequences of a per-sequence decision (``None`` for a per-token decision).
     ``element_size``: bytes per element of ``x`` (decides whether the slot buffers fit in cache).
+    ``shared_a``: the experts share one down-projection (``A [1, r, in]``).
     """
 
     tokens: int
@@ -78,6 +79,7 @@ class Workload:
     device_type: str
     num_sequences: int | None = None
     element_size: int = 4
+    shared_a: bool = False
 
     @property
     def on_cuda(self) -> bool:
@@ -104,7 +106,9 @@ class Workload:
 
     @property
     def weights(self) -> int:
-        """``E r d``: elements of all experts' weights."""
+        """``E r d``: elements of all experts' weights (``r in + E r out`` with a shared ``A``)."""
+        if self.shared_a:
+            return self.rank * self.in_features + self.num_experts * self.rank * self.out_features
         return self.num_experts * self.rank * self.d
 
     @property

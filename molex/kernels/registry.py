@@ -51,6 +51,8 @@ class Backend:
     runs only when asked for by name. ``auto``: whether the cost model may choose it (the reference
     loop is the correctness baseline, never an automatic choice). ``env_vars``: environment
     variables its availability depends on (the automatic candidates are cached per their values).
+    ``shared_a``: ``fn`` accepts ``A [1, r, in]`` for a pool whose experts share one down-projection
+    (otherwise it receives ``A`` expanded to ``[E, r, in]``).
     """
 
     name: str
@@ -62,6 +64,7 @@ class Backend:
     cost: CostFn = _never
     auto: bool = True
     env_vars: tuple[str, ...] = ()
+    shared_a: bool = False
 
 
 _BACKENDS: dict[str, Backend] = {}

@@ -34,13 +34,15 @@ def estimate_cost(
     device_type: str,
     num_sequences: int | None = None,
     element_size: int = 4,
+    shared_a: bool = False,
 ) -> float:
     """Estimated seconds for one forward of ``backend`` (only relative values matter; ``inf`` for
     an unknown backend or one that is never chosen for this workload).
 
     ``num_sequences``: the number of sequences of a per-sequence decision (``None`` for a
     per-token decision, for which ``per_seq`` is not a candidate). ``element_size``: bytes per
-    element of ``x`` (decides whether the slot buffers fit in cache).
+    element of ``x`` (decides whether the slot buffers fit in cache). ``shared_a``: the experts
+    share one down-projection.
     """
     found = find_backend(backend)
     if found is None:
@@ -55,6 +57,7 @@ def estimate_cost(
         device_type=device_type,
         num_sequences=num_sequences,
         element_size=element_size,
+        shared_a=shared_a,
     )
     return found.cost(workload)
 
@@ -67,18 +70,20 @@ def resolve_backend(requested: str | None, x: Tensor, A: Tensor, B: Tensor, deci
     if name != "auto":
         get_backend(name)  # validates the name and availability with a clear message
         return name
-    num_experts, rank, in_features = A.shape
+    num_experts, rank, out_features = B.shape
+    in_features = A.shape[-1]
     return _cheapest(
         auto_candidates(),
         tokens=x.shape[0],
         in_features=in_features,
-        out_features=B.shape[-1],
+        out_features=out_features,
         num_experts=num_experts,
         rank=rank,
         top_k=decision.top_k,
         device_type=x.device.type,
         num_sequences=decision.indices.shape[0] if decision.is_per_sequence else None,
         element_size=x.element_size(),
+        shared_a=A.shape[0] != num_experts,
     )
 
 

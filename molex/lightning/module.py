@@ -88,7 +88,7 @@ class MoLEModule(L.LightningModule):
     def _losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
         if batch.get("labels") is None:
             raise ValueError("MoLEModule batches need `labels` ([B, S], -100 where no loss)")
-        loss = mole_objective(self.model, self(**batch))
+        loss = mole_objective(self.model, self(**batch), rerun=lambda: self(**batch))
         return loss.total, loss.lm, loss.aux
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

@@ -1,6 +1,18 @@
 """Routers: one file per router, registered by name. See :mod:`molex.routers.base` for the contract."""
 
-from molex.routers import dlp, dynmole, fixed, gate, milora, soft, switch, topk  # noqa: F401 - registration side effect
+from molex.routers import (  # noqa: F401 - registration side effect
+    dlp,
+    dynmole,
+    features,
+    fixed,
+    gate,
+    milora,
+    mtl,
+    soft,
+    stochastic,
+    switch,
+    topk,
+)
 from molex.routers.base import (
     ContrastiveOptions,
     Router,
@@ -15,11 +27,14 @@ from molex.routers.base import (
 from molex.routers.dlp import DLPConfig, DLPRouter
 from molex.routers.dlp_training import train_dlp_classifier
 from molex.routers.dynmole import DynMoLEConfig, DynMoLERouter
+from molex.routers.features import FeaturesConfig, FeaturesRouter
 from molex.routers.fixed import FixedConfig, FixedRouter
 from molex.routers.gate import GateConfig, GateRouter
 from molex.routers.milora import MiLoRAConfig, MiLoRARouter
+from molex.routers.mtl import MTLConfig, MTLRouter
 from molex.routers.sequence import SharedRouter, SharedRouterView
 from molex.routers.soft import SoftConfig, SoftRouter
+from molex.routers.stochastic import StochasticConfig, StochasticRouter, average_experts
 from molex.routers.switch import SwitchConfig, SwitchRouter
 from molex.routers.topk import TopKConfig, TopKRouter
 
@@ -38,16 +53,23 @@ __all__ = [
     "train_dlp_classifier",
     "DynMoLEConfig",
     "DynMoLERouter",
+    "FeaturesConfig",
+    "FeaturesRouter",
     "FixedConfig",
     "FixedRouter",
     "GateConfig",
     "GateRouter",
     "MiLoRAConfig",
     "MiLoRARouter",
+    "MTLConfig",
+    "MTLRouter",
     "SharedRouter",
     "SharedRouterView",
     "SoftConfig",
     "SoftRouter",
+    "StochasticConfig",
+    "StochasticRouter",
+    "average_experts",
     "SwitchConfig",
     "SwitchRouter",
     "TopKConfig",

@@ -82,6 +82,17 @@ class Router(nn.Module, abc.ABC):
     scope: ClassVar[str] = "linear"
     #: names of the auxiliary losses this router may emit (keys of ``RoutingDecision.aux_losses``)
     emits: ClassVar[tuple[str, ...]] = ()
+    #: the rule needs a pool whose experts share one down-projection (``lora_A [1, r, in]``, MTL-LoRA)
+    needs_shared_a: ClassVar[bool] = False
+
+    @classmethod
+    def fixed_num_experts(cls, config: RouterConfig) -> int | None:
+        """Experts per layer that the router's rule itself fixes (FLix: one per feature value).
+
+        ``None`` (the default) leaves the count to the allocation; otherwise every layer gets this
+        many experts whatever the allocation says.
+        """
+        return None
 
     def __init__(self, *, in_features: int, num_experts: int, config: RouterConfig) -> None:
         super().__init__()
@@ -109,6 +120,23 @@ class Router(nn.Module, abc.ABC):
         outputs = expert_outputs(x, experts.lora_A, experts.lora_B, experts.scaling)
         loss = contrastive_loss(outputs, decision.token_mask, temperature=self.config.contrastive_temperature)
         return {"contrastive": coef * loss}
+
+    def bind_pool(self, experts: nn.Module) -> None:
+        """Called once by the MoLE layer that owns this router, with its expert pool. Routers whose
+        parameters depend on the pool's shape (MTL-LoRA's ``r x r`` task transforms) create them here."""
+        return None
+
+    def kernel_inputs(
+        self, experts: nn.Module, decision: RoutingDecision, context: RoutingContext | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, RoutingDecision]:
+        """``(A, B, scaling, decision)`` for the expert op, from the layer's pool and this router's decision.
+
+        By default the pool's own factors and the decision itself. A router whose rule is not a
+        weighted sum of the pool's experts presents derived factors and a decision over them
+        (AdaMix's averaged LoRA at inference, MTL-LoRA's per-task ``Lambda_t A``); the decision it
+        returned from :meth:`forward` stays in the pool's terms (statistics, losses).
+        """
+        return experts.lora_A, experts.lora_B, experts.scaling, decision
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))

@@ -8,13 +8,14 @@ re-exported by the package.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
 from molex.inject import total_aux_loss
+from molex.training.consistency import consistency_loss
 
 __all__ = ["MoLELoss", "mole_objective"]
 
@@ -36,16 +37,30 @@ class MoLELoss:
     extra: dict[str, Tensor] = field(default_factory=dict)
 
 
-def mole_objective(model: nn.Module, outputs: Any, *, extra: Mapping[str, Tensor] | None = None) -> MoLELoss:
+def mole_objective(
+    model: nn.Module,
+    outputs: Any,
+    *,
+    extra: Mapping[str, Tensor] | None = None,
+    rerun: Callable[[], Any] | None = None,
+) -> MoLELoss:
     """Combine the loss of the forward that produced ``outputs`` (``outputs.loss``, the model's LM loss)
     with the auxiliary losses the MoLE layers of ``model`` recorded during that forward, and ``extra``.
+
+    ``rerun``: runs the same forward again. When given, routers that ask for a consistency term
+    (AdaMix's ``stochastic`` router with ``consistency_coef > 0``) add ``extra["consistency"]``, see
+    :mod:`molex.training.consistency`; the second pass is run only then.
 
     The auxiliary losses are cast to the LM loss's dtype (under autocast the LM loss may be float32
     while a router's loss is not, or the reverse).
     """
     lm = getattr(outputs, "loss", None)
-    aux = total_aux_loss(model)
+    aux = total_aux_loss(model)  # read before a second pass overwrites the layers' last decisions
     extra = dict(extra or {})
+    if rerun is not None:
+        consistency = consistency_loss(model, outputs, rerun)
+        if consistency is not None:
+            extra["consistency"] = consistency
     total = lm
     for term in ([aux] if aux is not None else []) + list(extra.values()):
         total = term if total is None else total + term.to(total.dtype)
