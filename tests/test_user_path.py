@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -128,6 +129,36 @@ def test_router_name_alone_is_refused_with_the_group_spelling(scripts, hub, tmp_
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "router.name=dlp does not match the router group" in proc.stderr and "router=dlp" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def readme_commands() -> list[list[str]]:
+    """Every ``molex-*`` command line in the README's bash blocks, split as the shell would (comments dropped)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)
+    return [shlex.split(line, comments=True) for block in blocks for line in block.splitlines() if line.startswith("molex-")]
+
+
+def test_readme_commands_compose_as_written():
+    """Each README command's overrides name real groups, options and keys (sweeps: every value)."""
+    from hydra import compose, initialize_config_dir
+
+    import molex
+
+    commands = readme_commands()
+    assert {c[0] for c in commands} == set(SCRIPTS), commands
+    conf = str(Path(molex.__file__).parent / "conf")
+    for command in commands:
+        args = [a for a in command[1:] if a != "-m"]
+        sweeps = [[]]
+        for arg in args:  # a multirun sweep k=a,b composes as k=a and as k=b
+            key, _, value = arg.partition("=")
+            values = value.split(",") if "-m" in command and "," in value else [value]
+            sweeps = [[*s, f"{key}={v}"] for s in sweeps for v in values]
+        for overrides in sweeps:
+            with initialize_config_dir(config_dir=conf, version_base="1.3"):
+                cfg = compose(config_name=command[0].removeprefix("molex-"), overrides=overrides, return_hydra_config=True)
+            if "router" in cfg:  # the router is picked by its group, never by router.name alone
+                assert cfg.router.name == cfg.hydra.runtime.choices.router, command
 
 
 def _copy_source(dest: Path) -> Path:
