@@ -50,7 +50,7 @@ def test_fuse_cli_writes_fused_model_and_table(hub, tmp_path, router, capsys):
     cfg = compose(
         f"adapters={hub}",
         "model.name_or_path=tiny-llama",
-        f"router.name={router}",
+        f"router={router}",
         "train.steps=3",
         "train.dlp_epochs=3",
         "data.num_per_task=4",

@@ -1,1 +1,2 @@
-"""Hydra entry points: ``molex-train`` (:mod:`molex.cli.train`) and ``molex-eval`` (:mod:`molex.cli.eval`)."""
+"""Hydra entry points: ``molex-train`` (:mod:`molex.cli.train`), ``molex-eval`` (:mod:`molex.cli.eval`)
+and ``molex-fuse`` (:mod:`molex.cli.fuse`)."""

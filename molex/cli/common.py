@@ -33,6 +33,7 @@ __all__ = [
     "TrainingObjects",
     "check_trainer",
     "check_sources",
+    "check_router_choice",
     "instantiate",
     "write_json",
 ]
@@ -90,8 +91,28 @@ def instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
         raise CLIError(f"{what}: {err}") from None
 
 
+def check_router_choice(cfg: DictConfig) -> None:
+    """The router is picked by its config group (``router=dlp``), which brings that router's options.
+
+    Overriding ``router.name`` alone would pair one router's name with another's options; under a
+    running Hydra app (where the group choice is known) that stops here with the spelling to use.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    choice = HydraConfig.get().runtime.choices.get("router")
+    name = cfg.router.name
+    if choice is not None and choice != name:
+        raise CLIError(
+            f"router.name={name} does not match the router group router={choice}; choose the router with "
+            f"router={name} (it brings that router's options; change one with router.options.<option>=...)"
+        )
+
+
 def build_mole_config(cfg: DictConfig) -> MoLEConfig:
     """``MoLEConfig`` from the ``mole`` node plus the ``router`` and ``allocation`` groups (validated)."""
+    check_router_choice(cfg)
     router_config = instantiate(cfg.router, f"router={cfg.router.name}")
     allocation = instantiate(cfg.allocation, "allocation")
     mole = OmegaConf.to_container(cfg.mole, resolve=True)

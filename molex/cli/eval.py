@@ -1,6 +1,6 @@
 """``molex-eval``: evaluate a base model, or a base model with a trained MoLE adapter, per task.
 
-    molex-eval adapter=outputs/train/<date>/<time>/adapter
+    molex-eval adapter=outputs/train/2025-06-01/12-00-00/adapter   # the run directory molex-train printed
     molex-eval model=tiny_llama data.eval_per_task=4
 
 Writes ``eval.json`` (accuracy per task, overall, loss) and ``predictions.json`` to ``run_dir``.

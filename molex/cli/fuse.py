@@ -1,14 +1,15 @@
 """``molex-fuse``: fuse PEFT LoRA adapters behind a trained router and compare it with each adapter alone.
 
-    molex-fuse adapters=path/to/hub router.name=gate
-    molex-fuse adapters=path/to/hub router.name=dlp model=tiny_llama
+    molex-fuse adapters=path/to/hub router=gate
+    molex-fuse adapters=path/to/hub router=dlp model=tiny_llama
     molex-fuse adapters=path/to/hub data.source=train.jsonl data.eval_source=test.jsonl
 
 Every adapter is named by its folder; with the built-in data, adapter names are task names. Writes
 the fused model (``fused/``, :func:`molex.save_adapter` format) and ``results.json`` to ``output_dir``
 and prints a Markdown table (:func:`molex.eval.format_table`): each adapter alone on its own task vs
-the fused model, then the routing accuracy. The model comes from the ``model`` config group shared with
-``molex-train``; data files are read by :mod:`molex.data.readers`, like ``molex-train``'s.
+the fused model, then the routing accuracy. The model and the router (with its options) come from the
+``model`` and ``router`` config groups shared with ``molex-train``; data files are read by
+:mod:`molex.data.readers`, like ``molex-train``'s.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from molex.cli.common import CLIError, build_model, check_sources, report_errors, write_json
+from molex.cli.common import (
+    CLIError,
+    build_model,
+    check_router_choice,
+    check_sources,
+    instantiate,
+    report_errors,
+    write_json,
+)
 from molex.hub.peft_format import PEFT_CONFIG_NAME
 
 __all__ = ["resolve_adapters", "fuse", "main"]
@@ -120,10 +129,9 @@ def fuse(cfg: DictConfig) -> dict[str, Any]:
     adapters = resolve_adapters(cfg.adapters)
     names = list(adapters)
     check_sources(cfg.model, cfg.data)
-    try:  # an unknown router name fails now, not after the adapters alone have been evaluated
-        molex.routers.get_router_class(cfg.router.name)
-    except ValueError as err:
-        raise CLIError(f"router.name={cfg.router.name}: {err}") from None
+    check_router_choice(cfg)
+    # an unknown router or option fails now, not after the adapters alone have been evaluated
+    instantiate(cfg.router, f"router={cfg.router.name}")
     train, test = _examples(cfg, names)
     try:
         molex.hub.load_adapters(adapters)  # read and check every adapter before loading the model
@@ -144,7 +152,7 @@ def fuse(cfg: DictConfig) -> dict[str, Any]:
     try:
         fused = molex.fuse_adapters(model, adapters, router=cfg.router.name, **options)
     except (ValueError, TypeError, KeyError) as err:  # unknown router, bad option, top_k above the adapters
-        raise CLIError(f"router.name={cfg.router.name}, router.options={options}: {err}") from None
+        raise CLIError(f"router={cfg.router.name}, router.options={options}: {err}") from None
     history = fit_router(
         fused,
         tokenizer,

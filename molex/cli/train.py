@@ -47,14 +47,13 @@ def _loggers(run_dir: Path) -> list[Any]:
 
 
 def _callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from molex.cli.progress import progress_callbacks
 
     every = cfg.checkpoint.every_n_train_steps
-    # tqdm rather than Lightning's rich bar: it counts steps against max_steps and still reports
-    # progress when the output is a log file rather than a terminal
-    progress = [TQDMProgressBar(refresh_rate=1)] if cfg.trainer.get("enable_progress_bar", True) else []
     return [
-        *progress,
+        *progress_callbacks(cfg.trainer),
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="step-{step}",
@@ -133,8 +132,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     is_main = rank_zero_only.rank == 0
     built = setup(cfg)
     model, tokenizer, dm = built.model, built.tokenizer, built.datamodule
+    from lightning.pytorch.callbacks import ProgressBar
+
+    callbacks = _callbacks(cfg, run_dir)
     trainer = instantiate(
-        cfg.trainer, "trainer", logger=_loggers(run_dir), callbacks=_callbacks(cfg, run_dir), default_root_dir=run_dir
+        cfg.trainer,
+        "trainer",
+        logger=_loggers(run_dir),
+        callbacks=callbacks,
+        default_root_dir=run_dir,
+        # plain progress lines replace the bar when the output is not a terminal: Lightning must not add its own
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
     )
     metrics: dict[str, Any] = {"run_dir": str(run_dir)}
     if is_main and cfg.eval.before:
