@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import molex
-from molex.peft_format import write_peft_adapter
+from molex.hub.peft_format import write_peft_adapter
 
 __all__ = ["peft_equivalence"]
 

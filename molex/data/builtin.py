@@ -67,6 +67,43 @@ _ANTONYMS = {
     "friend": "enemy", "question": "answer", "accept": "refuse", "arrive": "leave", "remember": "forget",
     "increase": "decrease", "maximum": "minimum", "plus": "minus", "male": "female", "tall": "short",
     "polite": "rude", "brave": "afraid", "smooth": "rough", "sharp": "blunt", "wild": "tame", "noisy": "silent",
+    # the pairs below make the pool large enough for 40+ test words; each input has one clear opposite
+    "above": "below", "below": "above", "absent": "present", "add": "subtract", "subtract": "add",
+    "backward": "forward", "forward": "backward", "best": "worst", "worst": "best", "better": "worse",
+    "worse": "better", "black": "white", "white": "black", "borrow": "lend", "lend": "borrow", "bright": "dim",
+    "dim": "bright", "careful": "careless", "careless": "careful", "ceiling": "floor", "floor": "ceiling",
+    "child": "adult", "adult": "child", "come": "go", "correct": "incorrect", "incorrect": "correct",
+    "dawn": "dusk", "dusk": "dawn", "ascend": "descend", "descend": "ascend", "entrance": "exit",
+    "exit": "entrance", "even": "odd", "odd": "even", "exterior": "interior", "interior": "exterior",
+    "few": "many", "many": "few", "foolish": "wise", "wise": "foolish", "future": "past", "guilty": "innocent",
+    "innocent": "guilty", "here": "there", "there": "here", "hero": "villain", "villain": "hero",
+    "honest": "dishonest", "dishonest": "honest", "horizontal": "vertical", "vertical": "horizontal",
+    "husband": "wife", "wife": "husband", "import": "export", "export": "import", "include": "exclude",
+    "exclude": "include", "input": "output", "output": "input", "interesting": "boring", "boring": "interesting",
+    "junior": "senior", "senior": "junior", "king": "queen", "queen": "king", "less": "more", "more": "less",
+    "major": "minor", "minor": "major", "man": "woman", "woman": "man", "mother": "father", "father": "mother",
+    "brother": "sister", "sister": "brother", "boy": "girl", "girl": "boy", "uncle": "aunt", "aunt": "uncle",
+    "nephew": "niece", "niece": "nephew", "son": "daughter", "daughter": "son", "natural": "artificial",
+    "artificial": "natural", "negative": "positive", "positive": "negative", "noon": "midnight",
+    "midnight": "noon", "obey": "disobey", "disobey": "obey", "on": "off", "off": "on", "optimist": "pessimist",
+    "pessimist": "optimist", "over": "under", "under": "over", "peace": "war", "war": "peace",
+    "permanent": "temporary", "temporary": "permanent", "plural": "singular", "singular": "plural",
+    "possible": "impossible", "impossible": "possible", "private": "public", "public": "private",
+    "profit": "loss", "rise": "fall", "fall": "rise", "raw": "cooked", "cooked": "raw", "reward": "punishment",
+    "punishment": "reward", "same": "different", "different": "same", "save": "spend", "spend": "save",
+    "send": "receive", "complex": "simple", "simple": "complex", "sit": "stand", "stand": "sit",
+    "sunrise": "sunset", "sunset": "sunrise", "success": "failure", "failure": "success", "summer": "winter",
+    "winter": "summer", "teacher": "student", "student": "teacher", "tight": "loose", "loose": "tight",
+    "together": "apart", "apart": "together", "tomorrow": "yesterday", "yesterday": "tomorrow",
+    "visible": "invisible", "invisible": "visible", "victory": "defeat", "defeat": "victory",
+    "whisper": "shout", "shout": "whisper", "wrong": "right", "found": "lost", "lost": "found", "empty": "full",
+    "dark": "light", "cold": "hot", "slow": "fast", "sad": "happy", "down": "up", "closed": "open", "low": "high",
+    "poor": "rich", "dry": "wet", "late": "early", "weak": "strong", "quiet": "loud", "dirty": "clean",
+    "night": "day", "false": "true", "hate": "love", "pull": "push", "last": "first", "outside": "inside",
+    "after": "before", "sell": "buy", "never": "always", "far": "near", "bad": "good", "bottom": "top",
+    "back": "front", "sour": "sweet", "no": "yes", "dead": "alive", "awake": "asleep", "enemy": "friend",
+    "answer": "question", "forget": "remember", "decrease": "increase", "minimum": "maximum", "minus": "plus",
+    "female": "male", "rude": "polite", "rough": "smooth", "tame": "wild",
 }  # fmt: skip
 
 
@@ -80,6 +117,9 @@ class BuiltinTask:
     pool: tuple[tuple[str, str], ...] = ()
     #: share of the (task, input) space per split, as (train, validation, test) out of 100 hash buckets
     buckets: tuple[int, int, int] = (80, 10, 10)
+    #: a pool whose pairs also appear reversed (``hot -> cold``, ``cold -> hot``): a pair and its reverse
+    #: share a split, so no split is answered by reading another split backwards
+    symmetric: bool = False
 
 
 def _add(rng: random.Random) -> tuple[str, str]:
@@ -127,7 +167,13 @@ BUILTIN_TASKS: tuple[BuiltinTask, ...] = (
         pool=tuple(_CAPITALS.items()),
         buckets=(40, 20, 40),  # a small finite pool: keep enough countries to measure on
     ),
-    BuiltinTask("antonym", "Give the opposite of the word.", pool=tuple(_ANTONYMS.items()), buckets=(50, 20, 30)),
+    BuiltinTask(
+        "antonym",
+        "Give the opposite of the word.",
+        pool=tuple(_ANTONYMS.items()),
+        buckets=(50, 20, 30),
+        symmetric=True,
+    ),
     BuiltinTask("parity", "Is the number even or odd?", sample=_parity),
 )
 #: task names, in the order that defines their integer ids
@@ -135,8 +181,13 @@ TASKS: list[str] = [task.name for task in BUILTIN_TASKS]
 
 
 def split_of(task: BuiltinTask, input_text: str) -> str:
-    """The split that owns ``(task, input_text)``: a stable hash, independent of seeds and sizes."""
-    digest = hashlib.sha256(f"{task.name}\x00{input_text}".encode()).digest()
+    """The split that owns ``(task, input_text)``: a stable hash, independent of seeds and sizes
+    (of the unordered pair ``{input, output}`` for a symmetric pool)."""
+    key = input_text
+    if task.symmetric:
+        output = dict(task.pool).get(input_text)
+        key = input_text if output is None else min(input_text, output)
+    digest = hashlib.sha256(f"{task.name}\x00{key}".encode()).digest()
     bucket = int.from_bytes(digest[:4], "big") % 100
     train, validation, _ = task.buckets
     if bucket < train:
