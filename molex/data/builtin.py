@@ -19,7 +19,8 @@ parity     Is the number even or odd?                   ``417``               ``
 Splits are disjoint by construction: each (task, input) pair belongs to exactly one split, chosen by a
 stable hash that does not depend on ``seed`` or on the requested sizes; ``seed`` only picks which
 examples of that split are drawn and their order. Tasks with a finite pool (capital, antonym) return at
-most the pool's share of the split.
+most the pool's share of the split: 51 / 59 test, 31 / 40 validation examples; antonym pairs appear in
+both directions, and a pair and its reverse always share a split.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ _WORDS = (
     "wheel", "window", "wolf", "green", "blue", "red", "happy", "small", "big", "old", "new", "soft", "fast",
 )  # fmt: skip
 
-# countries whose capital SmolLM2-135M states in plain completion ("The capital of X is"), so the task
-# measures following the instruction, not knowledge a small model lacks
+# countries with a single, well-known capital whose name is plain ASCII (exact match compares strings);
+# SmolLM2-135M states the capitals of the first 40 in plain completion ("The capital of X is")
 _CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
     "Japan": "Tokyo", "China": "Beijing", "Russia": "Moscow", "Greece": "Athens", "Ireland": "Dublin",
@@ -53,6 +54,30 @@ _CAPITALS = {
     "Israel": "Jerusalem", "Syria": "Damascus", "Afghanistan": "Kabul", "Ethiopia": "Addis Ababa",
     "Iceland": "Reykjavik", "Bulgaria": "Sofia", "Malaysia": "Kuala Lumpur", "Pakistan": "Islamabad",
     "Bangladesh": "Dhaka", "Latvia": "Riga", "Uganda": "Kampala",
+    # more countries, so that every split has enough of them (40+ for test): these capitals the base model
+    # mostly does not state, so the task's test split mixes following the format with recalling the fact
+    "Belgium": "Brussels", "Switzerland": "Bern", "Poland": "Warsaw", "Finland": "Helsinki", "Turkey": "Ankara",
+    "Egypt": "Cairo", "India": "New Delhi", "Argentina": "Buenos Aires", "Peru": "Lima", "Venezuela": "Caracas",
+    "Australia": "Canberra", "New Zealand": "Wellington", "Iran": "Tehran", "Iraq": "Baghdad",
+    "Saudi Arabia": "Riyadh", "Lebanon": "Beirut", "Jordan": "Amman", "Qatar": "Doha", "Morocco": "Rabat",
+    "Algeria": "Algiers", "Tunisia": "Tunis", "Libya": "Tripoli", "Sudan": "Khartoum", "Ghana": "Accra",
+    "Nigeria": "Abuja", "Senegal": "Dakar", "Zimbabwe": "Harare", "Zambia": "Lusaka", "Angola": "Luanda",
+    "Mozambique": "Maputo", "Madagascar": "Antananarivo", "Somalia": "Mogadishu", "Rwanda": "Kigali",
+    "Nepal": "Kathmandu", "North Korea": "Pyongyang", "Taiwan": "Taipei", "Cambodia": "Phnom Penh",
+    "Laos": "Vientiane", "Uzbekistan": "Tashkent", "Azerbaijan": "Baku", "Armenia": "Yerevan", "Belarus": "Minsk",
+    "Lithuania": "Vilnius", "Estonia": "Tallinn", "Slovakia": "Bratislava", "Slovenia": "Ljubljana",
+    "Croatia": "Zagreb", "Serbia": "Belgrade", "Bosnia and Herzegovina": "Sarajevo", "Albania": "Tirana",
+    "North Macedonia": "Skopje", "Cyprus": "Nicosia", "Malta": "Valletta", "Jamaica": "Kingston",
+    "Haiti": "Port-au-Prince", "Dominican Republic": "Santo Domingo", "Nicaragua": "Managua",
+    "Honduras": "Tegucigalpa", "El Salvador": "San Salvador", "Ecuador": "Quito", "Uruguay": "Montevideo",
+    "Oman": "Muscat", "United Arab Emirates": "Abu Dhabi", "Bahrain": "Manama", "Mali": "Bamako", "Niger": "Niamey",
+    "Burkina Faso": "Ouagadougou", "Liberia": "Monrovia", "Sierra Leone": "Freetown", "Gabon": "Libreville",
+    "Namibia": "Windhoek", "Botswana": "Gaborone", "Malawi": "Lilongwe", "Eritrea": "Asmara",
+    "Tajikistan": "Dushanbe", "Kyrgyzstan": "Bishkek", "Turkmenistan": "Ashgabat",
+    "Papua New Guinea": "Port Moresby", "Fiji": "Suva", "Bhutan": "Thimphu",
+    "Democratic Republic of the Congo": "Kinshasa", "Guinea": "Conakry", "Mauritania": "Nouakchott",
+    "Barbados": "Bridgetown", "Bahamas": "Nassau", "Trinidad and Tobago": "Port of Spain", "Suriname": "Paramaribo",
+    "Guyana": "Georgetown", "Belize": "Belmopan", "Montenegro": "Podgorica",
 }  # fmt: skip
 
 _ANTONYMS = {
