@@ -4,18 +4,19 @@ The configuration is composed from molex's packaged Hydra config (the same ``tra
 ``molex-train`` reads), so the model and data seen here are exactly the run's. For each run:
 
 * trainable parameters and the active rank per token (mean over MoLE layers of the number of experts
-  with a non-zero gate per real token, times the layer's rank), measured on the test split;
+  with a non-zero gate per real token, ``RoutingReport.active``, times the layer's rank), measured on
+  the test split;
 * the validation LM loss of the final model over the whole validation split (cross-entropy per answer
   token, no auxiliary losses): the run's logged ``val/lm_loss``, else :func:`molex.eval.evaluate_loss`;
 * routing health on test batches covering every task with ``ROUTING_PER_TASK`` examples, from
-  :func:`molex.analysis.collect_routing`.
+  :func:`molex.analysis.collect_routing` (which also counts the active experts per token).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -99,42 +100,6 @@ def matched_rank(base: nn.Module, target: molex.MoLEConfig, lora: molex.MoLEConf
     return max(1, round(target_params / per_rank)), target_params
 
 
-def _covering(batches: Iterable[Mapping[str, Tensor]], num_tasks: int, per_task: int) -> Iterator:
-    """The batches that bring some task (``task_ids [B]``) closer to ``per_task`` examples, until every
-    task has them: a cheap sample that covers every task whether the split is shuffled or grouped."""
-    seen = torch.zeros(max(num_tasks, 1), dtype=torch.long)
-    for batch in batches:
-        tasks = batch.get("task_ids")
-        if tasks is None:  # no task labels: a fixed number of examples
-            if int(seen[0]) >= per_task * max(num_tasks, 1):
-                return
-            seen[0] += batch["input_ids"].shape[0]
-            yield batch
-            continue
-        counts = torch.bincount(tasks.long(), minlength=seen.numel())[: seen.numel()]
-        if bool(((seen < per_task) & (counts > 0)).any()):
-            seen += counts
-            yield batch
-        if bool((seen >= per_task).all()):
-            return
-
-
-def _counting(batches: Iterable[Mapping[str, Tensor]], layers: Mapping[str, Any], active: dict[str, float]) -> Iterator:
-    """Yield ``batches`` unchanged; when the consumer asks for the next batch, the model has run on
-    the previous one, so each layer's last decision is read then: experts with a non-zero gate,
-    summed over real tokens into ``active`` (``"tokens"`` counts the tokens)."""
-    for batch in batches:
-        yield batch
-        mask = batch["attention_mask"].reshape(-1).bool()
-        active["tokens"] = active.get("tokens", 0.0) + float(mask.sum())
-        for name, layer in layers.items():
-            decision = layer.last_decision
-            if decision is None:
-                continue
-            gate = decision.to_dense(layer.experts.num_experts).cpu()[mask]
-            active[name] = active.get(name, 0.0) + float((gate > 0).sum())
-
-
 def _entropy(shares: Tensor) -> float:
     """Entropy of a distribution over ``E`` experts, divided by ``log E`` (1 = perfectly even)."""
     p = shares.double().clamp_min(0)
@@ -192,12 +157,14 @@ def routing_health(report: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def measure_run(base: nn.Module, dm: Any, adapter_dir: Path, *, logged: Mapping[str, Any]) -> dict[str, Any]:
+def measure_run(
+    base: nn.Module, dm: Any, adapter_dir: Path, *, logged: Mapping[str, Any], precision: str = "float32"
+) -> dict[str, Any]:
     """Load the run's adapter onto ``base`` and measure it; ``base`` is returned to its original state.
 
     ``logged``: what the run logged at its end (``metrics.json``'s ``train``); its ``val/lm_loss`` (the
     LM loss alone, over the whole validation split at the last step) is used when present, otherwise
-    the LM loss is computed here.
+    the LM loss is computed here. ``precision``: ``"float32"`` or ``"bf16"`` for the forwards run here.
     """
     from molex.analysis import collect_routing
     from molex.eval import evaluate_loss
@@ -209,12 +176,17 @@ def measure_run(base: nn.Module, dm: Any, adapter_dir: Path, *, logged: Mapping[
         if "val/lm_loss" in logged:
             val_lm_loss, source = float(logged["val/lm_loss"]), "val/lm_loss logged at the last step"
         else:
-            val_lm_loss, source = evaluate_loss(model, dm.val_dataloader()), "molex.eval.evaluate_loss"
-        active: dict[str, float] = {}
-        batches = _covering(dm.test_dataloader(), len(dm.task_names), ROUTING_PER_TASK)
-        report = collect_routing(model, _counting(batches, layers, active), task_names=list(dm.task_names))
-        tokens = max(active.get("tokens", 0.0), 1.0)
-        per_layer = [active.get(n, 0.0) / tokens * layer.experts.rank for n, layer in layers.items()]
+            val_lm_loss = evaluate_loss(model, dm.val_dataloader(), precision=precision)
+            source = "molex.eval.evaluate_loss"
+        report = collect_routing(
+            model,
+            dm.test_dataloader(),
+            task_names=list(dm.task_names),
+            per_task=ROUTING_PER_TASK,
+            precision=precision,
+        )
+        # active rank of a layer: experts with a non-zero gate per real token x the experts' rank
+        per_layer = [report.active[i] * layers[name].experts.rank for i, name in enumerate(report.layers)]
         mixture = any(layer.experts.num_experts > 1 for layer in layers.values())
         return {
             "trainable_params": trainable,

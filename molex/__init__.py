@@ -19,6 +19,7 @@ from molex.hub import (
 )
 from molex.inject import (
     aux_losses,
+    aux_losses_by_kind,
     find_target_modules,
     get_config,
     inject,
@@ -59,6 +60,7 @@ __all__ = [
     "mole_layers",
     "summary",
     "aux_losses",
+    "aux_losses_by_kind",
     "total_aux_loss",
     "trainable_parameters",
     "mole_delta",

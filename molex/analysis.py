@@ -9,7 +9,7 @@ specialised; matplotlib is imported only there (Agg backend, no display needed).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from molex.context import ROUTING_KWARGS
+from molex.eval import eval_autocast
 from molex.files import atomic_write
 from molex.inject import mole_layers
 
@@ -47,6 +48,8 @@ class RoutingReport:
         task_usage: per layer, ``[num_tasks, E_l]`` mean gate weight per expert for each task's tokens.
         task_tokens: ``[num_tasks]`` real tokens seen per task.
         task_names: display names of the task ids.
+        active: per layer, mean number of experts with a non-zero gate per real token (a layer's
+            active rank per token is this times its experts' rank; empty when not collected).
     """
 
     layers: list[str]
@@ -55,6 +58,7 @@ class RoutingReport:
     task_usage: list[Tensor] = field(default_factory=list)
     task_tokens: Tensor | None = None
     task_names: list[str] = field(default_factory=list)
+    active: list[float] = field(default_factory=list)
 
     def specialisation(self) -> list[float]:
         """Per layer, the mutual information ``I(task; expert)`` over the gate weights, normalised
@@ -83,6 +87,7 @@ class RoutingReport:
                 name: {
                     "load": [round(v, 6) for v in self.load[i].tolist()],
                     "entropy": None if math.isnan(self.entropy[i]) else round(self.entropy[i], 6),
+                    **({"active_experts": round(self.active[i], 6)} if self.active else {}),
                     **({"specialisation": round(spec[i], 6)} if spec else {}),
                     **(
                         {"task_usage": [[round(v, 6) for v in row] for row in self.task_usage[i].tolist()]}
@@ -95,6 +100,31 @@ class RoutingReport:
         }
 
 
+def _covering(batches: Iterable[Mapping[str, Any]], num_tasks: int, per_task: int) -> Iterator[Mapping[str, Any]]:
+    """The batches that bring some task (``task_ids [B]``) closer to ``per_task`` examples, until every
+    task has them: a cheap sample that covers every task whether the data is shuffled or grouped by task.
+    Batches without ``task_ids`` count toward ``per_task * num_tasks`` examples in all."""
+    seen = torch.zeros(max(num_tasks, 1), dtype=torch.long)
+    for batch in batches:
+        tasks = batch.get("task_ids")
+        if tasks is None:
+            yield batch
+            seen[0] += batch["input_ids"].shape[0]
+            if int(seen[0]) >= per_task * max(num_tasks, 1):
+                return
+            continue
+        tasks = tasks.reshape(-1).long().cpu()
+        top = int(tasks.max()) if tasks.numel() else -1
+        if seen.numel() <= top:  # a task id beyond task_names: track it too
+            seen = torch.cat([seen, seen.new_zeros(top + 1 - seen.numel())])
+        counts = torch.bincount(tasks, minlength=seen.numel())
+        if bool(((seen < per_task) & (counts > 0)).any()):
+            seen += counts
+            yield batch
+        if bool((seen >= per_task).all()):
+            return
+
+
 @torch.no_grad()
 def collect_routing(
     model: nn.Module,
@@ -102,12 +132,22 @@ def collect_routing(
     *,
     max_batches: int | None = None,
     task_names: list[str] | None = None,
+    per_task: int | None = None,
+    precision: str = "float32",
 ) -> RoutingReport:
     """Run ``model`` over ``batches`` (dicts with ``input_ids [B, S]``, ``attention_mask [B, S]``
     and optionally ``task_ids [B]``) and aggregate each MoLE layer's routing over real tokens.
 
-    The model is put in eval mode for the pass and restored afterwards.
+    ``per_task``: use only the batches that bring some task closer to ``per_task`` examples, and stop
+    once every task of ``task_names`` has them, so a sample covers every task even when the data is
+    grouped by task (a task missing from ``batches`` ends the pass with the data). ``max_batches`` caps
+    the batches used either way. ``precision``: ``"float32"`` or ``"bf16"`` (autocast, see
+    :func:`molex.eval.eval_autocast`). The model is put in eval mode for the pass and restored afterwards.
     """
+    if per_task is not None:
+        if per_task < 1:
+            raise ValueError(f"per_task must be >= 1 (examples per task), got {per_task}")
+        batches = _covering(batches, len(task_names or []), per_task)
     layers = mole_layers(model)
     if not layers:
         raise ValueError("the model has no MoLE layers: nothing to analyse")
@@ -115,6 +155,7 @@ def collect_routing(
     load_sum = {n: torch.zeros(layers[n].experts.num_experts, dtype=torch.float64) for n in names}
     entropy_sum = dict.fromkeys(names, 0.0)
     entropy_batches = dict.fromkeys(names, 0)
+    active_sum = dict.fromkeys(names, 0.0)
     num_tasks = len(task_names) if task_names else 0
     task_sum: dict[str, Tensor] = {}
     task_tokens = torch.zeros(num_tasks, dtype=torch.float64)
@@ -128,7 +169,8 @@ def collect_routing(
                 break
             inputs = {k: _to_device(v, device) for k, v in batch.items() if k in _FORWARD_KEYS}
             inputs = {k: v for k, v in inputs.items() if v is not None}
-            model(**inputs)
+            with eval_autocast(model, precision):
+                model(**inputs)
             ids = inputs["input_ids"]
             mask = inputs.get("attention_mask", torch.ones_like(ids)).reshape(-1).bool().cpu()
             tasks = inputs.get("task_ids")
@@ -147,6 +189,7 @@ def collect_routing(
                     continue
                 gate = decision.to_dense(layer.experts.num_experts).double().cpu()[mask]
                 load_sum[name] += gate.sum(0)
+                active_sum[name] += float((gate != 0).sum())
                 stats = layer.routing_stats()
                 if "entropy" in stats:
                     entropy_sum[name] += float(stats["entropy"])
@@ -177,6 +220,7 @@ def collect_routing(
         task_usage=usage,
         task_tokens=task_tokens.float() if task_sum else None,
         task_names=labels[:num_tasks] if task_sum else [],
+        active=[active_sum[n] / tokens for n in names],
     )
 
 
@@ -269,6 +313,8 @@ def log_routing_report(report: RoutingReport, paths: Mapping[str, Path], loggers
         short = name.removeprefix("model.")
         if not math.isnan(report.entropy[i]):
             metrics[f"routing_final/{short}/entropy"] = report.entropy[i]
+        if report.active:
+            metrics[f"routing_final/{short}/active_experts"] = report.active[i]
         if spec:
             metrics[f"routing_final/{short}/specialisation"] = spec[i]
         for expert, value in enumerate(report.load[i].tolist()):

@@ -28,6 +28,7 @@ __all__ = [
     "trainable_parameters",
     "summary",
     "aux_losses",
+    "aux_losses_by_kind",
     "total_aux_loss",
     "is_injected",
     "get_config",
@@ -236,10 +237,36 @@ def aux_losses(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def total_aux_loss(model: nn.Module) -> Tensor | None:
-    """Sum of :func:`aux_losses` (already weighted by their coefficients), or ``None`` if there are none."""
-    losses = list(aux_losses(model).values())
-    return torch.stack([loss.float() for loss in losses]).sum() if losses else None
+#: how :func:`total_aux_loss` combines the layers' losses of one kind
+AUX_REDUCTIONS = ("mean", "sum")
+
+
+def aux_losses_by_kind(model: nn.Module, *, reduction: str = "mean") -> dict[str, Tensor]:
+    """The auxiliary losses of the last forward, one scalar per kind (``{"load_balance": ..., "z_loss": ...}``).
+
+    ``reduction="mean"`` (the default) averages each kind over the routing units that emitted it: every
+    MoLE layer with its own router, or once per shared (block / model) router, which reports its losses
+    through a single layer. Each value stays weighted by its router's coefficient, so a coefficient means
+    the same pressure toward balance whether the model has 2 MoLE layers or 90, as in Mixtral's and
+    MixLoRA's load-balancing term, computed over all layers' tokens at once. ``reduction="sum"`` adds
+    them instead (every layer at full coefficient, the convention before this option existed; with ``L``
+    reporting layers it equals ``"mean"`` with every coefficient multiplied by ``L``).
+    """
+    if reduction not in AUX_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(AUX_REDUCTIONS)}, got {reduction!r}")
+    by_kind: dict[str, list[Tensor]] = {}
+    for key, value in aux_losses(model).items():
+        by_kind.setdefault(key.rsplit("/", 1)[-1], []).append(value.float())
+    reduce = torch.mean if reduction == "mean" else torch.sum
+    return {kind: reduce(torch.stack(values)) for kind, values in by_kind.items()}
+
+
+def total_aux_loss(model: nn.Module, *, reduction: str = "mean") -> Tensor | None:
+    """The auxiliary losses of the last forward as one scalar to add to the LM loss, or ``None`` if there
+    are none: the sum over loss kinds of :func:`aux_losses_by_kind` (each kind averaged over the layers
+    that emitted it by default; ``reduction="sum"`` sums every layer's losses instead)."""
+    kinds = aux_losses_by_kind(model, reduction=reduction)
+    return torch.stack(list(kinds.values())).sum() if kinds else None
 
 
 def _count(params: Iterable[nn.Parameter]) -> int:

@@ -121,8 +121,9 @@ class MoLELinear(nn.Module):
     @torch.no_grad()
     def routing_stats(self) -> dict[str, Tensor]:
         """Statistics of the last forward: ``load [E]`` (mean gate per expert over real tokens),
-        ``entropy`` (mean router entropy normalised by ``log E``, when the router has probabilities)
-        and ``dropped`` (share of real tokens whose total weight is zero)."""
+        ``entropy`` (mean router entropy normalised by ``log E``, when the router has probabilities),
+        ``active`` (mean number of experts with a non-zero gate per real token) and ``dropped`` (share
+        of real tokens whose total weight is zero)."""
         decision = self.last_decision
         if decision is None:
             return {}
@@ -131,7 +132,11 @@ class MoLELinear(nn.Module):
         mask = decision.token_mask
         if mask is not None and mask.shape[0] == gate.shape[0]:
             gate = gate[mask]
-        stats = {"load": gate.mean(0) if gate.shape[0] else gate.sum(0), "dropped": (gate.sum(-1) == 0).float().mean()}
+        stats = {
+            "load": gate.mean(0) if gate.shape[0] else gate.sum(0),
+            "active": (gate != 0).sum(-1).float().mean() if gate.shape[0] else gate.new_zeros(()),
+            "dropped": (gate.sum(-1) == 0).float().mean(),
+        }
         if decision.probs is not None and num_experts > 1:
             probs = decision.probs.float()
             if decision.is_per_sequence:

@@ -82,3 +82,41 @@ def test_collect_without_tasks_and_errors():
         collect_routing(tiny_llama(num_layers=1), data)
     with pytest.raises(ValueError, match="no tokens"):
         collect_routing(model, [])
+
+
+@pytest.mark.parametrize(("router", "options", "active"), [("topk", {"top_k": 2}, 2.0), ("soft", {}, 4.0)])
+def test_active_experts_per_token(router, options, active):
+    cfg = molex.MoLEConfig(target_modules=["q_proj"], rank=4, num_experts=4, router=router, router_options=options)
+    model = molex.inject(tiny_llama(num_layers=2), cfg)
+    data = batches()
+    report = collect_routing(model, data)
+    assert report.active == pytest.approx([active, active])
+    assert report.to_dict()["layers"]["model.layers.0.self_attn.q_proj"]["active_experts"] == pytest.approx(active)
+    layer = molex.mole_layers(model)["model.layers.0.self_attn.q_proj"]
+    model(input_ids=data[0]["input_ids"], attention_mask=data[0]["attention_mask"])
+    assert float(layer.routing_stats()["active"]) == pytest.approx(active)
+
+
+def test_per_task_sampling_covers_every_task_of_grouped_data():
+    from molex.analysis import _covering
+
+    model = injected()
+    rows = sorted(synthetic_batches(num=24), key=lambda r: int(r["task_ids"]))  # grouped: 8 per task, in order
+    grouped = [{k: torch.stack([r[k] for r in rows[i : i + 4]]) for k in rows[0]} for i in range(0, 24, 4)]
+    report = collect_routing(model, grouped, task_names=["a", "b", "c"], per_task=4)
+    assert (report.task_tokens > 0).all()  # max_batches=3 would have seen task "a" alone
+    assert len(list(_covering(grouped, 3, 4))) == 3  # one batch per task is enough
+    first = collect_routing(model, grouped, task_names=["a", "b", "c"], max_batches=2)
+    assert first.task_tokens[1:].sum() == 0
+    with pytest.raises(ValueError, match="per_task must be >= 1"):
+        collect_routing(model, grouped, per_task=0)
+    unlabelled = [{k: v for k, v in b.items() if k != "task_ids"} for b in grouped]
+    assert len(list(_covering(unlabelled, 3, 4))) == 3  # 3 tasks x 4 examples, 4 per batch
+
+
+def test_bf16_routing_agrees_with_float32():
+    model = injected()
+    full = collect_routing(model, batches())
+    half = collect_routing(model, batches(), precision="bf16")
+    for a, b in zip(full.load, half.load, strict=True):
+        torch.testing.assert_close(a, b, atol=0.08, rtol=0)

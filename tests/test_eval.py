@@ -201,3 +201,23 @@ def test_format_table_labels_and_markdown():
     assert lines[-1] == "| overall | 2 | - | 100.0 | - |"
     plain = format_table(before, after, labels=("adapter alone", "fused")).splitlines()
     assert plain[0].split() == ["task", "n", "adapter", "alone", "fused", "change"]
+
+
+def test_bf16_evaluation_is_close_to_float32_and_bad_precision_is_named():
+    model, tok = load_model("tiny-llama", seed=2)
+    feats = []
+    for ex in make_builtin_dataset("validation", 1, 0):
+        enc = encode_example(tok, ex, "plain")
+        feats.append({"input_ids": enc.input_ids, "labels": enc.labels, "prompt_mask": enc.prompt_mask, "task_id": 0})
+    whole = pad_collate(feats, pad_token_id=tok.pad_token_id)
+    full = evaluate_loss(model, [whole])
+    half = evaluate_loss(model, [whole], precision="bf16")
+    assert half != full and half == pytest.approx(full, rel=2e-2)  # bfloat16 products: close, not identical
+    forced, tok = _forced("a")
+    examples = [{"instruction": "Say it.", "input": "x", "output": "aaaa", "task": "t"}]
+    result = evaluate_generation(forced, tok, examples, max_new_tokens=4, precision="bf16")
+    assert result["predictions"][0]["prediction"] == "aaaa"  # a clear winner survives bfloat16
+    with pytest.raises(ValueError, match="precision must be one of \\['float32', 'bf16'\\], got 'fp8'"):
+        evaluate_generation(forced, tok, examples, precision="fp8")
+    with pytest.raises(ValueError, match="got 'half'"):
+        evaluate_loss(model, [whole], precision="half")

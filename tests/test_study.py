@@ -81,7 +81,7 @@ def test_routing_health_shows_a_collapsed_router():
 
 
 def test_routing_sample_covers_every_task_even_when_the_split_is_grouped():
-    from benchmarks.study_measure import _covering
+    from molex.analysis import _covering
 
     grouped = [{"input_ids": torch.zeros(4, 3), "task_ids": torch.full((4,), t)} for t in (0, 0, 0, 1, 1, 2, 2, 2)]
     picked = list(_covering(grouped, 3, 8))

@@ -79,6 +79,7 @@ def _evaluate(model: Any, tokenizer: Any, dm: Any, cfg: DictConfig) -> dict[str,
         batch_size=cfg.eval.batch_size,
         task_names=dm.task_names,
         feature_values=dm.feature_values,
+        precision=cfg.eval.get("precision", "float32"),
     )
 
 
@@ -165,11 +166,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("%s", table.splitlines()[-1])
     fit_start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+    logged = sorted(k for k in trainer.callback_metrics if k.startswith(("train/", "val/")))
+    logged.sort(key=lambda k: not k.endswith("/lm_loss"))  # the LM losses first: they are the headline
     metrics["train"] = {
         "steps": trainer.global_step,
         "seconds": round(time.perf_counter() - fit_start, 2),
-        **{k: round(float(v), 5) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))},
+        **{k: round(float(trainer.callback_metrics[k]), 5) for k in logged},
     }
+    if "val/lm_loss" in metrics["train"]:  # without the routers' auxiliary losses (val/aux_loss, val/aux/*)
+        metrics["val_lm_loss"] = metrics["train"]["val/lm_loss"]
     if not trainer.is_global_zero:
         return metrics
     model = module.model
@@ -203,6 +208,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from molex.eval import format_table
 
         print(format_table(metrics.get("before", {}), metrics.get("after", {}), tasks=dm.task_names))
+    if "val_lm_loss" in metrics:
+        print(f"validation LM loss: {metrics['val_lm_loss']:.4f} (auxiliary losses not included)")
     print(f"run directory: {run_dir}  (wall time {metrics['wall_seconds']:.0f} s)")
     return metrics
 

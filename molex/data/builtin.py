@@ -19,7 +19,8 @@ parity     Is the number even or odd?                   ``417``               ``
 Splits are disjoint by construction: each (task, input) pair belongs to exactly one split, chosen by a
 stable hash that does not depend on ``seed`` or on the requested sizes; ``seed`` only picks which
 examples of that split are drawn and their order. Tasks with a finite pool (capital, antonym) return at
-most the pool's share of the split.
+most the pool's share of the split: 51 / 59 test, 31 / 40 validation examples; antonym pairs appear in
+both directions, and a pair and its reverse always share a split.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ _WORDS = (
     "wheel", "window", "wolf", "green", "blue", "red", "happy", "small", "big", "old", "new", "soft", "fast",
 )  # fmt: skip
 
-# countries whose capital SmolLM2-135M states in plain completion ("The capital of X is"), so the task
-# measures following the instruction, not knowledge a small model lacks
+# countries with a single, well-known capital whose name is plain ASCII (exact match compares strings);
+# SmolLM2-135M states the capitals of the first 40 in plain completion ("The capital of X is")
 _CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
     "Japan": "Tokyo", "China": "Beijing", "Russia": "Moscow", "Greece": "Athens", "Ireland": "Dublin",
@@ -53,6 +54,30 @@ _CAPITALS = {
     "Israel": "Jerusalem", "Syria": "Damascus", "Afghanistan": "Kabul", "Ethiopia": "Addis Ababa",
     "Iceland": "Reykjavik", "Bulgaria": "Sofia", "Malaysia": "Kuala Lumpur", "Pakistan": "Islamabad",
     "Bangladesh": "Dhaka", "Latvia": "Riga", "Uganda": "Kampala",
+    # more countries, so that every split has enough of them (40+ for test): these capitals the base model
+    # mostly does not state, so the task's test split mixes following the format with recalling the fact
+    "Belgium": "Brussels", "Switzerland": "Bern", "Poland": "Warsaw", "Finland": "Helsinki", "Turkey": "Ankara",
+    "Egypt": "Cairo", "India": "New Delhi", "Argentina": "Buenos Aires", "Peru": "Lima", "Venezuela": "Caracas",
+    "Australia": "Canberra", "New Zealand": "Wellington", "Iran": "Tehran", "Iraq": "Baghdad",
+    "Saudi Arabia": "Riyadh", "Lebanon": "Beirut", "Jordan": "Amman", "Qatar": "Doha", "Morocco": "Rabat",
+    "Algeria": "Algiers", "Tunisia": "Tunis", "Libya": "Tripoli", "Sudan": "Khartoum", "Ghana": "Accra",
+    "Nigeria": "Abuja", "Senegal": "Dakar", "Zimbabwe": "Harare", "Zambia": "Lusaka", "Angola": "Luanda",
+    "Mozambique": "Maputo", "Madagascar": "Antananarivo", "Somalia": "Mogadishu", "Rwanda": "Kigali",
+    "Nepal": "Kathmandu", "North Korea": "Pyongyang", "Taiwan": "Taipei", "Cambodia": "Phnom Penh",
+    "Laos": "Vientiane", "Uzbekistan": "Tashkent", "Azerbaijan": "Baku", "Armenia": "Yerevan", "Belarus": "Minsk",
+    "Lithuania": "Vilnius", "Estonia": "Tallinn", "Slovakia": "Bratislava", "Slovenia": "Ljubljana",
+    "Croatia": "Zagreb", "Serbia": "Belgrade", "Bosnia and Herzegovina": "Sarajevo", "Albania": "Tirana",
+    "North Macedonia": "Skopje", "Cyprus": "Nicosia", "Malta": "Valletta", "Jamaica": "Kingston",
+    "Haiti": "Port-au-Prince", "Dominican Republic": "Santo Domingo", "Nicaragua": "Managua",
+    "Honduras": "Tegucigalpa", "El Salvador": "San Salvador", "Ecuador": "Quito", "Uruguay": "Montevideo",
+    "Oman": "Muscat", "United Arab Emirates": "Abu Dhabi", "Bahrain": "Manama", "Mali": "Bamako", "Niger": "Niamey",
+    "Burkina Faso": "Ouagadougou", "Liberia": "Monrovia", "Sierra Leone": "Freetown", "Gabon": "Libreville",
+    "Namibia": "Windhoek", "Botswana": "Gaborone", "Malawi": "Lilongwe", "Eritrea": "Asmara",
+    "Tajikistan": "Dushanbe", "Kyrgyzstan": "Bishkek", "Turkmenistan": "Ashgabat",
+    "Papua New Guinea": "Port Moresby", "Fiji": "Suva", "Bhutan": "Thimphu",
+    "Democratic Republic of the Congo": "Kinshasa", "Guinea": "Conakry", "Mauritania": "Nouakchott",
+    "Barbados": "Bridgetown", "Bahamas": "Nassau", "Trinidad and Tobago": "Port of Spain", "Suriname": "Paramaribo",
+    "Guyana": "Georgetown", "Belize": "Belmopan", "Montenegro": "Podgorica",
 }  # fmt: skip
 
 _ANTONYMS = {
@@ -67,6 +92,43 @@ _ANTONYMS = {
     "friend": "enemy", "question": "answer", "accept": "refuse", "arrive": "leave", "remember": "forget",
     "increase": "decrease", "maximum": "minimum", "plus": "minus", "male": "female", "tall": "short",
     "polite": "rude", "brave": "afraid", "smooth": "rough", "sharp": "blunt", "wild": "tame", "noisy": "silent",
+    # the pairs below make the pool large enough for 40+ test words; each input has one clear opposite
+    "above": "below", "below": "above", "absent": "present", "add": "subtract", "subtract": "add",
+    "backward": "forward", "forward": "backward", "best": "worst", "worst": "best", "better": "worse",
+    "worse": "better", "black": "white", "white": "black", "borrow": "lend", "lend": "borrow", "bright": "dim",
+    "dim": "bright", "careful": "careless", "careless": "careful", "ceiling": "floor", "floor": "ceiling",
+    "child": "adult", "adult": "child", "come": "go", "correct": "incorrect", "incorrect": "correct",
+    "dawn": "dusk", "dusk": "dawn", "ascend": "descend", "descend": "ascend", "entrance": "exit",
+    "exit": "entrance", "even": "odd", "odd": "even", "exterior": "interior", "interior": "exterior",
+    "few": "many", "many": "few", "foolish": "wise", "wise": "foolish", "future": "past", "guilty": "innocent",
+    "innocent": "guilty", "here": "there", "there": "here", "hero": "villain", "villain": "hero",
+    "honest": "dishonest", "dishonest": "honest", "horizontal": "vertical", "vertical": "horizontal",
+    "husband": "wife", "wife": "husband", "import": "export", "export": "import", "include": "exclude",
+    "exclude": "include", "input": "output", "output": "input", "interesting": "boring", "boring": "interesting",
+    "junior": "senior", "senior": "junior", "king": "queen", "queen": "king", "less": "more", "more": "less",
+    "major": "minor", "minor": "major", "man": "woman", "woman": "man", "mother": "father", "father": "mother",
+    "brother": "sister", "sister": "brother", "boy": "girl", "girl": "boy", "uncle": "aunt", "aunt": "uncle",
+    "nephew": "niece", "niece": "nephew", "son": "daughter", "daughter": "son", "natural": "artificial",
+    "artificial": "natural", "negative": "positive", "positive": "negative", "noon": "midnight",
+    "midnight": "noon", "obey": "disobey", "disobey": "obey", "on": "off", "off": "on", "optimist": "pessimist",
+    "pessimist": "optimist", "over": "under", "under": "over", "peace": "war", "war": "peace",
+    "permanent": "temporary", "temporary": "permanent", "plural": "singular", "singular": "plural",
+    "possible": "impossible", "impossible": "possible", "private": "public", "public": "private",
+    "profit": "loss", "rise": "fall", "fall": "rise", "raw": "cooked", "cooked": "raw", "reward": "punishment",
+    "punishment": "reward", "same": "different", "different": "same", "save": "spend", "spend": "save",
+    "send": "receive", "complex": "simple", "simple": "complex", "sit": "stand", "stand": "sit",
+    "sunrise": "sunset", "sunset": "sunrise", "success": "failure", "failure": "success", "summer": "winter",
+    "winter": "summer", "teacher": "student", "student": "teacher", "tight": "loose", "loose": "tight",
+    "together": "apart", "apart": "together", "tomorrow": "yesterday", "yesterday": "tomorrow",
+    "visible": "invisible", "invisible": "visible", "victory": "defeat", "defeat": "victory",
+    "whisper": "shout", "shout": "whisper", "wrong": "right", "found": "lost", "lost": "found", "empty": "full",
+    "dark": "light", "cold": "hot", "slow": "fast", "sad": "happy", "down": "up", "closed": "open", "low": "high",
+    "poor": "rich", "dry": "wet", "late": "early", "weak": "strong", "quiet": "loud", "dirty": "clean",
+    "night": "day", "false": "true", "hate": "love", "pull": "push", "last": "first", "outside": "inside",
+    "after": "before", "sell": "buy", "never": "always", "far": "near", "bad": "good", "bottom": "top",
+    "back": "front", "sour": "sweet", "no": "yes", "dead": "alive", "awake": "asleep", "enemy": "friend",
+    "answer": "question", "forget": "remember", "decrease": "increase", "minimum": "maximum", "minus": "plus",
+    "female": "male", "rude": "polite", "rough": "smooth", "tame": "wild",
 }  # fmt: skip
 
 
@@ -80,6 +142,9 @@ class BuiltinTask:
     pool: tuple[tuple[str, str], ...] = ()
     #: share of the (task, input) space per split, as (train, validation, test) out of 100 hash buckets
     buckets: tuple[int, int, int] = (80, 10, 10)
+    #: a pool whose pairs also appear reversed (``hot -> cold``, ``cold -> hot``): a pair and its reverse
+    #: share a split, so no split is answered by reading another split backwards
+    symmetric: bool = False
 
 
 def _add(rng: random.Random) -> tuple[str, str]:
@@ -127,7 +192,13 @@ BUILTIN_TASKS: tuple[BuiltinTask, ...] = (
         pool=tuple(_CAPITALS.items()),
         buckets=(40, 20, 40),  # a small finite pool: keep enough countries to measure on
     ),
-    BuiltinTask("antonym", "Give the opposite of the word.", pool=tuple(_ANTONYMS.items()), buckets=(50, 20, 30)),
+    BuiltinTask(
+        "antonym",
+        "Give the opposite of the word.",
+        pool=tuple(_ANTONYMS.items()),
+        buckets=(50, 20, 30),
+        symmetric=True,
+    ),
     BuiltinTask("parity", "Is the number even or odd?", sample=_parity),
 )
 #: task names, in the order that defines their integer ids
@@ -135,8 +206,13 @@ TASKS: list[str] = [task.name for task in BUILTIN_TASKS]
 
 
 def split_of(task: BuiltinTask, input_text: str) -> str:
-    """The split that owns ``(task, input_text)``: a stable hash, independent of seeds and sizes."""
-    digest = hashlib.sha256(f"{task.name}\x00{input_text}".encode()).digest()
+    """The split that owns ``(task, input_text)``: a stable hash, independent of seeds and sizes
+    (of the unordered pair ``{input, output}`` for a symmetric pool)."""
+    key = input_text
+    if task.symmetric:
+        output = dict(task.pool).get(input_text)
+        key = input_text if output is None else min(input_text, output)
+    digest = hashlib.sha256(f"{task.name}\x00{key}".encode()).digest()
     bucket = int.from_bytes(digest[:4], "big") % 100
     train, validation, _ = task.buckets
     if bucket < train:

@@ -65,7 +65,11 @@ class InstructionDataModule(LightningDataModule):
             lose their whole answer are dropped (counted in :attr:`dropped`).
         batch_size / eval_batch_size: training / validation and test batch sizes.
         packing: pack same-task training examples into rows of ``max_length`` tokens.
-        num_per_task / eval_per_task: built-in examples per task in train / in validation and test.
+        num_per_task: built-in training examples per task.
+        eval_per_task: built-in validation and test examples per task, where ``val_per_task`` /
+            ``test_per_task`` are not given.
+        val_per_task / test_per_task: built-in validation / test examples per task (``None``: ``eval_per_task``).
+            Tasks with a finite pool give at most the pool's share of a split (at least 40 test examples each).
         builtin_tasks: restrict the built-in set to these task names.
         val_fraction / test_fraction: shares carved (seeded) out of ``train`` for splits the source lacks.
         seed: controls built-in generation, splitting and training shuffle order.
@@ -87,6 +91,8 @@ class InstructionDataModule(LightningDataModule):
         packing: bool = False,
         num_per_task: int = 200,
         eval_per_task: int = 25,
+        val_per_task: int | None = None,
+        test_per_task: int | None = None,
         builtin_tasks: Sequence[str] | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
@@ -105,6 +111,12 @@ class InstructionDataModule(LightningDataModule):
                 raise ValueError(f"{name} must be in [0, 1), got {fraction}")
         if val_fraction + test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must leave some training data (sum < 1)")
+        for name, count in (
+            ("num_per_task", num_per_task), ("eval_per_task", eval_per_task),
+            ("val_per_task", val_per_task), ("test_per_task", test_per_task),
+        ):  # fmt: skip
+            if count is not None and count < 0:
+                raise ValueError(f"{name} must be >= 0, got {count}")
         check_columns(columns)
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
@@ -118,6 +130,8 @@ class InstructionDataModule(LightningDataModule):
         self.packing = packing
         self.num_per_task = num_per_task
         self.eval_per_task = eval_per_task
+        self.val_per_task = eval_per_task if val_per_task is None else val_per_task
+        self.test_per_task = eval_per_task if test_per_task is None else test_per_task
         self.builtin_tasks = list(builtin_tasks) if builtin_tasks is not None else None
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -144,7 +158,7 @@ class InstructionDataModule(LightningDataModule):
     def _read_source(self) -> dict[str, datasets.Dataset]:
         if self.source != "builtin":
             return read_source(self.source, columns=self.columns, hub_config=self.hub_config)
-        sizes = {"train": self.num_per_task, "validation": self.eval_per_task, "test": self.eval_per_task}
+        sizes = {"train": self.num_per_task, "validation": self.val_per_task, "test": self.test_per_task}
         empty = {field: [] for field in TEXT_FIELDS}
         out = {}
         for split in SPLITS:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from molex.config import MoLEConfig
 from molex.context import ROUTING_KWARGS
-from molex.inject import get_config, get_plans, inject, is_injected, mole_layers
+from molex.inject import aux_losses_by_kind, get_config, get_plans, inject, is_injected, mole_layers
 from molex.io import adapter_state_dict
 from molex.training import OptimSettings, build_optimizer, build_scheduler, warmup_cosine
 from molex.training.objective import mole_objective
@@ -41,7 +41,10 @@ class MoLEModule(L.LightningModule):
 
     Batches are dicts with ``input_ids [B, S]``, ``attention_mask [B, S]``, ``labels [B, S]``
     (-100 where no loss) and optionally ``task_ids [B]`` / ``prompt_mask [B, S]``, which reach the
-    routers through the routing context. Loss = LM loss + the routers' weighted auxiliary losses.
+    routers through the routing context. Loss = LM loss + the routers' weighted auxiliary losses, each
+    kind averaged over the MoLE layers (:func:`molex.total_aux_loss`). The progress bar shows the LM loss
+    (``train/lm_loss``, ``val/lm_loss``); ``*/loss`` is the minimised total and ``*/aux_loss`` /
+    ``*/aux/<kind>`` its auxiliary part.
 
     Checkpoints hold only the trainable (adapter) weights plus the MoLE configuration and layer
     plan; the frozen base is rebuilt from its own source when resuming.
@@ -91,13 +94,23 @@ class MoLEModule(L.LightningModule):
         loss = mole_objective(self.model, self(**batch), rerun=lambda: self(**batch))
         return loss.total, loss.lm, loss.aux
 
+    def _log_losses(self, stage: str, loss: Tensor, lm_loss: Tensor | None, aux: Tensor | None, size: int) -> None:
+        """``<stage>/lm_loss`` (the language-modelling loss alone: the headline, comparable with a plain
+        LoRA's), ``<stage>/loss`` (what is minimised), ``<stage>/aux_loss`` and one ``<stage>/aux/<kind>``
+        per auxiliary loss kind (as :func:`molex.total_aux_loss` reduces them)."""
+        sync = stage == "val"
+        self.log(f"{stage}/loss", loss, sync_dist=sync, batch_size=size)
+        if lm_loss is not None:
+            self.log(f"{stage}/lm_loss", lm_loss, prog_bar=True, sync_dist=sync, batch_size=size)
+        if aux is not None:
+            self.log(f"{stage}/aux_loss", aux.detach(), sync_dist=sync, batch_size=size)
+            for kind, value in aux_losses_by_kind(self.model).items():
+                self.log(f"{stage}/aux/{kind}", value.detach(), sync_dist=sync, batch_size=size)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, lm_loss, aux = self._losses(batch)
         size = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/lm_loss", lm_loss, batch_size=size)
-        if aux is not None:
-            self.log("train/aux_loss", aux, batch_size=size)
+        self._log_losses("train", loss, lm_loss, aux, size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=size)
         every = self.hparams.log_routing_every_n_steps
         if every and self.global_step % every == 0:
@@ -105,10 +118,8 @@ class MoLEModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        loss, lm_loss, _ = self._losses(batch)
-        size = batch["input_ids"].shape[0]
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
-        self.log("val/lm_loss", lm_loss, sync_dist=True, batch_size=size)
+        loss, lm_loss, aux = self._losses(batch)
+        self._log_losses("val", loss, lm_loss, aux, batch["input_ids"].shape[0])
 
     def routing_metrics(self) -> dict[str, Tensor]:
         """Per-layer ``routing/<layer>/load_e<i>`` and ``routing/<layer>/entropy`` of the last forward."""

@@ -27,7 +27,8 @@ class MoLELoss:
     Attributes:
         total: what is minimised: ``lm + aux + sum(extra.values())`` over the parts present.
         lm: the model's language-modelling loss (``None`` when the forward returned none).
-        aux: the routers' weighted auxiliary losses of the forward, summed (``None`` when none).
+        aux: the routers' weighted auxiliary losses of the forward, as :func:`molex.total_aux_loss` combines
+            them: each kind averaged over the layers that emit it, the kinds added (``None`` when none).
         extra: caller-specific terms, already weighted (e.g. routing supervision).
     """
 
