@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
-import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
@@ -37,6 +37,7 @@ from molex.data.readers import (
     read_source,
     split_name,
 )
+from molex.data.sampling import ResumableSampler
 from molex.data.templates import encode_example, resolve_template
 
 __all__ = ["InstructionDataModule", "FIELDS", "FILE_FORMATS"]
@@ -105,9 +106,15 @@ class InstructionDataModule(LightningDataModule):
         if val_fraction + test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must leave some training data (sum < 1)")
         check_columns(columns)
+        # the hyperparameters go into checkpoints, which resuming reads with torch.load(weights_only=True):
+        # plain containers only (Hydra passes OmegaConf lists and dicts)
+        source = dict(source) if isinstance(source, Mapping) else source
+        columns = dict(columns) if columns is not None else None
+        builtin_tasks = list(builtin_tasks) if builtin_tasks is not None else None
+        task_names = list(task_names) if task_names is not None else None
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
-        self.source = dict(source) if isinstance(source, Mapping) else source
+        self.source = source
         self.columns = dict(columns or {})
         self.template = template
         self.system_prompt = system_prompt
@@ -117,7 +124,7 @@ class InstructionDataModule(LightningDataModule):
         self.packing = packing
         self.num_per_task = num_per_task
         self.eval_per_task = eval_per_task
-        self.builtin_tasks = list(builtin_tasks) if builtin_tasks is not None else None
+        self.builtin_tasks = builtin_tasks
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.seed = seed
@@ -129,6 +136,8 @@ class InstructionDataModule(LightningDataModule):
         self.truncated: dict[str, int] = {}  # examples cut to max_length, per split
         self.dropped: dict[str, int] = {}  # examples whose whole answer was cut, per split
         self._train_rows: list[dict[str, Any]] | None = None  # packed training rows
+        self._train_sampler: ResumableSampler | None = None  # the sampler of the last train_dataloader()
+        self._resume: dict[str, int] | None = None  # a checkpoint's training position, for the next loader
 
     # ------------------------------------------------------------------ raw data
     def prepare_data(self) -> None:
@@ -261,25 +270,82 @@ class InstructionDataModule(LightningDataModule):
             raise ValueError(f"the {split} split is empty; give the source a {split} split or a {split} fraction > 0")
         return ds
 
-    def train_dataloader(self) -> DataLoader:
+    def _train_data(self) -> Any:
+        """The training rows: the tokenised examples, or with ``packing`` the packed rows."""
         ds = self._require_setup("train")
-        pad_id = self.tokenizer.pad_token_id
+        if not self.packing:
+            return ds
+        if self._train_rows is None:
+            self._train_rows = pack_features(ds.to_list(), self.max_length)
+            logger.info("packed %d training examples into %d rows", len(ds), len(self._train_rows))
+        return self._train_rows
+
+    def train_dataloader(self) -> DataLoader:
+        data, pad_id = self._train_data(), self.tokenizer.pad_token_id
         if self.packing:
-            if self._train_rows is None:
-                self._train_rows = pack_features(ds.to_list(), self.max_length)
-                logger.info("packed %d training examples into %d rows", len(ds), len(self._train_rows))
-            data, collate = self._train_rows, functools.partial(packed_collate, pad_token_id=pad_id)
+            collate = functools.partial(packed_collate, pad_token_id=pad_id)
         else:
-            data, collate = ds, functools.partial(pad_collate, pad_token_id=pad_id, padding_side="right")
-        generator = torch.Generator().manual_seed(self.seed)
+            collate = functools.partial(pad_collate, pad_token_id=pad_id, padding_side="right")
+        # the order of epoch e is a function of (seed, e) alone, so a resumed run rebuilds it exactly
+        trainer = self.trainer
+        sampler = ResumableSampler(
+            data,
+            seed=self.seed,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+        )
+        if self._resume is not None:
+            sampler.resume_at(self._resume["epoch"], self._resume["batches"] * self.batch_size)
+            self._resume = None
+        self._train_sampler = sampler
         return DataLoader(
             data,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
+            sampler=sampler,
             collate_fn=collate,
             num_workers=self.num_workers,
         )
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The training position, which Lightning stores in its checkpoints.
+
+        ``{"train_position": {"epoch", "batches", "batch_size", "examples"}}``: the epoch in progress, the
+        batches of it this process has consumed, and the batch size and number of training rows that
+        position refers to. Empty when no trainer is fitting with this module's loader.
+        """
+        trainer = self.trainer
+        if trainer is None or self._train_sampler is None:
+            return {}
+        return {
+            "train_position": {
+                "epoch": int(trainer.current_epoch),
+                # batches fetched in this epoch: Lightning does not read ahead of a sized loader
+                "batches": int(trainer.fit_loop.epoch_loop.batch_progress.current.ready),
+                "batch_size": self.batch_size,
+                "examples": len(self._train_sampler.dataset),
+            }
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue from a checkpoint's training position: the next ``train_dataloader`` starts there.
+
+        Raises ``ValueError`` if the position was recorded for another batch size or number of
+        training rows, where no position in this data maps to it.
+        """
+        position = state_dict.get("train_position")
+        if position is None:
+            return
+        rows = len(self._train_data())
+        if (position["batch_size"], position["examples"]) != (self.batch_size, rows):
+            raise ValueError(
+                f"the checkpoint was written while training on {position['examples']} rows in batches of "
+                f"{position['batch_size']}; this data gives {rows} rows in batches of {self.batch_size}: resume "
+                "with the data, max_length, packing and batch_size the checkpoint was trained with"
+            )
+        self._resume = {"epoch": int(position["epoch"]), "batches": int(position["batches"])}
+        # Lightning warns that a mid-epoch resume restarts a plain DataLoader's epoch; this one's sampler continues
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = self._require_setup(split)
