@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -223,17 +224,16 @@ def _train(cwd: Path, run_dir: Path, *extra: str) -> None:
 def _kill_after(cwd: Path, run_dir: Path, step: int, *extra: str) -> None:
     """Start a run and SIGKILL it as soon as its step-``step`` checkpoint is in place."""
     target = run_dir / "checkpoints" / f"step-{step}.ckpt"
-    proc = subprocess.Popen(
-        _train_cmd(run_dir, *extra), cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    log_path = cwd / f"{run_dir.name}.log"
+    with open(log_path, "w") as log:  # a file, not a pipe: nobody reads while it runs
+        proc = subprocess.Popen(_train_cmd(run_dir, *extra), cwd=cwd, env=_env(), stdout=log, stderr=log)
     deadline = time.monotonic() + 300
     while not target.exists():
-        assert proc.poll() is None, f"training ended before step {step}: {proc.stderr.read().decode()[-3000:]}"
+        assert proc.poll() is None, f"training ended before step {step}: {log_path.read_text()[-3000:]}"
         assert time.monotonic() < deadline, f"no step-{step} checkpoint after 300 s"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
 
 
@@ -243,11 +243,14 @@ def test_sigkill_mid_epoch_then_at_epoch_boundary_resumes_bit_identical(tmp_path
     mid = rng.choice([1, 3])  # a step that ends mid-epoch
     boundary = rng.choice([s for s in (4, 6) if s > mid])  # a step that ends an epoch, after the first kill
     full, first, second, last = (tmp_path / name for name in ("full", "first", "second", "last"))
-    _train(tmp_path, full)
+    full_log = tmp_path / "full.log"
+    with open(full_log, "w") as log:  # runs alongside the killed legs: they share nothing but the CPU
+        uninterrupted = subprocess.Popen(_train_cmd(full), cwd=tmp_path, env=_env(), stdout=log, stderr=log)
     _kill_after(tmp_path, first, mid)
     # each leg writes its own folder, so the checkpoint resumed from is the killed leg's own
     _kill_after(tmp_path, second, boundary, f"ckpt_path={first / 'checkpoints' / f'step-{mid}.ckpt'}")
     _train(tmp_path, last, f"ckpt_path={second / 'checkpoints' / f'step-{boundary}.ckpt'}")
+    assert uninterrupted.wait(timeout=300) == 0, full_log.read_text()[-3000:]
 
     from safetensors.torch import load_file
 
@@ -257,3 +260,23 @@ def test_sigkill_mid_epoch_then_at_epoch_boundary_resumes_bit_identical(tmp_path
     different = [k for k in expected if not torch.equal(expected[k], resumed[k])]
     assert not different, f"killed after step {mid} and {boundary}: {len(different)} tensors differ, e.g. {different[:3]}"
     assert any(v.abs().max() > 0 for k, v in expected.items() if "lora_B" in k)  # it did train
+
+
+def test_cli_refuses_to_resume_under_other_settings_before_training(tmp_path):
+    from molex.cli.common import CLIError
+    from molex.cli.train import train
+    from tests.test_cli import compose_train
+
+    quick = ["trainer.max_steps=1", "eval.before=false", "eval.after=false", "analysis.enabled=false"]
+    train(compose_train(tmp_path / "a", *quick, "checkpoint.save_weights_only=false"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    for override, message in (
+        ("router=soft", "router: checkpoint 'topk', requested 'soft'"),
+        ("mole.rank=4", "rank: checkpoint 8, requested 4"),
+        ("mole.target_modules=[q_proj]", "target_modules: checkpoint ['q_proj', 'v_proj', 'down_proj'], requested"),
+        ("data.batch_size=4", "in batches of 8; this data gives"),
+    ):
+        with pytest.raises(CLIError, match=re.escape(message)) as err:
+            train(compose_train(tmp_path / "b", *quick, f"ckpt_path={ckpt}", override))
+        assert "\n" not in str(err.value) and str(ckpt) in str(err.value)
+        assert not (tmp_path / "b" / "checkpoints").exists()  # refused before training started
