@@ -160,7 +160,7 @@ def test_resume_rejects_other_configuration(tmp_path):
     tr.save_checkpoint(tmp_path / "a.ckpt")
     cfg = molex.MoLEConfig(target_modules=TARGETS, rank=4, num_experts=2)
     other = MoLEModule(model=tiny_llama(num_layers=2), mole_config=cfg)
-    with pytest.raises(ValueError, match="experts/rank per layer"):
+    with pytest.raises(ValueError, match="num_experts: checkpoint 4, requested 2"):
         trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(other, loader(), ckpt_path=tmp_path / "a.ckpt")
 
 

@@ -83,8 +83,8 @@ def _evaluate(model: Any, tokenizer: Any, dm: Any, cfg: DictConfig) -> dict[str,
     )
 
 
-def check_resumable(path: str) -> None:
-    """``ckpt_path`` must be a full MoLEModule checkpoint (weights, optimizer and schedule)."""
+def check_resumable(path: str) -> dict[str, Any]:
+    """``ckpt_path`` must be a full MoLEModule checkpoint (weights, optimizer and schedule); returns it."""
     import torch
 
     if not Path(path).is_file():
@@ -101,6 +101,26 @@ def check_resumable(path: str) -> None:
             "cannot resume exactly; train with checkpoint.save_weights_only=false to get resumable checkpoints, "
             "or use the run's adapter/ with molex.load_adapter"
         )
+    return checkpoint
+
+
+def check_resume_matches(path: str, checkpoint: dict[str, Any], built: TrainingObjects) -> None:
+    """The run must resume under the MoLE settings and data layout its checkpoint was trained with."""
+    from molex.lightning.resume import resume_mismatch, training_record
+
+    mismatch = resume_mismatch(checkpoint["molex"], training_record(built.model))
+    if mismatch:
+        raise CLIError(
+            f"ckpt_path={path!r} was trained with other MoLE settings ({mismatch}); resume with the router, "
+            "allocation and mole.* values it was trained with (its run's config.yaml lists them), or drop ckpt_path "
+            "to start a new run"
+        )
+    data_state = checkpoint.get(type(built.datamodule).__qualname__)
+    if data_state:
+        try:
+            built.datamodule.load_state_dict(data_state)
+        except ValueError as err:
+            raise CLIError(f"ckpt_path={path!r}: {err}") from None
 
 
 def setup(cfg: DictConfig) -> TrainingObjects:
@@ -109,12 +129,14 @@ def setup(cfg: DictConfig) -> TrainingObjects:
     Raises :class:`CLIError` for any bad option or source, before anything is evaluated or trained.
     """
     check_trainer(cfg.trainer)
-    if cfg.ckpt_path is not None:
-        check_resumable(cfg.ckpt_path)
+    checkpoint = check_resumable(cfg.ckpt_path) if cfg.ckpt_path is not None else None
     optim = cfg.optim
     if optim.lr <= 0 or optim.warmup_steps < 0 or not 0 <= optim.min_lr_ratio <= 1:
         raise CLIError(f"optim: need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1; got {dict(optim)}")
-    return build_training(cfg)
+    built = build_training(cfg)
+    if checkpoint is not None:
+        check_resume_matches(cfg.ckpt_path, checkpoint, built)
+    return built
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -124,6 +146,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import molex
     from molex.analysis import collect_routing, log_routing_report, plot_routing
     from molex.lightning import MoLEModule
+    from molex.lightning.checkpoint_io import AtomicCheckpointIO
 
     start = time.perf_counter()
     for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning prints its own lines: do not repeat them
@@ -144,6 +167,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         default_root_dir=run_dir,
         # plain progress lines replace the bar when the output is not a terminal: Lightning must not add its own
         enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
+        plugins=[AtomicCheckpointIO()],  # a kill while a checkpoint is written leaves the previous one intact
     )
     metrics: dict[str, Any] = {"run_dir": str(run_dir)}
     if is_main and cfg.eval.before:

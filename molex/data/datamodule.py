@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
-import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
@@ -38,6 +38,7 @@ from molex.data.readers import (
     read_source,
     split_name,
 )
+from molex.data.sampling import ResumableSampler
 from molex.data.templates import encode_example, resolve_template
 
 __all__ = ["InstructionDataModule", "FIELDS", "FILE_FORMATS"]
@@ -118,9 +119,15 @@ class InstructionDataModule(LightningDataModule):
             if count is not None and count < 0:
                 raise ValueError(f"{name} must be >= 0, got {count}")
         check_columns(columns)
+        # the hyperparameters go into checkpoints, which resuming reads with torch.load(weights_only=True):
+        # plain containers only (Hydra passes OmegaConf lists and dicts)
+        source = dict(source) if isinstance(source, Mapping) else source
+        columns = dict(columns) if columns is not None else None
+        builtin_tasks = list(builtin_tasks) if builtin_tasks is not None else None
+        task_names = list(task_names) if task_names is not None else None
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
-        self.source = dict(source) if isinstance(source, Mapping) else source
+        self.source = source
         self.columns = dict(columns or {})
         self.template = template
         self.system_prompt = system_prompt
@@ -132,7 +139,7 @@ class InstructionDataModule(LightningDataModule):
         self.eval_per_task = eval_per_task
         self.val_per_task = eval_per_task if val_per_task is None else val_per_task
         self.test_per_task = eval_per_task if test_per_task is None else test_per_task
-        self.builtin_tasks = list(builtin_tasks) if builtin_tasks is not None else None
+        self.builtin_tasks = builtin_tasks
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.seed = seed
@@ -144,6 +151,8 @@ class InstructionDataModule(LightningDataModule):
         self.truncated: dict[str, int] = {}  # examples cut to max_length, per split
         self.dropped: dict[str, int] = {}  # examples whose whole answer was cut, per split
         self._train_rows: list[dict[str, Any]] | None = None  # packed training rows
+        self._train_sampler: ResumableSampler | None = None  # the sampler of the last train_dataloader()
+        self._resume: dict[str, int] | None = None  # a checkpoint's training position, for the next loader
 
     # ------------------------------------------------------------------ raw data
     def prepare_data(self) -> None:
@@ -298,29 +307,84 @@ class InstructionDataModule(LightningDataModule):
             raise ValueError(f"the {split} split is empty; give the source a {split} split or a {split} fraction > 0")
         return ds
 
-    def train_dataloader(self) -> DataLoader:
+    def _train_data(self) -> Any:
+        """The training rows: the tokenised examples, or with ``packing`` the packed rows."""
         ds = self._require_setup("train")
-        pad_id = self.tokenizer.pad_token_id
+        if not self.packing:
+            return ds
+        if self._train_rows is None:
+            self._train_rows = pack_features(ds.to_list(), self.max_length)
+            logger.info("packed %d training examples into %d rows", len(ds), len(self._train_rows))
+        return self._train_rows
+
+    def train_dataloader(self) -> DataLoader:
+        data, pad_id = self._train_data(), self.tokenizer.pad_token_id
         if self.packing:
-            if self._train_rows is None:
-                self._train_rows = pack_features(ds.to_list(), self.max_length)
-                logger.info("packed %d training examples into %d rows", len(ds), len(self._train_rows))
             collate = functools.partial(packed_collate, pad_token_id=pad_id, feature_names=self.feature_names)
-            data = self._train_rows
         else:
-            data = ds
             collate = functools.partial(
                 pad_collate, pad_token_id=pad_id, padding_side="right", feature_names=self.feature_names
             )
-        generator = torch.Generator().manual_seed(self.seed)
+        # the order of epoch e is a function of (seed, e) alone, so a resumed run rebuilds it exactly
+        trainer = self.trainer
+        sampler = ResumableSampler(
+            data,
+            seed=self.seed,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+        )
+        if self._resume is not None:
+            sampler.resume_at(self._resume["epoch"], self._resume["batches"] * self.batch_size)
+            self._resume = None
+        self._train_sampler = sampler
         return DataLoader(
             data,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
+            sampler=sampler,
             collate_fn=collate,
             num_workers=self.num_workers,
         )
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The training position, which Lightning stores in its checkpoints.
+
+        ``{"train_position": {"epoch", "batches", "batch_size", "examples"}}``: the epoch in progress, the
+        batches of it this process has consumed, and the batch size and number of training rows that
+        position refers to. Empty when no trainer is fitting with this module's loader.
+        """
+        trainer = self.trainer
+        if trainer is None or self._train_sampler is None:
+            return {}
+        return {
+            "train_position": {
+                "epoch": int(trainer.current_epoch),
+                # batches fetched in this epoch: Lightning does not read ahead of a sized loader
+                "batches": int(trainer.fit_loop.epoch_loop.batch_progress.current.ready),
+                "batch_size": self.batch_size,
+                "examples": len(self._train_sampler.dataset),
+            }
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue from a checkpoint's training position: the next ``train_dataloader`` starts there.
+
+        Raises ``ValueError`` if the position was recorded for another batch size or number of
+        training rows, where no position in this data maps to it.
+        """
+        position = state_dict.get("train_position")
+        if position is None:
+            return
+        rows = len(self._train_data())
+        if (position["batch_size"], position["examples"]) != (self.batch_size, rows):
+            raise ValueError(
+                f"the checkpoint was written while training on {position['examples']} rows in batches of "
+                f"{position['batch_size']}; this data gives {rows} rows in batches of {self.batch_size}: resume "
+                "with the data, max_length, packing and batch_size the checkpoint was trained with"
+            )
+        self._resume = {"epoch": int(position["epoch"]), "batches": int(position["batches"])}
+        # Lightning warns that a mid-epoch resume restarts a plain DataLoader's epoch; this one's sampler continues
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = self._require_setup(split)

@@ -7,13 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
-import torch
 from torch import Tensor, nn
 
 from molex.config import MoLEConfig
 from molex.context import ROUTING_KWARGS
-from molex.inject import aux_losses_by_kind, get_config, get_plans, inject, is_injected, mole_layers
+from molex.inject import aux_losses_by_kind, get_config, inject, is_injected, mole_layers
 from molex.io import adapter_state_dict
+from molex.lightning.resume import resume_mismatch, training_record
+from molex.lightning.rng import TrainingRNG
 from molex.training import OptimSettings, build_optimizer, build_scheduler, warmup_cosine
 from molex.training.objective import mole_objective
 
@@ -46,8 +47,10 @@ class MoLEModule(L.LightningModule):
     (``train/lm_loss``, ``val/lm_loss``); ``*/loss`` is the minimised total and ``*/aux_loss`` /
     ``*/aux/<kind>`` its auxiliary part.
 
-    Checkpoints hold only the trainable (adapter) weights plus the MoLE configuration and layer
-    plan; the frozen base is rebuilt from its own source when resuming.
+    Checkpoints hold only the trainable (adapter) weights plus the MoLE configuration, the layer
+    plan and the state of the training steps' random stream (see :mod:`molex.lightning.rng`); the
+    frozen base is rebuilt from its own source when resuming. Resuming under another MoLE
+    configuration raises ``ValueError`` naming each difference.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class MoLEModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "mole_config"])
         # the base weights are not in our checkpoints: `on_load_checkpoint` checks the adapter keys itself
         self.strict_loading = False
+        self._rng = TrainingRNG()  # what dropout and router noise draw from inside training steps
 
     @property
     def mole_config(self) -> MoLEConfig:
@@ -161,29 +165,29 @@ class MoLEModule(L.LightningModule):
         keys.update(name for name, p in self.named_parameters() if p.requires_grad)
         return keys
 
-    def _molex_record(self) -> dict[str, Any]:
-        return {
-            "mole_config": self.mole_config.to_dict(),
-            "layers": [[p.name, p.num_experts, p.rank] for p in get_plans(self.model)],
-        }
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._rng.enter(self.device)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._rng.exit(self.device)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.adapter_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        record = self._molex_record()
-        # routers may draw random numbers (jitter, dropout): resuming must continue the same stream
-        record["torch_rng_state"] = torch.random.get_rng_state()
+        record = training_record(self.model)
+        # step-end checkpoints are written inside the step's span: this is the state the next step starts from
+        record["train_rng"] = self._rng.state_dict(self.device)
         checkpoint[_CHECKPOINT_KEY] = record
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(_CHECKPOINT_KEY)
         if saved is None:
             raise ValueError("this checkpoint was not written by MoLEModule (no molex record); cannot resume from it")
-        mine = self._molex_record()
-        if saved["layers"] != mine["layers"]:
+        mismatch = resume_mismatch(saved, training_record(self.model))
+        if mismatch:
             raise ValueError(
-                "the checkpoint's MoLE layers (experts/rank per layer) differ from this model's: resume with the "
-                "same model, target_modules and allocation it was trained with"
+                f"the checkpoint was trained with other MoLE settings ({mismatch}); resume with the settings it was "
+                "trained with, or start a new run without the checkpoint"
             )
         expected, found = self.adapter_keys(), set(checkpoint["state_dict"])
         if expected != found:
@@ -192,5 +196,6 @@ class MoLEModule(L.LightningModule):
                 f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}; "
                 "it was written for another molex configuration"
             )
-        if "torch_rng_state" in saved:
-            torch.random.set_rng_state(saved["torch_rng_state"])
+        # checkpoints of earlier versions stored the global CPU state under `torch_rng_state`
+        legacy = {"cpu": saved["torch_rng_state"]} if "torch_rng_state" in saved else {}
+        self._rng.load_state_dict(saved.get("train_rng", legacy))

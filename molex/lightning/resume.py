@@ -1,0 +1,79 @@
+"""What a checkpoint must share with the run that resumes it: the MoLE configuration and the layer plan.
+
+A checkpoint of a ``topk`` model loads into a ``soft`` one without a single missing key (both routers
+are one linear gate), and would then be exported labelled ``soft``; a rank change fails deep inside
+``load_state_dict``. :func:`resume_mismatch` compares the recorded configuration with the requested one
+first and names every difference, so both cases stop with one line before training starts.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from torch import nn
+
+from molex.inject import get_config, get_plans
+
+__all__ = ["RESUME_FIELDS", "training_record", "resume_mismatch"]
+
+#: MoLEConfig fields a resumed run must share with its checkpoint. ``kernel_backend`` and
+#: ``autocast_adapter_dtype`` only change how the same function is computed; the base model's
+#: path may legitimately move between runs (a different base shows up in the layer plan).
+RESUME_FIELDS = (
+    "router",
+    "router_options",
+    "top_k",
+    "rank",
+    "alpha",
+    "use_rslora",
+    "dropout",
+    "num_experts",
+    "allocation",
+    "target_modules",
+    "exclude_modules",
+)
+
+
+def training_record(model: nn.Module) -> dict[str, Any]:
+    """``{"mole_config": MoLEConfig.to_dict(), "layers": [[name, num_experts, rank], ...]}`` of an injected model."""
+    return {
+        "mole_config": get_config(model).to_dict(),
+        "layers": [[p.name, p.num_experts, p.rank] for p in get_plans(model)],
+    }
+
+
+def _plain(value: Any) -> Any:
+    # tuples and lists compare equal after a JSON round trip (a checkpoint may hold either)
+    return json.loads(json.dumps(value, default=str))
+
+
+def _differences(name: str, saved: Any, wanted: Any) -> list[str]:
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        out: list[str] = []
+        for key in sorted(set(saved) | set(wanted), key=str):
+            out += _differences(f"{name}.{key}", saved.get(key), wanted.get(key))
+        return out
+    return [] if saved == wanted else [f"{name}: checkpoint {saved!r}, requested {wanted!r}"]
+
+
+def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """``None`` when a checkpoint's record matches the model about to resume from it, else one line naming
+    each differing setting as ``field: checkpoint <value>, requested <value>``.
+
+    Args:
+        saved: the ``molex`` record of the checkpoint (at least its ``mole_config``).
+        current: :func:`training_record` of the model that would resume.
+    """
+    old, new = _plain(saved.get("mole_config", {})), _plain(current["mole_config"])
+    diffs = [d for field in RESUME_FIELDS for d in _differences(field, old.get(field), new.get(field))]
+    if not diffs and "layers" in saved and _plain(saved["layers"]) != _plain(current["layers"]):
+        # the same settings on another base model (other layer names or sizes)
+        changed = [
+            f"{a[0]}: checkpoint {a[1]} experts of rank {a[2]}, requested {b[1]} of rank {b[2]}"
+            for a, b in zip(_plain(saved["layers"]), _plain(current["layers"]), strict=False)
+            if a != b
+        ]
+        count = len(saved["layers"]), len(current["layers"])
+        diffs = changed[:3] or [f"MoLE layers: checkpoint {count[0]}, requested {count[1]}"]
+    return "; ".join(diffs) if diffs else None
