@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,7 +37,7 @@ from molex.data.readers import (
     read_source,
     split_name,
 )
-from molex.data.sampling import ResumableSampler
+from molex.data.sampling import ResumableSampler, TrainPositionMixin
 from molex.data.templates import encode_example, resolve_template
 
 __all__ = ["InstructionDataModule", "FIELDS", "FILE_FORMATS"]
@@ -48,7 +47,7 @@ logger = logging.getLogger(__name__)
 _ENCODED_COLUMNS = ("input_ids", "labels", "prompt_mask", "task_id")
 
 
-class InstructionDataModule(LightningDataModule):
+class InstructionDataModule(TrainPositionMixin, LightningDataModule):
     """Tokenised instruction data with prompt-masked labels, for causal-LM fine-tuning.
 
     Batches (``model(**batch)``-ready): ``input_ids``, ``attention_mask``, ``labels`` (-100 on prompt and
@@ -325,18 +324,7 @@ class InstructionDataModule(LightningDataModule):
             collate = functools.partial(
                 pad_collate, pad_token_id=pad_id, padding_side="right", feature_names=self.feature_names
             )
-        # the order of epoch e is a function of (seed, e) alone, so a resumed run rebuilds it exactly
-        trainer = self.trainer
-        sampler = ResumableSampler(
-            data,
-            seed=self.seed,
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
-        )
-        if self._resume is not None:
-            sampler.resume_at(self._resume["epoch"], self._resume["batches"] * self.batch_size)
-            self._resume = None
-        self._train_sampler = sampler
+        sampler = self._train_sampler_for(data)
         return DataLoader(
             data,
             batch_size=self.batch_size,
@@ -344,47 +332,6 @@ class InstructionDataModule(LightningDataModule):
             collate_fn=collate,
             num_workers=self.num_workers,
         )
-
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """The training position, which Lightning stores in its checkpoints.
-
-        ``{"train_position": {"epoch", "batches", "batch_size", "examples"}}``: the epoch in progress, the
-        batches of it this process has consumed, and the batch size and number of training rows that
-        position refers to. Empty when no trainer is fitting with this module's loader.
-        """
-        trainer = self.trainer
-        if trainer is None or self._train_sampler is None:
-            return {}
-        return {
-            "train_position": {
-                "epoch": int(trainer.current_epoch),
-                # batches fetched in this epoch: Lightning does not read ahead of a sized loader
-                "batches": int(trainer.fit_loop.epoch_loop.batch_progress.current.ready),
-                "batch_size": self.batch_size,
-                "examples": len(self._train_sampler.dataset),
-            }
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Continue from a checkpoint's training position: the next ``train_dataloader`` starts there.
-
-        Raises ``ValueError`` if the position was recorded for another batch size or number of
-        training rows, where no position in this data maps to it.
-        """
-        position = state_dict.get("train_position")
-        if position is None:
-            return
-        rows = len(self._train_data())
-        if (position["batch_size"], position["examples"]) != (self.batch_size, rows):
-            raise ValueError(
-                f"the checkpoint was written while training on {position['examples']} rows in batches of "
-                f"{position['batch_size']}; this data gives {rows} rows in batches of {self.batch_size}: resume "
-                "with the data, max_length, packing and batch_size the checkpoint was trained with"
-            )
-        self._resume = {"epoch": int(position["epoch"]), "batches": int(position["batches"])}
-        # Lightning warns that a mid-epoch resume restarts a plain DataLoader's epoch; this one's sampler continues
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = self._require_setup(split)

@@ -15,11 +15,13 @@ through :meth:`ResumableSampler.resume_at` before the loader is iterated again.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+import warnings
+from collections.abc import Callable, Iterator, Sized
+from typing import Any
 
 from torch.utils.data import DistributedSampler
 
-__all__ = ["ResumableSampler"]
+__all__ = ["ResumableSampler", "TrainPositionMixin"]
 
 
 class ResumableSampler(DistributedSampler):
@@ -68,3 +70,73 @@ class ResumableSampler(DistributedSampler):
         # the whole epoch, also on a resumed pass: Lightning sizes its epoch from this and continues
         # its own batch count from the checkpoint
         return self.num_samples
+
+
+class TrainPositionMixin:
+    """The training position of a ``LightningDataModule``: its sampler, and the checkpoint state.
+
+    The host class provides ``trainer``, ``seed``, ``batch_size``, ``_train_data()`` (the training rows)
+    and initialises ``_resume`` and ``_train_sampler`` to ``None``.
+    """
+
+    trainer: Any
+    seed: int
+    batch_size: int
+    _resume: dict[str, int] | None
+    _train_sampler: ResumableSampler | None
+    _train_data: Callable[[], Sized]
+
+    def _train_sampler_for(self, data: Sized) -> ResumableSampler:
+        """A sampler over ``data`` whose epoch ``e`` order is a function of ``(seed, e)`` alone."""
+        trainer = self.trainer
+        sampler = ResumableSampler(
+            data,
+            seed=self.seed,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+        )
+        if self._resume is not None:
+            sampler.resume_at(self._resume["epoch"], self._resume["batches"] * self.batch_size)
+            self._resume = None
+        self._train_sampler = sampler
+        return sampler
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training position, which Lightning stores in its checkpoints.
+
+        ``{"train_position": {"epoch", "batches", "batch_size", "examples"}}``: the epoch in progress, the
+        batches of it this process has consumed, and the batch size and number of training rows that
+        position refers to. Empty when no trainer is fitting with this module's loader.
+        """
+        trainer = self.trainer
+        if trainer is None or self._train_sampler is None:
+            return {}
+        return {
+            "train_position": {
+                "epoch": int(trainer.current_epoch),
+                # batches fetched in this epoch: Lightning does not read ahead of a sized loader
+                "batches": int(trainer.fit_loop.epoch_loop.batch_progress.current.ready),
+                "batch_size": self.batch_size,
+                "examples": len(self._train_sampler.dataset),
+            }
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue from a checkpoint's training position: the next ``train_dataloader`` starts there.
+
+        Raises ``ValueError`` if the position was recorded for another batch size or number of
+        training rows, where no position in this data maps to it.
+        """
+        position = state_dict.get("train_position")
+        if position is None:
+            return
+        rows = len(self._train_data())
+        if (position["batch_size"], position["examples"]) != (self.batch_size, rows):
+            raise ValueError(
+                f"the checkpoint was written while training on {position['examples']} rows in batches of "
+                f"{position['batch_size']}; this data gives {rows} rows in batches of {self.batch_size}: resume "
+                "with the data, max_length, packing and batch_size the checkpoint was trained with"
+            )
+        self._resume = {"epoch": int(position["epoch"]), "batches": int(position["batches"])}
+        # Lightning warns that a mid-epoch resume restarts a plain DataLoader's epoch; this one's sampler continues
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
