@@ -37,7 +37,7 @@ def check_module_patterns(name: str, patterns: list[str] | str | None) -> None:
 
 def _check_count(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise ValueError(f"{name} must be >= 1 (an integer), got {value!r}")
 
 
 @dataclass

@@ -175,8 +175,9 @@ def _load_pretrained(
         if not _in_hub_cache(name, hub_cache):
             raise FileNotFoundError(
                 f"model {name!r} could not be reached ({unreachable}) and is not in the local hub cache; pass a "
-                "local path instead: a folder written by save_pretrained or a .gguf file (load_model('/path/to/model'), "
-                f"or model.name_or_path=/path/to/model on the command line), or a preset {list(MODEL_PRESETS)}"
+                "local path instead: a folder written by save_pretrained or a .gguf file "
+                "(load_model('/path/to/model'), or model.name_or_path=/path/to/model on the command line), "
+                f"or a preset {list(MODEL_PRESETS)}"
             )
         kwargs["local_files_only"] = True
     try:
