@@ -100,9 +100,7 @@ class MoLEConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         backends = registered_backends()
         if self.kernel_backend != "auto" and self.kernel_backend not in backends:
-            raise ValueError(
-                f"unknown kernel_backend {self.kernel_backend!r}; use 'auto' or one of {backends}"
-            )
+            raise ValueError(f"unknown kernel_backend {self.kernel_backend!r}; use 'auto' or one of {backends}")
         self.router_options = dict(self.router_options)
         self.router_config()  # validates router name and options now, not at inject time
 
