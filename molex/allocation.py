@@ -8,6 +8,7 @@ at run time: :mod:`molex.config` builds on it.
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -121,11 +122,18 @@ class AllocationConfig:
                 raise ValueError(f"allocation {name} must hold experts >= 1, got {values}")
         if self.rank_per_layer is not None and any(int(v) < 1 for v in self.rank_per_layer):
             raise ValueError(f"rank_per_layer must hold ranks >= 1, got {self.rank_per_layer}")
-        for mapping, what in ((self.overrides, "experts"), (self.rank_overrides, "rank")):
+        pairs = ((self.overrides, "overrides", "experts"), (self.rank_overrides, "rank_overrides", "rank"))
+        for mapping, name, what in pairs:
             for regex, value in mapping.items():
-                re.compile(regex)
-                if int(value) < 1:
-                    raise ValueError(f"override {regex!r}: {what} must be >= 1, got {value}")
+                try:
+                    re.compile(regex)
+                except re.error as err:
+                    raise ValueError(
+                        f"allocation {name} key {regex!r} is not a valid regular expression ({err}); "
+                        "escape special characters, e.g. {r'layers\\.0\\.': 2}"
+                    ) from None
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                    raise ValueError(f"allocation {name} {regex!r}: {what} must be an integer >= 1, got {value!r}")
         self.overrides = dict(self.overrides)
         self.rank_overrides = dict(self.rank_overrides)
 

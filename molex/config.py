@@ -9,13 +9,36 @@ they are validated when the config is made.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from molex.allocation import SCHEDULES, AllocationConfig
+from molex.kernels import registered_backends
 from molex.routers.base import get_router_class, make_router_config
 
-__all__ = ["MoLEConfig", "AllocationConfig", "SCHEDULES"]
+__all__ = ["MoLEConfig", "AllocationConfig", "SCHEDULES", "check_module_patterns"]
+
+
+def check_module_patterns(name: str, patterns: list[str] | str | None) -> None:
+    """A string ``patterns`` is one regex (full match): it must compile. Lists hold plain module names."""
+    if not isinstance(patterns, str):
+        return
+    try:
+        re.compile(patterns)
+    except re.error as err:
+        raise ValueError(
+            f"{name}={patterns!r} is not a valid regular expression ({err}); escape special characters "
+            f"(re.escape) or pass a list of module names such as ['q_proj', 'v_proj']"
+        ) from None
+
+
+def _check_count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be >= 1 (an integer), got {value!r}")
+
 
 @dataclass
 class MoLEConfig:
@@ -57,14 +80,30 @@ class MoLEConfig:
             self.target_modules = list(self.target_modules)
             if not self.target_modules:
                 raise ValueError("target_modules is empty: name at least one module (e.g. ['q_proj', 'v_proj'])")
+        elif not isinstance(self.target_modules, str):
+            raise TypeError(
+                f"target_modules must be a list of module names or one regex string, got {self.target_modules!r}"
+            )
+        if isinstance(self.exclude_modules, (list, tuple, set)):
+            self.exclude_modules = list(self.exclude_modules)
+        check_module_patterns("target_modules", self.target_modules)
+        check_module_patterns("exclude_modules", self.exclude_modules)
         if isinstance(self.allocation, dict):
             self.allocation = AllocationConfig(**self.allocation)
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        _check_count("rank", self.rank)
+        _check_count("num_experts", self.num_experts)
+        if self.top_k is not None:
+            _check_count("top_k", self.top_k)
+        if not isinstance(self.alpha, numbers.Real) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(
+                f"alpha must be a finite number > 0 (scaling = alpha / rank), got {self.alpha!r}; "
+                "the usual choice is alpha = 2 * rank"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        backends = registered_backends()
+        if self.kernel_backend != "auto" and self.kernel_backend not in backends:
+            raise ValueError(f"unknown kernel_backend {self.kernel_backend!r}; use 'auto' or one of {backends}")
         self.router_options = dict(self.router_options)
         self.router_config()  # validates router name and options now, not at inject time
 

@@ -9,7 +9,10 @@ the hook
   ``sentence_embeddings=``, ``features=``) so the wrapped model never sees them;
 * decides prefill vs decode from the KV cache: a forward with no cache, or an empty one,
   starts a new generation (``generation`` is incremented) and sequence-level routers recompute
-  their decision; decode steps reuse it.
+  their decision; decode steps reuse it;
+* checks the molex inputs where they enter (:mod:`molex.routing_checks`): an empty batch, and at
+  each prefill the ``task_ids`` / ``prompt_mask`` that a router of the model reads, fail with one
+  clear error; a ``route_text`` or ``sentence_embeddings`` that no router reads gives one warning.
 
 ``transformers.generate`` refuses keyword arguments that the model's forward does not declare,
 so for generation pass molex inputs through :func:`routing_inputs` (or :func:`molex.generate`).
@@ -25,6 +28,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from molex._refs import get_unregistered, pop_unregistered, set_unregistered
+from molex.routing_checks import check_routing_inputs
 
 __all__ = ["RoutingContext", "ROUTING_KWARGS", "routing_inputs", "get_context", "generate"]
 
@@ -46,6 +50,13 @@ class RoutingContext:
     generation: int = 0  # incremented at every prefill; sequence-level routers cache by it
     inputs: dict[str, Any] = field(default_factory=dict)  # per-call molex kwargs (prompt_mask, ...)
     pinned: dict[str, Any] = field(default_factory=dict)  # set by `routing_inputs`, outlive calls
+    #: routing input -> names of the model's routers that read it (set by ``molex.inject``)
+    readers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: task ids index experts: the fewest experts among the routers that read ``task_ids``
+    task_id_limit: int | None = None
+    #: names of all the model's routers (for messages)
+    router_names: tuple[str, ...] = ()
+    warned: set[str] = field(default_factory=set, repr=False)  # inputs already warned about (warn once)
     _token_mask: Tensor | None = field(default=None, repr=False)
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -137,6 +148,7 @@ def _routing_pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) ->
         mask = args[1]
     ctx.attention_mask = mask if isinstance(mask, Tensor) else None
     ctx.is_prefill = _cache_length(kwargs) == 0
+    check_routing_inputs(ctx, "input_ids" if ctx.input_ids is not None else "inputs_embeds")
     if ctx.is_prefill:
         ctx.generation += 1
     return args, kwargs

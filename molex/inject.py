@@ -19,6 +19,7 @@ from molex.experts import LoRAExperts
 from molex.layer import MoLELinear, is_supported_linear, linear_dims
 from molex.placement import place, remove
 from molex.routers.base import Router, get_router_class
+from molex.routing_checks import declare_readers
 
 __all__ = [
     "inject",
@@ -144,6 +145,8 @@ def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
     Returns ``model``. The base weights are kept (as ``<name>.base_layer``) and frozen; only the
     experts and routers train. A fresh injection leaves outputs unchanged (``B = 0``).
     """
+    if not isinstance(config, MoLEConfig):
+        raise TypeError(f"inject needs a molex.MoLEConfig, got {type(config).__name__}")
     if is_injected(model):
         raise ValueError("model already has MoLE layers; call molex.unload(model) before injecting again")
     router_cls = get_router_class(config.router)
@@ -179,6 +182,7 @@ def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
         router.train(model.training)  # new modules start in training mode; follow the model (dropout, jitter)
     for layer in new_layers.values():
         layer.train(model.training)
+    declare_readers(context, routers_of(model).values())  # which routing inputs to check at each call
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     state = {"config": config, "plans": plans, "requires_grad": requires_grad, "placement": placement}

@@ -18,9 +18,12 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -167,6 +170,16 @@ def _load_pretrained(
             "or a hub model name such as 'HuggingFaceTB/SmolLM2-135M-Instruct'"
         )
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "cache_dir": hub_cache}
+    unreachable = hub_unreachable_reason()
+    if unreachable is not None:  # fail in seconds instead of waiting for the hub client's retries
+        if not _in_hub_cache(name, hub_cache):
+            raise FileNotFoundError(
+                f"model {name!r} could not be reached ({unreachable}) and is not in the local hub cache; pass a "
+                "local path instead: a folder written by save_pretrained or a .gguf file "
+                "(load_model('/path/to/model'), or model.name_or_path=/path/to/model on the command line), "
+                f"or a preset {list(MODEL_PRESETS)}"
+            )
+        kwargs["local_files_only"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
@@ -176,6 +189,43 @@ def _load_pretrained(
             f"check the name and the network, or use a local folder or a preset {list(MODEL_PRESETS)}"
         ) from err
     return model, tokenizer
+
+
+def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """Why the model hub cannot be used now (offline mode, or no connection within ``timeout`` seconds),
+    or ``None`` when it answers."""
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{var} is set"
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    reached: list[bool] = []
+
+    def probe() -> None:  # name resolution and connect, bounded by the join below
+        try:
+            with socket.create_connection((url.hostname, port), timeout=timeout):
+                reached.append(True)
+        except (OSError, UnicodeError):
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return None if reached else f"the hub at {constants.ENDPOINT!r} did not answer"
+
+
+def _in_hub_cache(name: str, cache_dir: str | None) -> bool:
+    """Whether hub model ``name`` has its ``config.json`` in the local hub cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json", cache_dir=cache_dir), str)
+    except ValueError:  # not a valid repository name
+        return False
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -18,6 +18,7 @@ order, in a list column ``features`` (the feature ids of FLix's ``features`` rou
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +27,8 @@ from typing import Any
 import datasets
 
 from molex.sources import looks_like_path
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "FIELDS",
@@ -41,6 +44,7 @@ __all__ = [
     "read_folder",
     "read_hub",
     "normalise",
+    "drop_empty_outputs",
 ]
 
 #: the fields of a normalised example; instruction and output are required
@@ -112,7 +116,36 @@ def read_source(
             splits = {"train": read_file(path)}
         else:
             splits = read_hub(str(source), hub_config)
-    return {split: normalise(ds, split, columns) for split, ds in splits.items()}
+    output_column = columns.get("output", "output")
+    return {
+        split: drop_empty_outputs(normalise(ds, split, columns), split, source, output_column)
+        for split, ds in splits.items()
+    }
+
+
+def drop_empty_outputs(ds: datasets.Dataset, split: str, source: Any, column: str = "output") -> datasets.Dataset:
+    """``ds`` without the examples whose (normalised) ``output`` is empty, their count logged.
+
+    An example without an answer teaches nothing (the loss covers only the answer) and cannot be scored;
+    a split left with no example at all is refused.
+    """
+    if len(ds) == 0:
+        return ds
+    keep = [i for i, output in enumerate(ds["output"]) if output]
+    if len(keep) == len(ds):
+        return ds
+    where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"{split} of {dict(source)}"
+    if not keep:
+        raise ValueError(
+            f"every one of the {len(ds)} {split} examples in {where!r} has a null or empty output "
+            f"(column {column!r}): molex learns and scores the outputs; fill that column, or map the column "
+            "holding the answers with columns={'output': ...}"
+        )
+    logger.warning(
+        "%s: dropped %d of %d examples with a null or empty output (column %r) from %s",
+        split, len(ds) - len(keep), len(ds), column, where,
+    )  # fmt: skip
+    return ds.select(keep, keep_in_memory=True)
 
 
 def read_file(path: Path) -> datasets.Dataset:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -108,6 +109,32 @@ class Router(nn.Module, abc.ABC):
     def forward(self, x: Tensor, context: RoutingContext | None = None) -> RoutingDecision:
         """Route ``x [T, in_features]``; ``context`` carries masks and sequence-level inputs."""
 
+    @property
+    def input_width(self) -> int:
+        """Width ``d`` of the ``x [T, d]`` that :meth:`forward` takes (``in_features`` unless a router says)."""
+        return self.in_features
+
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> RoutingDecision:
+        # shape metadata only (no host sync): a wrong width fails here, naming the router, not in a matmul
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[-1] != self.input_width:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"router {self.name!r} takes inputs [tokens, {self.input_width}], got {shape}; flatten the tokens "
+                f"to 2-D, or build the router with in_features equal to your inputs' last dimension"
+            )
+        if self.scope != "linear" and x.shape[0] == 0:
+            raise ValueError(
+                f"router {self.name!r} decides from each sequence's tokens but got none (x of shape {tuple(x.shape)}); "
+                "pass at least one token"
+            )
+        return super().__call__(x, *args, **kwargs)
+
+    def routing_inputs_read(self) -> frozenset[str]:
+        """The routing inputs (``task_ids``, ``prompt_mask``, ``route_text``, ``sentence_embeddings``) this
+        router reads with its options: the routing context checks those where they enter the model call and
+        warns about ones no router reads."""
+        return frozenset()
+
     def expert_losses(self, x: Tensor, experts: nn.Module, decision: RoutingDecision) -> dict[str, Tensor]:
         """Losses that need the experts themselves (``x [T, in]`` is the experts' input).
 
@@ -178,7 +205,12 @@ def make_router_config(name: str, options: dict[str, Any]) -> RouterConfig:
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for router {name!r}; valid options: {sorted(valid) or 'none'}")
-    return cls.config_class(**options)
+    config = cls.config_class(**options)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and math.isnan(value):
+            raise ValueError(f"router {name!r} option {f.name}=nan is not a number; give a finite value")
+    return config
 
 
 def build_router(name: str, *, in_features: int, num_experts: int, **options: Any) -> Router:

@@ -120,6 +120,19 @@ class DLPRouter(SharedRouter):
         self._encoder: SentenceEncoder | None = None  # a plain object, loaded at the first encode
 
     @property
+    def input_width(self) -> int:
+        """Standalone ``forward`` pools token embeddings of the classifier's width (the encoder's with
+        ``embedding_source="encoder"``)."""
+        return self.embedding_dim
+
+    def routing_inputs_read(self) -> frozenset[str]:
+        read = {"sentence_embeddings"}
+        read.add("route_text" if self.config.embedding_source == "encoder" else "prompt_mask")
+        if self.config.task_loss_coef > 0:
+            read.add("task_ids")
+        return frozenset(read)
+
+    @property
     def encoder_path(self) -> Path:
         return Path(self.config.encoder_path) if self.config.encoder_path else default_encoder_path()
 

@@ -74,6 +74,9 @@ class GateRouter(Router):
         check_top_k(config.top_k, num_experts, self.name)
         self.gate = nn.Linear(in_features, num_experts, bias=False)
 
+    def routing_inputs_read(self) -> frozenset[str]:
+        return frozenset({"task_ids"}) if self.config.task_loss_coef > 0 else frozenset()
+
     def forward(self, x: Tensor, context: RoutingContext | None = None) -> RoutingDecision:
         cfg = self.config
         logits = float32_logits(self.gate, x)

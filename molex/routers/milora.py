@@ -63,6 +63,9 @@ class MiLoRARouter(SharedRouter):
             )
         self.gate = nn.Linear(in_features, num_experts, bias=False)
 
+    def routing_inputs_read(self) -> frozenset[str]:
+        return frozenset({"prompt_mask"})
+
     def score(self, pooled: Tensor) -> Tensor:
         """Module logits ``[B, M]`` from pooled prompt representations ``[B, d]``."""
         return float32_logits(self.gate, pooled)
