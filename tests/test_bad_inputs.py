@@ -8,7 +8,6 @@ offending value, and for most the way out.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -33,7 +32,6 @@ from tests.conftest import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
 IDS = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])  # [B=2, S=5]
 
 
@@ -254,27 +252,17 @@ def test_unreachable_hub_fails_in_seconds(monkeypatch) -> None:
 
 
 # ---------------------------------------------------------------- the three commands
-def _scripts_find_their_config() -> bool:
-    # Hydra loads the commands' configs from the package molex.conf: installed console scripts need it
-    spec = importlib.util.find_spec("molex.conf")
-    return spec is not None and spec.origin is not None
-
-
 def run_cli(prog: str, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``prog`` as a user does: the console script next to this interpreter, from a folder outside
-    the repository, without PYTHONPATH. Where the installed scripts cannot find their config yet, run the
-    command's module from the repository root instead."""
+    the repository, without PYTHONPATH."""
     environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     environ.update({"HF_HUB_OFFLINE": "1", **(env or {})})
     environ = {k: v for k, v in environ.items() if v is not None}
     script = Path(sys.executable).parent / prog
-    if script.is_file() and _scripts_find_their_config():
-        command, where = [str(script)], cwd
-    else:
-        command, where = [sys.executable, "-m", f"molex.cli.{prog.removeprefix('molex-')}"], ROOT
+    assert script.is_file(), f"{prog} is not installed next to {sys.executable}"
     return subprocess.run(
-        [*command, *args, f"hydra.run.dir={cwd / 'run'}"],
-        cwd=where,
+        [str(script), *args, f"hydra.run.dir={cwd / 'run'}"],
+        cwd=cwd,
         env=environ,
         capture_output=True,
         text=True,

@@ -100,9 +100,22 @@ def _kill_loop(target: Path, saves: list[Callable[[], None]], load, expected, mo
     present = 0
     for _ in range(KILLS):
         first = (present + 1) % len(saves)
-        pid = _child(lambda first=first: [saves[(first + i) % len(saves)]() for i in range(10**6)], mode)
-        time.sleep(rng.uniform(0, 2.5 * one_save))
+        done_r, done_w = os.pipe()
+
+        def save_forever(first: int = first, done_w: int = done_w) -> None:
+            for i in range(10**6):
+                saves[(first + i) % len(saves)]()
+                os.write(done_w, b".")  # one byte per completed save
+
+        pid = _child(save_forever, mode)
+        os.close(done_w)
+        # let 0-2 saves complete first, so the kill can land in any save whatever the machine's load,
+        # then kill at a random instant of the next one
+        for _ in range(rng.randrange(3)):
+            os.read(done_r, 1)
+        time.sleep(rng.uniform(0, 1.2 * one_save))
         os.kill(pid, signal.SIGKILL)
+        os.close(done_r)
         assert os.WIFSIGNALED(_reap(pid))
         outcomes["target missing, previous content beside it"] += not target.exists()
         loaded = _which(load(target), expected)
