@@ -9,7 +9,6 @@ the routers: through the call for forward passes, and through :func:`molex.routi
 from __future__ import annotations
 
 import contextlib
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -21,6 +20,7 @@ from molex.context import ROUTING_KWARGS, find_context
 from molex.context import routing_inputs as pin_routing_inputs
 from molex.data.collate import pad_collate
 from molex.data.templates import IGNORE_INDEX, encode_answer, encode_prompt, resolve_template
+from molex.tables import format_table
 
 __all__ = [
     "evaluate_generation",
@@ -321,56 +321,3 @@ def score_multiple_choice(
     result = _summarise([_task_of(ex) for ex in examples_with_choices], correct)
     result.update(predictions=predictions, scores=scores)
     return result
-
-
-def format_table(
-    before: Mapping[str, Any],
-    after: Mapping[str, Any],
-    *,
-    tasks: Sequence[str] | None = None,
-    digits: int = 1,
-    labels: tuple[str, str] = ("before", "after"),
-    markdown: bool = False,
-) -> str:
-    """A per-task accuracy table (percent) of two results and their change, with the overall row last.
-
-    ``before`` / ``after`` are results of :func:`evaluate_generation` or :func:`score_multiple_choice`
-    (``per_task``, ``counts``, ``accuracy``, ``num_examples``; missing values show as ``-``); rows follow
-    ``tasks`` (for example ``dm.task_names``), then any other task in sorted order. ``labels`` name the
-    two result columns (``molex-fuse`` compares "adapter alone" with the fused model); ``markdown=True``
-    writes a Markdown table instead of aligned plain-text columns.
-    """
-    found = set(after.get("per_task", {})) | set(before.get("per_task", {}))
-    order = list(tasks or [])
-    tasks = [t for t in order if t in found] + sorted(found - set(order))
-    counts = {**before.get("counts", {}), **after.get("counts", {})}
-    total = after.get("num_examples", before.get("num_examples", "-"))
-
-    def pct(result: Mapping[str, Any], task: str | None) -> float:
-        value = result.get("accuracy") if task is None else result.get("per_task", {}).get(task)
-        return math.nan if value is None else 100.0 * value
-
-    def cells(name: str, n: Any, b: float, a: float) -> list[str]:
-        values = [f"{v:.{digits}f}" if not math.isnan(v) else "-" for v in (b, a, a - b)]
-        return [name, str(n), *values]
-
-    header = ["task", "n", *labels, "change"]
-    rows = [cells(t, counts.get(t, "-"), pct(before, t), pct(after, t)) for t in tasks]
-    overall = cells("overall", total, pct(before, None), pct(after, None))
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---:|---:|"]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in [*rows, overall]])
-    width = max([len("overall"), len("task"), *map(len, tasks)])
-    widths = [width, 5, *(max(7, len(label)) for label in labels), 7]
-
-    def line(row: list[str]) -> str:
-        return "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-
-    lines = [line(header)]
-    lines.append("-" * len(lines[0]))
-    lines += [line(row) for row in rows]
-    lines.append("-" * len(lines[0]))
-    lines.append(line(overall))
-    return "\n".join(lines)
