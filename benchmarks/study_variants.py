@@ -11,6 +11,11 @@ changes only what defines it, so differences come from routing and allocation, n
 * ``dynmole``, ``soft``, ``switch``: other token routers over the default 2-4-6-8 allocation.
 * ``gate_supervised``: MeteoRA's gate trained with the task labels (one expert per task, top-2),
   the "routing that knows the task" reference.
+* ``adamix``: AdaMix, a random expert per token while training, the experts averaged into one LoRA at
+  evaluation, 2-4-6-8.
+* ``flix_task``: FLix with the task as the one feature (one expert per task, no learned gate).
+* ``mtl``: MTL-LoRA, shared A, per-task r x r transform and per-task weights over the B's, 2-4-6-8.
+* ``hydra_top2``: top-2 over 2-4-6-8 experts that share one A per layer (HydraLoRA-style).
 
 LoRA variants keep ``alpha / rank = 2`` (the experts' ``16 / 8``) so every variant starts from the same
 update scale.
@@ -91,6 +96,26 @@ VARIANTS: dict[str, Variant] = {
                 "mole.num_experts={num_tasks}",
                 f"router.options.task_loss_coef={GATE_TASK_LOSS_COEF}",
             ),
+        ),
+        Variant(
+            "adamix",
+            "AdaMix: random expert per token, averaged LoRA at evaluation, 2-4-6-8",
+            ("router=stochastic", "allocation=mola_increasing"),
+        ),
+        Variant(
+            "flix_task",
+            "FLix: one expert per task, the example's task feature picks it (no gate)",
+            ("router=features", "router.options.features.task={num_tasks}"),
+        ),
+        Variant(
+            "mtl",
+            "MTL-LoRA: shared A, per-task r x r transform and weights over the B's, 2-4-6-8",
+            ("router=mtl", "allocation=mola_increasing", "router.options.num_tasks={num_tasks}"),
+        ),
+        Variant(
+            "hydra_top2",
+            "top-2, 2-4-6-8 experts sharing one A per layer (HydraLoRA-style)",
+            ("router=topk", "allocation=mola_increasing", "mole.share_A=true"),
         ),
     )
 }

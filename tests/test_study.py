@@ -28,6 +28,14 @@ def test_every_variant_composes_into_a_valid_mole_config(name):
         assert config.rank == 44
     if name == "gate_supervised":
         assert config.num_experts == 8 and config.router_options["task_loss_coef"] > 0
+    expected_router = {"adamix": "stochastic", "flix_task": "features", "mtl": "mtl", "hydra_top2": "topk"}
+    if name in expected_router:
+        assert config.router == expected_router[name]
+    if name == "flix_task":
+        assert config.router_options["features"] == {"task": 8}
+    if name == "mtl":
+        assert config.router_options["num_tasks"] == 8
+    assert config.share_A == (name == "hydra_top2")
 
 
 def test_variant_overrides_need_their_values():

@@ -48,20 +48,25 @@ class StochasticConfig(RouterConfig):
             raise ValueError(f"consistency_coef must be >= 0, got {self.consistency_coef}")
 
 
-def average_experts(experts: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
-    """The pool averaged into one LoRA: ``A [1, r, in]`` (mean of the A's), ``B [1, r, out]`` (mean of
-    the B's) and ``scaling [1]``.
-
-    Every expert must have the same scaling (true of every pool molex trains); averaging the factors
-    of experts with different scalings has no single-LoRA meaning.
-    """
+def check_mergeable(experts: nn.Module) -> None:
+    """Every expert must have the same scaling (true of every pool molex trains); averaging the factors
+    of experts with different scalings has no single-LoRA meaning. Reads the scaling on the host."""
     scaling = experts.scaling
     if not torch.equal(scaling, scaling[:1].expand_as(scaling)):
         raise ValueError(
             f"cannot merge experts with different scalings {scaling.tolist()} into one LoRA; "
             "AdaMix's merge needs a pool trained with one alpha and rank"
         )
-    return experts.lora_A.mean(0, keepdim=True), experts.lora_B.mean(0, keepdim=True), scaling[:1]
+
+
+def average_experts(experts: nn.Module, *, check: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """The pool averaged into one LoRA: ``A [1, r, in]`` (mean of the A's), ``B [1, r, out]`` (mean of
+    the B's) and ``scaling [1]``. ``check``: run :func:`check_mergeable` first (the router does it once,
+    when it is bound to its pool, so evaluation forwards need no host sync).
+    """
+    if check:
+        check_mergeable(experts)
+    return experts.lora_A.mean(0, keepdim=True), experts.lora_B.mean(0, keepdim=True), experts.scaling[:1]
 
 
 @register_router
@@ -95,13 +100,16 @@ class StochasticRouter(Router):
         weights = torch.ones(rows, 1, device=x.device)
         return RoutingDecision(indices, weights, tokens_per_sequence=context.seq_len, token_mask=mask)
 
+    def bind_pool(self, experts: nn.Module) -> None:
+        check_mergeable(experts)
+
     def kernel_inputs(
         self, experts: nn.Module, decision: RoutingDecision, context: RoutingContext | None = None
     ) -> tuple[Tensor, Tensor, Tensor, RoutingDecision]:
         """Training: the pool and the random decision. Evaluation: the merged LoRA, every token on it."""
         if self.training:
             return experts.lora_A, experts.lora_B, experts.scaling, decision
-        A, B, scaling = average_experts(experts)
+        A, B, scaling = average_experts(experts, check=False)
         tokens = decision.num_tokens
         single = RoutingDecision(
             torch.zeros(tokens, 1, dtype=torch.long, device=A.device), torch.ones(tokens, 1, device=A.device)
