@@ -185,8 +185,13 @@ def measure_run(
             per_task=ROUTING_PER_TASK,
             precision=precision,
         )
-        # active rank of a layer: experts with a non-zero gate per real token x the experts' rank
-        per_layer = [report.active[i] * layers[name].experts.rank for i, name in enumerate(report.layers)]
+        # active rank of a layer: experts with a non-zero gate per real token x the experts' rank; experts
+        # that share one A add up to a single rank-r update ((B_1 + B_2) A), however many are active, and
+        # AdaMix evaluates its experts merged into one LoRA
+        per_layer = [
+            min(report.active[i], 1.0 if _single_update(layers[name]) else math.inf) * layers[name].experts.rank
+            for i, name in enumerate(report.layers)
+        ]
         mixture = any(layer.experts.num_experts > 1 for layer in layers.values())
         return {
             "trainable_params": trainable,
@@ -197,3 +202,8 @@ def measure_run(
         }
     finally:
         molex.unload(model)
+
+
+def _single_update(layer: nn.Module) -> bool:
+    """True when the layer's active experts form one rank-r update at evaluation (shared A, or merged)."""
+    return bool(layer.experts.shares_a) or getattr(layer.active_router, "name", None) == "stochastic"
