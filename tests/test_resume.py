@@ -145,7 +145,7 @@ def test_resume_mismatch_names_each_setting_with_both_values():
         return training_record(molex.inject(tiny_llama(num_layers=2), cfg))
 
     topk = record(router="topk")
-    assert resume_mismatch(topk, record(router="topk", kernel_backend="torch")) is None  # same function
+    assert resume_mismatch(topk, record(router="topk", kernel_backend="dense")) is None  # same function
     assert resume_mismatch(topk, record(router="soft")) == "router: checkpoint 'topk', requested 'soft'"
     rank = resume_mismatch(record(router="topk", top_k=2), record(router="topk", top_k=1, alpha=8.0))
     assert rank == "top_k: checkpoint 2, requested 1; alpha: checkpoint 16.0, requested 8.0"

@@ -135,7 +135,8 @@ def readme_commands() -> list[list[str]]:
     """Every ``molex-*`` command line in the README's bash blocks, split as the shell would (comments dropped)."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)
-    return [shlex.split(line, comments=True) for block in blocks for line in block.splitlines() if line.startswith("molex-")]
+    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]  # join continued lines
+    return [shlex.split(line, comments=True) for line in lines if line.startswith("molex-")]
 
 
 def test_readme_commands_compose_as_written():
