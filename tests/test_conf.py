@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 
 import molex
 from molex.cli.common import CLIError, build_mole_config, check_sources, check_trainer
+from molex.cli.precision import resolve_precision
 
 CONF = Path(molex.__file__).parent / "conf"
 
@@ -62,7 +63,9 @@ def test_trainer_confs_compose(trainer):
     assert cfg.trainer.max_steps > 0 and cfg.trainer._target_ == "lightning.Trainer"
     check_trainer(cfg.trainer)
     if trainer in ("cpu", "ddp"):  # the others need GPUs (and deepspeed) to build
-        built = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+        # molex-train resolves precision=auto before it builds the trainer (molex.cli.precision)
+        precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+        built = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, precision=precision)
         assert built.max_steps == cfg.trainer.max_steps
         assert built.num_devices == (2 if trainer == "ddp" else 1)
 

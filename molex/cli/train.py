@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from molex.cli.common import (
     CLIError,
@@ -29,6 +29,7 @@ from molex.cli.common import (
     report_errors,
     write_json,
 )
+from molex.cli.precision import resolve_precision
 
 log = logging.getLogger("molex.train")
 
@@ -159,6 +160,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.callbacks import ProgressBar
 
     callbacks = _callbacks(cfg, run_dir)
+    precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
+    if precision != cfg.trainer.get("precision"):
+        log.info("trainer.precision=auto: %s on this machine", precision)
+        with open_dict(cfg):
+            cfg.trainer.precision = precision  # config.yaml records what ran
     trainer = instantiate(
         cfg.trainer,
         "trainer",
