@@ -1,7 +1,7 @@
 """``trainer.precision=auto``: bf16 autocast only where the hardware computes bfloat16 natively.
 
 On a CPU without bfloat16 units (AVX2 only, no AVX512-BF16 or AMX) autocast to bf16 emulates every
-matmul and a training step of SmolLM2-135M becomes tens of times slower than in float32; with those
+matmul and a training step of SmolLM2-135M becomes over ten times slower than in float32; with those
 units (or on a GPU that supports bf16) it is faster than float32. ``auto`` picks per machine, and an
 explicit value (``32-true``, ``bf16-mixed``, ...) is always used as given.
 """
