@@ -95,3 +95,23 @@ def test_progress_callbacks_follow_the_trainer_config():
     assert progress_callbacks(OmegaConf.create({"enable_progress_bar": False}), interactive=False) == []
     with pytest.raises(CLIError, match=r"trainer.log_every_n_steps=0: .*positive"):
         progress_callbacks(OmegaConf.create({"log_every_n_steps": 0}), interactive=False)
+
+
+class _WithLMLoss(_Tiny):
+    """Logs a total loss and, apart, an LM loss of exactly 0.25."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/lm_loss", torch.tensor(0.25))
+        return loss + 1.0
+
+
+def test_line_progress_headlines_the_lm_loss_when_logged():
+    out = io.StringIO()
+    trainer = L.Trainer(
+        max_steps=2, callbacks=[LineProgress(every_n_steps=1, stream=out)], enable_progress_bar=False,
+        logger=False, enable_checkpointing=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(_WithLMLoss())
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and all("loss 0.2500" in line for line in lines), lines

@@ -30,8 +30,10 @@ def _step_total(trainer: Any) -> int | None:
 
 
 def _loss(trainer: Any, outputs: Any) -> float | None:
-    """The step's training loss: the logged ``train/loss`` if any, else the loss ``training_step`` returned."""
-    value = trainer.callback_metrics.get("train/loss")
+    """The step's LM loss (``train/lm_loss``, the headline: no auxiliary losses) if logged, else the
+    minimised ``train/loss``, else the loss ``training_step`` returned."""
+    metrics = trainer.callback_metrics
+    value = metrics.get("train/lm_loss", metrics.get("train/loss"))
     if value is None:
         value = outputs.get("loss") if isinstance(outputs, dict) else outputs
     try:
