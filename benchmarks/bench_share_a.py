@@ -16,30 +16,8 @@ import argparse
 import torch
 
 from benchmarks.harness import environment, fwd_bwd, ratio, time_candidates, write_json
-from benchmarks.layers import base_linear, trainable
-from molex.experts import LoRAExperts
+from benchmarks.layers import base_linear, mole_layer, trainable
 from molex.kernels import mole_delta, resolve_backend
-from molex.layer import MoLELinear
-from molex.routers import build_router
-
-
-def pool_layer(base, *, num_experts: int, rank: int, top_k: int, share: bool, backend: str) -> MoLELinear:
-    """A top-k MoLE layer on ``base`` with a shared or an unshared pool (B non-zero: the work is real)."""
-    torch.manual_seed(0)
-    experts = LoRAExperts(
-        in_features=base.in_features,
-        out_features=base.out_features,
-        num_experts=num_experts,
-        rank=rank,
-        scaling=2.0,
-        dtype=base.weight.dtype,
-        device=base.weight.device,
-        share_A=share,
-    )
-    with torch.no_grad():
-        experts.lora_B.normal_(std=0.02)
-    router = build_router("topk", in_features=base.in_features, num_experts=num_experts, top_k=top_k)
-    return MoLELinear(base, experts=experts, router=router.to(base.weight.device), kernel_backend=backend)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -66,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = base_linear(d, d, device=dev, dtype=dtype)
     x = torch.randn(T, d, device=dev, dtype=dtype, requires_grad=True)
     grad = torch.randn(T, d, device=dev, dtype=dtype)
-    layers = {name: pool_layer(base, share=name == "shared", **sizes) for name in ("shared", "unshared")}
+    layers = {name: mole_layer(base, share_A=name == "shared", **sizes) for name in ("shared", "unshared")}
     layer_stats = time_candidates(
         {name: fwd_bwd(m, x, grad, trainable(m)) for name, m in layers.items()},
         warmup=args.warmup,

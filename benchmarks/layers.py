@@ -17,8 +17,11 @@ def base_linear(d_in: int, d_out: int, *, device: str, dtype: torch.dtype, seed:
     return base
 
 
-def mole_layer(base: nn.Linear, *, num_experts: int, rank: int, top_k: int, backend: str, seed: int = 0) -> MoLELinear:
-    """A top-k routed MoLE layer on ``base`` (B initialised non-zero so the work is real)."""
+def mole_layer(
+    base: nn.Linear, *, num_experts: int, rank: int, top_k: int, backend: str, seed: int = 0, share_A: bool = False
+) -> MoLELinear:
+    """A top-k routed MoLE layer on ``base`` (B initialised non-zero so the work is real); ``share_A``:
+    one A shared by the experts."""
     torch.manual_seed(seed)
     experts = LoRAExperts(
         in_features=base.in_features,
@@ -28,6 +31,7 @@ def mole_layer(base: nn.Linear, *, num_experts: int, rank: int, top_k: int, back
         scaling=2.0,
         dtype=base.weight.dtype,
         device=base.weight.device,
+        share_A=share_A,
     )
     with torch.no_grad():
         experts.lora_B.normal_(std=0.02)

@@ -14,6 +14,7 @@ name, which is the only case that may download.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -206,11 +207,9 @@ def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
     reached: list[bool] = []
 
     def probe() -> None:  # name resolution and connect, bounded by the join below
-        try:
-            with socket.create_connection((url.hostname, port), timeout=timeout):
-                reached.append(True)
-        except (OSError, UnicodeError):
-            pass
+        address = (url.hostname, port)
+        with contextlib.suppress(OSError, UnicodeError), socket.create_connection(address, timeout=timeout):
+            reached.append(True)
 
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
