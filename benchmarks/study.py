@@ -1,6 +1,6 @@
 """Does a mixture of LoRA experts beat one LoRA? Variants at matched budgets, several seeds, any data.
 
-    python -m benchmarks.study                       # every variant, 3 seeds, SmolLM2-135M, built-in tasks
+    python -m benchmarks.study                       # default variants (one LoRA x2, the default mixture), 3 seeds
     python -m benchmarks.study --quick               # tiny random model, 1 seed, 2 variants: a wiring check
     python -m benchmarks.study --data my_tasks/ --variants lora_r16 mola_increasing --seeds 5
     python -m benchmarks.study --set optim.lr=1e-3   # any molex-train override, applied to every run
