@@ -172,3 +172,17 @@ def test_bad_routes_and_foreign_folders(tmp_path):
     out = molex.export_routes(model, tmp_path / "again", {"w": [1.0, 0.0]})
     molex.export_routes(model, tmp_path / "again", {"v": [0.0, 1.0]})  # replaces its own export
     assert sorted(p.name for p in out.path.iterdir()) == ["routes.json", "v"]
+
+
+def test_mtl_routes_by_task_are_exact(tmp_path):
+    model = tiny_llama()  # the base peft_logits loads
+    molex.inject(model, molex.MoLEConfig(target_modules=["q_proj", "v_proj"], num_experts=3, rank=2, router="mtl",
+                                         router_options={"num_tasks": 2}))
+    randomise(model, seed=4)
+    routes = {f"task{t}": RoutePrompts(token_ids=PROMPTS[:2], task_ids=t) for t in range(2)}
+    exported = molex.export_routes(model, tmp_path / "out", routes)
+    assert exported.index["by_name"] == {"task0": ["task0"], "task1": ["task1"]}  # one decision per task
+    for t in range(2):
+        with torch.no_grad():
+            expected = model(input_ids=torch.tensor([PROMPTS[0]]), task_ids=torch.tensor([t])).logits
+        assert (peft_logits(exported.adapters[f"task{t}"], PROMPTS[0]) - expected).abs().max() <= 1e-5
