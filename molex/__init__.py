@@ -8,6 +8,7 @@ from molex.allocation import LayerPlan, plan_allocation
 from molex.config import AllocationConfig, MoLEConfig
 from molex.context import RoutingContext, generate, routing_inputs
 from molex.experts import LoRAExperts
+from molex.export import export_routes, export_single, merge_route
 from molex.hub import (
     adapter_names,
     fuse_adapters,
@@ -74,4 +75,7 @@ __all__ = [
     "train_router",
     "merge_adapters",
     "lorahub_search",
+    "export_routes",
+    "export_single",
+    "merge_route",
 ]

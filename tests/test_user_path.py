@@ -1,6 +1,6 @@
 """The user's path: the installed console scripts, run from a directory outside the repository.
 
-``molex-train``, ``molex-eval`` and ``molex-fuse`` are the scripts pip writes next to the interpreter,
+``molex-train``, ``molex-eval``, ``molex-fuse`` and ``molex-export`` are the scripts pip writes next to the interpreter,
 run with the working directory in a temporary folder and no ``PYTHONPATH`` into the checkout, exactly
 as after the README's install. One (slow) test builds a wheel, installs it into a bare target folder and
 runs the scripts from there, so a config or data file left out of the package fails here.
@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SCRIPTS = ("molex-train", "molex-eval", "molex-fuse")
+SCRIPTS = ("molex-train", "molex-eval", "molex-fuse", "molex-export")
 SMOKE = ["experiment=smoke", "data.num_per_task=8", "data.eval_per_task=2", "eval.max_new_tokens=4"]
 
 

@@ -43,6 +43,10 @@ __all__ = [
     "PeftLoraAdapter",
     "read_peft_adapter",
     "write_peft_adapter",
+    "peft_adapter_files",
+    "write_adapter_files",
+    "is_molex_peft_adapter",
+    "check_output_dir",
     "PEFT_CONFIG_NAME",
     "PEFT_SAFETENSORS_NAME",
     "PEFT_BIN_NAME",
@@ -230,27 +234,21 @@ def check_output_dir(directory: str | os.PathLike, *, overwrite: bool) -> None:
     refuse_foreign(directory, _OWNED, ours=_written_by_molex, overwrite=overwrite, what="writing a PEFT adapter")
 
 
-def write_peft_adapter(
-    directory: str | os.PathLike,
+def peft_adapter_files(
     modules: Mapping[str, tuple[Tensor, Tensor]],
     *,
     base_model_name_or_path: str | None = None,
     fan_in_fan_out: bool = False,
     task_type: str | None = "CAUSAL_LM",
-    overwrite: bool = False,
-) -> Path:
-    """Write ``{module path: (A [r, in], B [out, r])}`` as a PEFT LoRA adapter with scaling 1.
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(tensors, config)`` of a PEFT LoRA adapter with scaling 1 from ``{module: (A [r, in], B [out, r])}``.
 
     Every module's scaling is already folded into its factors: ``lora_alpha = r`` per module
     (``rank_pattern`` / ``alpha_pattern`` name the modules whose rank differs from the most
-    common one), so PEFT computes ``delta_W = B @ A``. A crash at any instant leaves ``directory``
-    holding the complete previous adapter or the complete new one; other files in it are kept.
-    An adapter there that molex did not write is refused unless ``overwrite=True``.
+    common one), so PEFT computes ``delta_W = B @ A``. :func:`write_adapter_files` writes them.
     """
     if not modules:
-        raise ValueError("write_peft_adapter needs at least one module")
-    directory = Path(directory)
-    check_output_dir(directory, overwrite=overwrite)
+        raise ValueError("a PEFT adapter needs at least one module")
     ranks = {module: A.shape[0] for module, (A, _) in modules.items()}
     values = list(ranks.values())
     common = max(set(values), key=values.count)
@@ -279,10 +277,55 @@ def write_peft_adapter(
         "init_lora_weights": True,
         "modules_to_save": None,
     }
+    return tensors, config
+
+
+def write_adapter_files(folder: Path, tensors: Mapping[str, Tensor], config: Mapping[str, Any]) -> None:
+    """Write the files of :func:`peft_adapter_files` into ``folder`` (no publishing step: the caller's
+    :func:`~molex.files.replace_dir` publishes the folder it writes in). The weights carry molex's marker."""
+    save_file(dict(tensors), folder / PEFT_SAFETENSORS_NAME, metadata=_MARKER)
+    write_json(folder / PEFT_CONFIG_NAME, dict(config))
+
+
+def is_molex_peft_adapter(directory: Path) -> bool:
+    """Whether ``directory`` holds a PEFT adapter that molex wrote (the marker in its weights' metadata)."""
+    return _written_by_molex(directory)
+
+
+def write_peft_adapter(
+    directory: str | os.PathLike,
+    modules: Mapping[str, tuple[Tensor, Tensor]],
+    *,
+    base_model_name_or_path: str | None = None,
+    fan_in_fan_out: bool = False,
+    task_type: str | None = "CAUSAL_LM",
+    overwrite: bool = False,
+    extra_json: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``{module path: (A [r, in], B [out, r])}`` as a PEFT LoRA adapter with scaling 1.
+
+    Every module's scaling is already folded into its factors (see :func:`peft_adapter_files`).
+    ``extra_json``: ``{file name: data}`` JSON files published together with the adapter (a report).
+    A crash at any instant leaves ``directory`` holding the complete previous adapter or the
+    complete new one; other files in it are kept. An adapter there that molex did not write is
+    refused unless ``overwrite=True``.
+    """
+    if not modules:
+        raise ValueError("write_peft_adapter needs at least one module")
+    directory = Path(directory)
+    check_output_dir(directory, overwrite=overwrite)
+    tensors, config = peft_adapter_files(
+        modules, base_model_name_or_path=base_model_name_or_path, fan_in_fan_out=fan_in_fan_out, task_type=task_type
+    )
+    extra = dict(extra_json or {})
+    clash = sorted(set(extra) & set(_OWNED))
+    if clash:
+        raise ValueError(f"extra_json may not name the adapter's own files {clash}")
 
     def write(folder: Path) -> None:
-        save_file(tensors, folder / PEFT_SAFETENSORS_NAME, metadata=_MARKER)
-        write_json(folder / PEFT_CONFIG_NAME, config)
+        write_adapter_files(folder, tensors, config)
+        for name, data in extra.items():
+            write_json(folder / name, data)
 
-    replace_dir(directory, write, owned=_OWNED)
+    replace_dir(directory, write, owned=(*_OWNED, *extra))
     return directory

@@ -135,6 +135,14 @@ class Router(nn.Module, abc.ABC):
         warns about ones no router reads."""
         return frozenset()
 
+    def decides_per_sequence(self) -> bool:
+        """Whether every token of a sequence gets one and the same decision (in the router's current mode).
+
+        Such a router applies one fixed weighted set of experts to a whole sequence, which is one
+        ordinary LoRA per route (:func:`molex.export.export_routes`); token-level routers return ``False``.
+        """
+        return False
+
     def expert_losses(self, x: Tensor, experts: nn.Module, decision: RoutingDecision) -> dict[str, Tensor]:
         """Losses that need the experts themselves (``x [T, in]`` is the experts' input).
 

@@ -124,6 +124,10 @@ class FeaturesRouter(Router):
                 )
         return ids.long()
 
+    def decides_per_sequence(self) -> bool:
+        # with ids [B]; ids [B, S] vary within a sequence, which an exact route export detects and refuses
+        return True
+
     def forward(self, x: Tensor, context: RoutingContext | None = None) -> RoutingDecision:
         tokens = x.shape[0]
         given = self._inputs(context)

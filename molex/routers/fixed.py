@@ -45,6 +45,9 @@ class FixedRouter(Router):
         weights = config.weights if config.weights is not None else [1.0 / num_experts] * num_experts
         self.register_buffer("mix", torch.tensor(weights, dtype=torch.float32))
 
+    def decides_per_sequence(self) -> bool:
+        return True  # one constant mixture for every token
+
     def forward(self, x: Tensor, context: RoutingContext | None = None) -> RoutingDecision:
         tokens = x.shape[0]
         indices = torch.arange(self.num_experts, device=x.device).expand(tokens, -1)

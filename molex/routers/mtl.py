@@ -85,6 +85,9 @@ class MTLRouter(Router):
             )
         return task_ids.long()
 
+    def decides_per_sequence(self) -> bool:
+        return True  # one task per sequence
+
     def mixing(self) -> Tensor:
         """``softmax(w_t / tau)`` for every task: ``[num_tasks, E]``."""
         return (self.task_logits / self.config.temperature).softmax(dim=-1)

@@ -65,6 +65,9 @@ class SharedRouter(Router):
         self.context: RoutingContext | None = None  # set when placed in a model
         self._cache: tuple[int, RoutingDecision, Tensor | None] | None = None
 
+    def decides_per_sequence(self) -> bool:
+        return True
+
     def prefill_decision(self, context: RoutingContext) -> RoutingDecision:
         """The decision of a new generation; block routers get it from their block's input instead."""
         raise RuntimeError(

@@ -100,6 +100,9 @@ class StochasticRouter(Router):
         weights = torch.ones(rows, 1, device=x.device)
         return RoutingDecision(indices, weights, tokens_per_sequence=context.seq_len, token_mask=mask)
 
+    def decides_per_sequence(self) -> bool:
+        return not self.training  # at inference every token uses the averaged LoRA
+
     def bind_pool(self, experts: nn.Module) -> None:
         check_mergeable(experts)
 

@@ -1,0 +1,146 @@
+"""One route merged into the base weights: a plain ``transformers`` model that needs no molex to run.
+
+:func:`merge_route` builds a fresh instance of the model's own class, loads the base weights (the
+MoLE layers' ``base_layer`` weights under their original names) and adds the route's update
+``dW = B @ A`` to every layer the route uses. The molex model is left as it was. :func:`save_merged`
+writes the result with ``save_pretrained`` (and the tokenizer's files) into a folder published by
+one rename, so ``AutoModelForCausalLM.from_pretrained(folder)`` loads it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from molex.export.capture import is_conv1d
+from molex.export.resolve import RouteSpec, resolve_routes
+from molex.files import check_dir_target, read_json, refuse_foreign, replace_dir, write_json
+from molex.inject import mole_layers
+from molex.io import adapter_state_dict
+
+__all__ = ["merge_route", "save_merged", "MERGED_MARKER"]
+
+#: written beside the model files: the route and the files molex wrote (a later save may replace them)
+MERGED_MARKER = "molex_merged.json"
+_FORMAT = "molex-merged"
+
+
+def _base_state(model: nn.Module) -> dict[str, Tensor]:
+    """The base model's ``state_dict`` out of the molex one: no experts or routers, ``base_layer`` renamed."""
+    adapter_keys = set(adapter_state_dict(model))
+    layer_names = list(mole_layers(model))
+    state = {}
+    for key, value in model.state_dict().items():
+        if key in adapter_keys:
+            continue
+        for name in layer_names:
+            prefix = f"{name}.base_layer."
+            if key.startswith(prefix):
+                key = f"{name}.{key[len(prefix):]}"
+                break
+        state[key] = value
+    return state
+
+
+def merge_route(
+    model: nn.Module,
+    route: RouteSpec | None = None,
+    *,
+    tokenizer: Any = None,
+) -> nn.Module:
+    """A plain copy of ``model``'s base with ``route`` merged into its weights (``model`` is unchanged).
+
+    Args:
+        model: a molex model (``molex.load_adapter`` / ``molex.inject``) whose class is a ``transformers``
+            model (or any module constructible from ``type(model)(model.config)``).
+        route: example prompt(s) that all reach one decision (``"..."``, ``["...", ...]`` or
+            ``{"prompts": [...], "task_id": i}``; a per-sequence router decides), per-expert weights
+            (``[w_0, ...]`` for every layer, or ``{layer: [w_0, ...]}``), or ``None`` for the ``fixed``
+            router's mixture.
+        tokenizer: tokenises prompt texts.
+
+    Returns the merged model in eval mode, with the dtype of the base weights.
+    """
+    key = "route"
+    spec: Mapping[str, Any] | None = None if route is None else {key: route}
+    routes = resolve_routes(model, spec, tokenizer=tokenizer)
+    if len(routes) != 1:
+        raise ValueError(
+            f"the prompts of this route reach {len(routes)} different decisions, which no single merged model "
+            "computes; give prompts that share one decision (or export them all with molex.export_routes)"
+        )
+    loras = routes[0].loras()
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"merge_route needs a transformers model (with .config); got {type(model).__name__}")
+    state = _base_state(model)
+    dtype = next(iter(state.values())).dtype
+    merged = type(model)(copy.deepcopy(config)).to(dtype=dtype)
+    merged.load_state_dict(state, strict=True)
+    layers = mole_layers(model)
+    with torch.no_grad():
+        for name, (A, B) in loras.items():
+            weight = merged.get_submodule(name).weight
+            delta = B.double().cpu() @ A.double().cpu()  # [out, in]
+            if is_conv1d(layers[name]):
+                delta = delta.t()  # Conv1D keeps weight as [in, out]
+            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and hasattr(merged, "generation_config"):
+        merged.generation_config = copy.deepcopy(generation)
+    device = next(model.parameters()).device
+    return merged.to(device).eval()
+
+
+def _ours(directory: Path) -> bool:
+    try:
+        data = read_json(directory / MERGED_MARKER, fix="")
+    except (ValueError, OSError):
+        return False
+    return isinstance(data, dict) and data.get("format") == _FORMAT
+
+
+def save_merged(
+    merged: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    info: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """``merged.save_pretrained`` (and ``tokenizer.save_pretrained``) into ``out_dir``, published by one rename.
+
+    A folder holding model files molex did not write is refused unless ``overwrite=True``; other files
+    there are kept. ``info`` (e.g. the route) goes into ``molex_merged.json`` beside the model files.
+    """
+    target = check_dir_target(out_dir, "merged model folder")
+    previous: Sequence[str] = ()
+    if _ours(target):
+        previous = read_json(target / MERGED_MARKER, fix="").get("files", [])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.molex-save."))
+    try:
+        merged.save_pretrained(str(scratch))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(scratch))
+        written = sorted(p.name for p in scratch.iterdir())
+        owned = sorted({*written, *previous, MERGED_MARKER})
+        refuse_foreign(target, [*written, MERGED_MARKER], ours=_ours, overwrite=overwrite, what="save_merged")
+
+        def write(folder: Path) -> None:
+            for name in written:
+                os.replace(scratch / name, folder / name)
+            write_json(folder / MERGED_MARKER, {"format": _FORMAT, "files": written, **dict(info or {})})
+
+        replace_dir(target, write, owned=owned)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
