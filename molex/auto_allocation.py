@@ -87,7 +87,7 @@ class AllocationDecision:
     def reuse_hint(self) -> str:
         """How to train with this allocation again without a warm-up."""
         counts = ",".join(map(str, self.per_layer))
-        return f"reuse with AllocationConfig(per_layer=[{counts}]) or molex-train allocation.per_layer=[{counts}]"
+        return f"reuse with AllocationConfig(per_layer=[{counts}]) or molex-train +allocation.per_layer=[{counts}]"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

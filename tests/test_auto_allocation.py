@@ -283,3 +283,14 @@ def test_default_budget_is_the_mola_total_on_the_model(tmp_path):
         )
     )
     assert total == 148  # SmolLM2-135M's 30 layers: 8, 7, 8, 7 layers of 2, 4, 6, 8 experts
+
+
+def test_the_study_variant_shares_the_2468_total():
+    from benchmarks.study_measure import compose_config, mole_config_of
+    from benchmarks.study_variants import VARIANTS, variant_overrides
+
+    assert VARIANTS["mola_auto"].mixture
+    config = mole_config_of(compose_config(variant_overrides("mola_auto")))
+    alloc = config.allocation
+    assert config.router == "topk" and alloc.schedule == "auto" and alloc.total_experts is None
+    assert alloc.budget_schedule == "mola-increasing" and alloc.min_experts == 2
