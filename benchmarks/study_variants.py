@@ -8,6 +8,8 @@ changes only what defines it, so differences come from routing and allocation, n
   mixture's (``mola_increasing``); the rank is computed on the model, see :func:`matched_rank`.
 * ``topk_uniform``: top-2 over the same total number of experts as MoLA 2-4-6-8, spread evenly.
 * ``mola_increasing`` (molex's default), ``mola_decreasing``, ``mola_hourglass``: top-2, MoLA schedules.
+* ``mola_auto``: top-2, experts per layer decided after a 20-step warm-up (molex's automatic allocation),
+  sharing the same total as 2-4-6-8 on the model (``allocation.budget_schedule``).
 * ``dynmole``, ``soft``, ``switch``: other token routers over the default 2-4-6-8 allocation.
 * ``gate_supervised``: MeteoRA's gate trained with the task labels (one expert per task, top-2),
   the "routing that knows the task" reference.
@@ -82,6 +84,11 @@ VARIANTS: dict[str, Variant] = {
         ),
         Variant("mola_decreasing", "top-2, MoLA 8-6-4-2", ("router=topk", "allocation=mola_decreasing")),
         Variant("mola_hourglass", "top-2, MoLA 8-2-2-8", ("router=topk", "allocation=mola_hourglass")),
+        Variant(
+            "mola_auto",
+            "top-2, automatic allocation, same total as 2-4-6-8",
+            ("router=topk", "allocation=auto", f"allocation.budget_schedule={MATCH_TARGET.replace('_', '-')}"),
+        ),
         Variant(
             "dynmole", "DynMoLE (Tsallis entropy, top-p), 2-4-6-8", ("router=dynmole", "allocation=mola_increasing")
         ),

@@ -5,6 +5,7 @@
 
 from molex import kernels, routers
 from molex.allocation import LayerPlan, plan_allocation
+from molex.auto_allocation import AllocationDecision, auto_allocate
 from molex.config import AllocationConfig, MoLEConfig
 from molex.context import RoutingContext, generate, routing_inputs
 from molex.experts import LoRAExperts
@@ -45,6 +46,8 @@ __all__ = [
     "AllocationConfig",
     "LayerPlan",
     "plan_allocation",
+    "auto_allocate",
+    "AllocationDecision",
     "RoutingContext",
     "routing_inputs",
     "generate",

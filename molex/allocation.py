@@ -2,8 +2,12 @@
 
 A *schedule* gives the experts of one decoder layer from its index; schedules are registered by
 name (:func:`register_schedule`), so a new one is one more registration, and
-:class:`AllocationConfig` validates its ``schedule`` against the registry. Imports nothing of molex
-at run time: :mod:`molex.config` builds on it.
+:class:`AllocationConfig` validates its ``schedule`` against the registry.
+
+``schedule="auto"`` decides the counts from the model and the data: it holds the even split of
+``total_experts`` until a short warm-up has measured each layer (:mod:`molex.auto_allocation`), which
+then records its decision as ``per_layer``. Imports nothing of molex at run time but the pure
+:mod:`molex.apportion`: :mod:`molex.config` builds on it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from molex.apportion import apportion
 
 if TYPE_CHECKING:
     from molex.config import MoLEConfig
@@ -28,7 +34,13 @@ __all__ = [
     "layer_index",
     "plan_allocation",
     "group_of_layer",
+    "AUTO_WARMUP_STEPS",
+    "auto_bounds",
+    "auto_total",
 ]
+
+#: warm-up steps of ``schedule="auto"`` when ``warmup_steps`` is not given
+AUTO_WARMUP_STEPS = 20
 
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -80,6 +92,36 @@ def _pattern(index: int, num_layers: int, alloc: AllocationConfig, default: int)
     return group_schedule(*alloc.pattern)(index, num_layers, alloc, default)
 
 
+def auto_total(num_layers: int, alloc: AllocationConfig, default: int) -> int:
+    """The experts ``schedule="auto"`` shares among ``num_layers`` layers: ``total_experts``, or the total of
+    ``budget_schedule`` on a model of ``num_layers`` layers."""
+    if alloc.total_experts is not None:
+        return alloc.total_experts
+    budget = get_schedule(alloc.budget_schedule)
+    return sum(int(budget(i, num_layers, alloc, default)) for i in range(num_layers))
+
+
+def auto_bounds(num_layers: int, alloc: AllocationConfig, default: int) -> tuple[int, int, int]:
+    """``(total, low, high)`` of ``schedule="auto"`` on ``num_layers`` layers; a clear error when the budget
+    cannot be split within the bounds."""
+    total = auto_total(num_layers, alloc, default)
+    low = alloc.min_experts or 1
+    high = alloc.max_experts or total
+    if not low * num_layers <= total <= high * num_layers:
+        raise ValueError(
+            f"allocation schedule='auto': total_experts={total} cannot be split among {num_layers} layers with "
+            f"min_experts={low} and max_experts={alloc.max_experts}: it must be between {low * num_layers} and "
+            f"{high * num_layers}; change total_experts or the bounds"
+        )
+    return total, low, high
+
+
+def _auto(index: int, num_layers: int, alloc: AllocationConfig, default: int) -> int:
+    # before the warm-up has decided (per_layer), the budget split evenly: what the warm-up trains
+    total, low, high = auto_bounds(num_layers, alloc, default)
+    return apportion([1.0] * num_layers, total, low=low, high=high)[index]
+
+
 register_schedule("uniform", _uniform)  # num_experts everywhere
 register_schedule("pattern", _pattern)  # AllocationConfig.pattern: experts per group, bottom to top
 # the MoLA schedules: experts per quarter of the layers, bottom to top
@@ -88,6 +130,8 @@ register_schedule("mola-decreasing", group_schedule(8, 6, 4, 2))
 register_schedule("mola-hourglass", group_schedule(8, 2, 2, 8))
 register_schedule("mola-diamond", group_schedule(2, 8, 8, 2))
 register_schedule("mola-uniform", group_schedule(5, 5, 5, 5))
+# decided from the model and the data after a warm-up: see molex.auto_allocation
+register_schedule("auto", _auto)
 
 
 @dataclass
@@ -97,6 +141,11 @@ class AllocationConfig:
     Precedence, lowest to highest: ``schedule`` / ``pattern``, ``per_layer``, ``overrides``.
     Layer indices come from the first integer in a module's path (``model.layers.3.mlp`` -> 3);
     modules without one get ``num_experts``.
+
+    ``schedule="auto"`` shares ``total_experts`` (or ``budget_schedule``'s total on the model) among the
+    layers from a signal measured after ``warmup_steps`` of training on the even split, each layer
+    getting ``min_experts`` to ``max_experts`` (see :mod:`molex.auto_allocation`); the decision is then
+    stored here as ``per_layer``, so a saved adapter rebuilds the same pools without a warm-up.
     """
 
     schedule: str = field(default="uniform", metadata={"help": f"one of {sorted(SCHEDULES)}"})
@@ -108,6 +157,19 @@ class AllocationConfig:
     overrides: dict[str, int] = field(default_factory=dict, metadata={"help": "{module regex: experts}"})
     rank_per_layer: list[int] | None = field(default=None, metadata={"help": "explicit rank for every layer index"})
     rank_overrides: dict[str, int] = field(default_factory=dict, metadata={"help": "{module regex: rank}"})
+    total_experts: int | None = field(
+        default=None, metadata={"help": "'auto': experts shared among the layers (the parameter budget)"}
+    )
+    budget_schedule: str | None = field(
+        default=None, metadata={"help": "'auto' without total_experts: share this schedule's total on the model"}
+    )
+    min_experts: int | None = field(
+        default=None, metadata={"help": "'auto': fewest experts per layer (default: 1, or what the router needs)"}
+    )
+    max_experts: int | None = field(default=None, metadata={"help": "'auto': most experts per layer"})
+    warmup_steps: int | None = field(
+        default=None, metadata={"help": f"'auto': training steps before deciding (default {AUTO_WARMUP_STEPS})"}
+    )
 
     def __post_init__(self) -> None:
         if self.pattern is not None:
@@ -136,6 +198,49 @@ class AllocationConfig:
                     raise ValueError(f"allocation {name} {regex!r}: {what} must be an integer >= 1, got {value!r}")
         self.overrides = dict(self.overrides)
         self.rank_overrides = dict(self.rank_overrides)
+        self._check_auto()
+
+    def _check_auto(self) -> None:
+        auto_fields = ("total_experts", "budget_schedule", "min_experts", "max_experts", "warmup_steps")
+        if self.schedule != "auto":
+            given = [name for name in auto_fields if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"allocation {given} apply to schedule='auto' only; got schedule={self.schedule!r}")
+            return
+        if self.total_experts is None and self.budget_schedule is None:
+            raise ValueError(
+                "allocation schedule='auto' needs total_experts=N (the experts to share among the layers, e.g. "
+                "the total of the schedule it is compared with) or budget_schedule=<schedule name>"
+            )
+        unused = [name for name in ("num_experts", "pattern") if getattr(self, name) is not None]
+        if unused or self.overrides:
+            raise ValueError(
+                f"allocation schedule='auto' decides every layer's experts itself: drop {unused or ['overrides']} "
+                "(overrides would change the budget)"
+            )
+        if self.budget_schedule is not None and self.budget_schedule in ("auto", "pattern"):
+            raise ValueError(f"budget_schedule must be a fixed named schedule, got {self.budget_schedule!r}")
+        if self.budget_schedule is not None:
+            get_schedule(self.budget_schedule)
+        for name in ("total_experts", "min_experts", "max_experts", "warmup_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise ValueError(f"allocation {name} must be an integer >= 1, got {value!r}")
+        if self.warmup_steps is None:
+            self.warmup_steps = AUTO_WARMUP_STEPS
+        low, high = self.min_experts or 1, self.max_experts
+        if high is not None and high < low:
+            raise ValueError(f"allocation max_experts={high} is below min_experts={low}")
+        if self.total_experts is not None and self.total_experts < low:
+            raise ValueError(f"allocation total_experts={self.total_experts} is below min_experts={low}")
+        if self.per_layer:  # a decision already taken (or given): it must respect the budget
+            counts = [int(v) for v in self.per_layer]
+            if self.total_experts is not None and sum(counts) != self.total_experts:
+                raise ValueError(
+                    f"allocation per_layer {counts} holds {sum(counts)} experts but total_experts={self.total_experts}"
+                )
+            if min(counts) < low or (high is not None and max(counts) > high):
+                raise ValueError(f"allocation per_layer {counts} leaves the bounds [{low}, {high}]")
 
 
 

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from molex.allocation import SCHEDULES, AllocationConfig
 from molex.kernels import registered_backends
 from molex.routers.base import get_router_class, make_router_config
@@ -38,6 +40,40 @@ def check_module_patterns(name: str, patterns: list[str] | str | None) -> None:
 def _check_count(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be >= 1 (an integer), got {value!r}")
+
+
+def _router_floor(config: MoLEConfig) -> int:
+    """The fewest experts a layer's router can be built with (its top-k, DynMoLE's keep_top_k, ...).
+
+    Found by building the router on a 1-wide input for 1, 2, ... experts: the routers validate that
+    themselves, so any router's rule is covered. The global random stream is left as it was.
+    """
+    cls, router_config = get_router_class(config.router), config.router_config()
+    with torch.random.fork_rng(devices=[]):
+        for experts in range(1, 65):
+            try:
+                cls(in_features=1, num_experts=experts, config=router_config)
+            except ValueError:
+                continue
+            return experts
+    raise ValueError(f"router {config.router!r} cannot be built with 1 to 64 experts per layer")
+
+
+def _resolve_auto(alloc: AllocationConfig, config: MoLEConfig) -> AllocationConfig:
+    """``schedule="auto"`` with ``min_experts`` filled in (the router's need by default) and checked."""
+    cls = get_router_class(config.router)
+    if cls.scope != "linear" or cls.fixed_num_experts(config.router_config()) is not None:
+        raise ValueError(
+            f"allocation schedule='auto' sets each layer's experts for its own router; router {config.router!r} "
+            f"({cls.scope} scope) does not take per-layer expert counts: choose another schedule"
+        )
+    floor = _router_floor(config)
+    if alloc.min_experts is not None and alloc.min_experts < floor:
+        raise ValueError(
+            f"allocation min_experts={alloc.min_experts} is below the {floor} experts router {config.router!r} needs "
+            f"per layer (its top-k); set min_experts >= {floor}"
+        )
+    return dataclasses.replace(alloc, min_experts=alloc.min_experts or floor)
 
 
 @dataclass
@@ -106,6 +142,8 @@ class MoLEConfig:
             raise ValueError(f"unknown kernel_backend {self.kernel_backend!r}; use 'auto' or one of {backends}")
         self.router_options = dict(self.router_options)
         self.router_config()  # validates router name and options now, not at inject time
+        if self.allocation is not None and self.allocation.schedule == "auto":
+            self.allocation = _resolve_auto(self.allocation, self)
 
     def router_kwargs(self) -> dict[str, Any]:
         """Router options including ``top_k`` (when set)."""

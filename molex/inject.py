@@ -33,6 +33,7 @@ __all__ = [
     "total_aux_loss",
     "is_injected",
     "get_config",
+    "decoder_layers",
 ]
 
 _STATE_ATTR = "_molex_state"
@@ -76,7 +77,8 @@ def find_target_modules(model: nn.Module, config: MoLEConfig) -> list[str]:
     return selected
 
 
-def _num_layers(model: nn.Module) -> int | None:
+def decoder_layers(model: nn.Module) -> int | None:
+    """The model's number of decoder layers from its config (``num_hidden_layers``, ...), if it states one."""
     cfg = getattr(model, "config", None)
     for attr in ("num_hidden_layers", "n_layer", "num_layers"):
         value = getattr(cfg, attr, None)
@@ -153,7 +155,7 @@ def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
     if router_cls.scope not in ("linear", "block", "model"):
         raise ValueError(f"router {config.router!r} has scope {router_cls.scope!r}, which inject cannot place")
     names = find_target_modules(model, config)
-    plans = _router_fixed_experts(plan_allocation(names, config, num_layers=_num_layers(model)), config)
+    plans = _router_fixed_experts(plan_allocation(names, config, num_layers=decoder_layers(model)), config)
     modules = dict(model.named_modules())
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     context = install_context(model)

@@ -1,4 +1,5 @@
-"""Plain-text and Markdown tables of per-task accuracy: two results side by side and their change."""
+"""Plain-text and Markdown tables: per-task accuracy of two results side by side and their change
+(:func:`format_table`), and any rows of cells in aligned columns (:func:`format_rows`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["format_table"]
+__all__ = ["format_table", "format_rows"]
 
 
 def format_table(
@@ -60,3 +61,21 @@ def format_table(
     lines.append("-" * len(lines[0]))
     lines.append(line(overall))
     return "\n".join(lines)
+
+
+def format_rows(header: Sequence[str], rows: Sequence[Sequence[Any]], *, markdown: bool = False) -> str:
+    """``rows`` under ``header`` in aligned columns (the first left-aligned, the others right-aligned), or
+    a Markdown table with ``markdown=True``. Cells are formatted with ``str``."""
+    cells = [[str(c) for c in header], *([str(c) for c in row] for row in rows)]
+    if any(len(row) != len(header) for row in cells):
+        raise ValueError(f"every row needs {len(header)} cells like the header {list(header)}")
+    if markdown:
+        rule = "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"
+        lines = ["| " + " | ".join(row) + " |" for row in cells]
+        return "\n".join([lines[0], rule, *lines[1:]])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in cells
+    ]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])

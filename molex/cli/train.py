@@ -7,7 +7,8 @@
 
 The run directory (``run_dir``) receives the resolved config (``config.yaml``), ``metrics.json``,
 the adapter (``adapter/``, ``molex.save_adapter`` format), routing plots (``plots/``), logs
-(CSV and TensorBoard) and checkpoints (``checkpoints/``, adapter weights only).
+(CSV and TensorBoard) and checkpoints (``checkpoints/``, adapter weights only); with
+``allocation=auto``, the decided experts per layer (``allocation.txt``, ``allocation.png``).
 """
 
 from __future__ import annotations
@@ -124,6 +125,19 @@ def check_resume_matches(path: str, checkpoint: dict[str, Any], built: TrainingO
             raise CLIError(f"ckpt_path={path!r}: {err}") from None
 
 
+def check_auto_allocation(cfg: DictConfig, built: TrainingObjects) -> None:
+    """``allocation=auto`` decides after its warm-up: the run must train past it."""
+    alloc = built.mole_config.allocation
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if alloc is None or alloc.schedule != "auto" or alloc.per_layer is not None or max_steps is None or max_steps < 0:
+        return
+    if alloc.warmup_steps >= max_steps:
+        raise CLIError(
+            f"allocation.warmup_steps={alloc.warmup_steps} leaves no training after the automatic allocation "
+            f"(trainer.max_steps={max_steps}); lower allocation.warmup_steps or raise trainer.max_steps"
+        )
+
+
 def setup(cfg: DictConfig) -> TrainingObjects:
     """Check the training options, then build the injected model, MoLE config, data and tokenizer once.
 
@@ -135,6 +149,7 @@ def setup(cfg: DictConfig) -> TrainingObjects:
     if optim.lr <= 0 or optim.warmup_steps < 0 or not 0 <= optim.min_lr_ratio <= 1:
         raise CLIError(f"optim: need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1; got {dict(optim)}")
     built = build_training(cfg)
+    check_auto_allocation(cfg, built)
     if checkpoint is not None:
         check_resume_matches(cfg.ckpt_path, checkpoint, built)
     return built
@@ -146,6 +161,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     import molex
     from molex.analysis import collect_routing, log_routing_report, plot_routing
+    from molex.auto_allocation import pending_auto_allocation
     from molex.lightning import MoLEModule
     from molex.lightning.checkpoint_io import AtomicCheckpointIO
 
@@ -160,6 +176,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.callbacks import ProgressBar
 
     callbacks = _callbacks(cfg, run_dir)
+    auto = None
+    if pending_auto_allocation(model) is not None:  # allocation=auto: decided after the warm-up, into run_dir
+        from molex.lightning.auto_allocation import AutoAllocation
+
+        auto = AutoAllocation(output_dir=run_dir)
+        callbacks.append(auto)
     precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
     if precision != cfg.trainer.get("precision"):
         log.info("trainer.precision=auto: %s on this machine", precision)
@@ -203,6 +225,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - fit_start, 2),
         **{k: round(float(trainer.callback_metrics[k]), 5) for k in logged},
     }
+    if auto is not None and auto.decision is not None:
+        metrics["allocation"] = auto.decision.to_dict()
     if "val/lm_loss" in metrics["train"]:  # without the routers' auxiliary losses (val/aux_loss, val/aux/*)
         metrics["val_lm_loss"] = metrics["train"]["val/lm_loss"]
     if not trainer.is_global_zero:

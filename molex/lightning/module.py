@@ -158,6 +158,15 @@ class MoLEModule(L.LightningModule):
         scheduler = build_scheduler(optimizer, settings, int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """``AutoAllocation`` when the model's allocation is an undecided ``schedule="auto"`` and the trainer
+        has none: it decides the experts per layer after the warm-up and re-builds the optimizer."""
+        from molex.auto_allocation import pending_auto_allocation
+        from molex.lightning.auto_allocation import AutoAllocation
+
+        given = any(isinstance(c, AutoAllocation) for c in self.trainer.callbacks)
+        return [AutoAllocation()] if pending_auto_allocation(self.model) is not None and not given else []
+
     # -- checkpoints: adapter weights + configs only ------------------------------------------------
     def adapter_keys(self) -> set[str]:
         """``state_dict`` keys a checkpoint keeps: every expert/router tensor and any trainable parameter."""
