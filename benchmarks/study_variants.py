@@ -76,7 +76,7 @@ VARIANTS: dict[str, Variant] = {
         ),
         Variant(
             "topk_uniform",
-            f"top-2 of {MOLA_MEAN_EXPERTS} experts in every layer (same total as 2-4-6-8)",
+            f"top-2 of {MOLA_MEAN_EXPERTS} experts in every layer (150 on SmolLM2-135M; 2-4-6-8 has 148)",
             ("router=topk", "allocation=uniform", f"mole.num_experts={MOLA_MEAN_EXPERTS}"),
         ),
         Variant(
