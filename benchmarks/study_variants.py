@@ -6,7 +6,7 @@ changes only what defines it, so differences come from routing and allocation, n
 * ``lora_r16``: one LoRA of rank 16, the active rank per token of top-2 over rank-8 experts.
 * ``lora_matched``: one LoRA whose rank is chosen so its trainable parameters equal the reference
   mixture's (``mola_increasing``); the rank is computed on the model, see :func:`matched_rank`.
-* ``topk_uniform``: top-2 over the same total number of experts as MoLA 2-4-6-8, spread evenly.
+* ``topk_uniform``: top-2 over 5 experts in every layer, about the total of MoLA 2-4-6-8 (150 vs 148 on SmolLM2-135M).
 * ``mola_increasing`` (molex's default), ``mola_decreasing``, ``mola_hourglass``: top-2, MoLA schedules.
 * ``mola_auto``: top-2, experts per layer decided after a 20-step warm-up (molex's automatic allocation),
   sharing the same total as 2-4-6-8 on the model (``allocation.budget_schedule``).
