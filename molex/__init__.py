@@ -8,6 +8,13 @@ from molex.allocation import LayerPlan, plan_allocation
 from molex.config import AllocationConfig, MoLEConfig
 from molex.context import RoutingContext, generate, routing_inputs
 from molex.experts import LoRAExperts
+from molex.health import (
+    LayerHealth,
+    RoutingHealth,
+    disable_routing_health,
+    enable_routing_health,
+    routing_health,
+)
 from molex.hub import (
     adapter_names,
     fuse_adapters,
@@ -32,7 +39,7 @@ from molex.inject import (
 from molex.io import adapter_state_dict, load_adapter, save_adapter
 from molex.kernels import mole_delta
 from molex.layer import MoLELinear
-from molex.routers import RoutingDecision, available_routers, build_router, register_router
+from molex.routers import RoutingDecision, available_routers, build_router, register_router, update_balance_biases
 
 __version__ = "0.1.0"
 
@@ -74,4 +81,10 @@ __all__ = [
     "train_router",
     "merge_adapters",
     "lorahub_search",
+    "routing_health",
+    "enable_routing_health",
+    "disable_routing_health",
+    "RoutingHealth",
+    "LayerHealth",
+    "update_balance_biases",
 ]
