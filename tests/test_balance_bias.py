@@ -252,3 +252,12 @@ def test_adapter_round_trip_keeps_the_bias_and_old_adapters_load(tmp_path):
     molex.save_adapter(old, tmp_path / "old")
     assert "balance" not in (tmp_path / "old" / "adapter_config.json").read_text()
     assert not biases(molex.load_adapter(tiny_llama(num_layers=2), tmp_path / "old"))
+
+
+def test_the_study_variant_selects_bias_balancing():
+    from benchmarks.study_measure import compose_config, mole_config_of
+    from benchmarks.study_variants import variant_overrides
+
+    config = mole_config_of(compose_config(variant_overrides("mola_bias")))
+    assert config.router == "topk" and config.allocation.schedule == "mola-increasing"
+    assert config.router_options["balance"] == "bias" and config.router_options["balance_gamma"] == 1e-3
