@@ -204,6 +204,35 @@ def test_the_window_update_itself_never_syncs():
     assert watch.seen == []
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("router", ["topk", "switch", "dynmole"])
+def test_no_host_sync_on_cuda(router):
+    """On a GPU, CUDA's own sync detector: the layer forward with health and the bias on, and the update."""
+    from molex.experts import LoRAExperts
+    from molex.layer import MoLELinear
+
+    pool = LoRAExperts(in_features=32, out_features=32, num_experts=4, rank=4, scaling=1.0)
+    opts = {"balance": "bias", "balance_gamma": 0.01}
+    layer = MoLELinear(
+        nn.Linear(32, 32),
+        experts=pool,
+        router=molex.build_router(router, in_features=32, num_experts=4, **opts),
+        kernel_backend="dense",
+    )
+    holder = nn.ModuleDict({"layer": layer}).cuda().train()
+    molex.enable_routing_health(holder)
+    x = torch.randn(64, 32, device="cuda")
+    layer(x).sum().backward()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x).sum().backward()
+        molex.update_balance_biases(holder)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert molex.routing_health(holder)["layer"].forwards == 2
+
+
 # ------------------------------------------------------------------ the collapse warning
 
 
