@@ -178,6 +178,7 @@ def test_bias_balancing_undoes_a_collapsed_router_and_no_balancing_does_not():
     offset = torch.zeros(d)
     offset[0] = 2.0
     batches = [torch.randn(64, d, generator=gen) + offset for _ in range(8)]
+    torch.manual_seed(2)
     target = nn.Linear(d, d).requires_grad_(False)
     result = {}
     for balance, gamma in (("bias", 1e-2), ("none", 0.0)):
@@ -185,8 +186,9 @@ def test_bias_balancing_undoes_a_collapsed_router_and_no_balancing_does_not():
         holder = nn.ModuleDict({"layer": layer})
 
         def loss(x, layer=layer, holder=holder):
-            aux = molex.total_aux_loss(holder)
-            return (layer(x) - target(x)).pow(2).mean() + (0.0 if aux is None else aux)
+            mse = (layer(x) - target(x)).pow(2).mean()
+            aux = molex.total_aux_loss(holder)  # of the forward just run (none here: no loss with bias / none)
+            return mse if aux is None else mse + aux
 
         with torch.no_grad():
             layer(batches[0])
@@ -199,9 +201,9 @@ def test_bias_balancing_undoes_a_collapsed_router_and_no_balancing_does_not():
         assert after.forwards == window
         result[balance] = (before, after)
     assert result["bias"][0].largest_share > 0.9 and result["none"][0].largest_share > 0.9  # collapsed at start
-    assert result["bias"][1].largest_share < 0.45  # 1/E = 0.25; measured 0.33
+    assert result["bias"][1].largest_share < 0.45  # 1/E = 0.25; measured 0.35
     assert result["bias"][1].dead_experts == 0
-    assert result["none"][1].largest_share > 0.9  # measured 0.95
+    assert result["none"][1].largest_share > 0.9  # measured 0.96
     assert result["none"][1].dead_experts >= 2
 
 
