@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 import molex
+from molex.health import expert_shares
 
 __all__ = [
     "compose_config",
@@ -113,21 +114,20 @@ def routing_health(report: Any) -> dict[str, Any]:
     """Per-layer and summary health of a :class:`molex.analysis.RoutingReport`.
 
     Per layer: ``share`` (each expert's fraction of the total gate weight), ``largest_share``,
-    ``dead`` (experts under ``1/(10 E)`` of the load), ``router_entropy`` (mean per-token entropy
+    ``dead`` (experts under ``1/(10 E)`` of the load) — the definitions of :func:`molex.routing_health`,
+    through :func:`molex.health.expert_shares` — ``router_entropy`` (mean per-token entropy
     of the router's probabilities / ``log E``), ``load_entropy`` (entropy of ``share`` / ``log E``),
     ``specialisation`` (normalised I(task; expert)) and ``task_usage`` ``[tasks][E]``.
     """
     spec = report.specialisation()
     layers: dict[str, Any] = {}
     for i, name in enumerate(report.layers):
-        load = report.load[i].double()
-        experts = load.numel()
-        share = load / load.sum().clamp_min(1e-12)
+        share, largest, dead = expert_shares(report.load[i])  # molex.routing_health's definitions
         entry = {
-            "experts": experts,
+            "experts": share.numel(),
             "share": [round(v, 5) for v in share.tolist()],
-            "largest_share": round(float(share.max()), 5),
-            "dead": int((share < 1.0 / (10 * experts)).sum()),
+            "largest_share": round(largest, 5),
+            "dead": dead,
             "router_entropy": None if math.isnan(report.entropy[i]) else round(report.entropy[i], 5),
             "load_entropy": round(_entropy(share), 5),
         }

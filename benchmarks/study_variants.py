@@ -18,6 +18,7 @@ changes only what defines it, so differences come from routing and allocation, n
 * ``flix_task``: FLix with the task as the one feature (one expert per task, no learned gate).
 * ``mtl``: MTL-LoRA, shared A, per-task r x r transform and per-task weights over the B's, 2-4-6-8.
 * ``hydra_top2``: top-2 over 2-4-6-8 experts that share one A per layer (HydraLoRA-style).
+* ``mola_bias``: ``mola_increasing`` balanced by DeepSeek-V3's loss-free bias instead of the load-balance loss.
 
 LoRA variants keep ``alpha / rank = 2`` (the experts' ``16 / 8``) so every variant starts from the same
 update scale.
@@ -123,6 +124,11 @@ VARIANTS: dict[str, Variant] = {
             "hydra_top2",
             "top-2, 2-4-6-8 experts sharing one A per layer (HydraLoRA-style)",
             ("router=topk", "allocation=mola_increasing", "mole.share_A=true"),
+        ),
+        Variant(
+            "mola_bias",
+            "top-2, MoLA 2-4-6-8, loss-free bias balancing",
+            ("router=topk", "allocation=mola_increasing", "router.options.balance=bias"),
         ),
     )
 }

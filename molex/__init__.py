@@ -10,6 +10,13 @@ from molex.config import AllocationConfig, MoLEConfig
 from molex.context import RoutingContext, generate, routing_inputs
 from molex.experts import LoRAExperts
 from molex.export import export_routes, export_single, merge_route
+from molex.health import (
+    LayerHealth,
+    RoutingHealth,
+    disable_routing_health,
+    enable_routing_health,
+    routing_health,
+)
 from molex.hub import (
     adapter_names,
     fuse_adapters,
@@ -34,7 +41,7 @@ from molex.inject import (
 from molex.io import adapter_state_dict, load_adapter, save_adapter
 from molex.kernels import mole_delta
 from molex.layer import MoLELinear
-from molex.routers import RoutingDecision, available_routers, build_router, register_router
+from molex.routers import RoutingDecision, available_routers, build_router, register_router, update_balance_biases
 
 __version__ = "0.1.0"
 
@@ -81,4 +88,10 @@ __all__ = [
     "export_routes",
     "export_single",
     "merge_route",
+    "routing_health",
+    "enable_routing_health",
+    "disable_routing_health",
+    "RoutingHealth",
+    "LayerHealth",
+    "update_balance_biases",
 ]

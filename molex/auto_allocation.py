@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from molex.allocation import AllocationConfig, auto_bounds
 from molex.apportion import apportion
 from molex.files import atomic_write
+from molex.health import enable_routing_health, routing_health_settings
 from molex.inject import decoder_layers, get_config, get_plans, inject, mole_layers, unload
 from molex.io import adapter_state_dict
 from molex.tables import format_rows
@@ -203,6 +204,7 @@ def reallocate(model: nn.Module, per_layer: list[int]) -> nn.Module:
     new_config = dataclasses.replace(config, allocation=decided)
     old = {key: value.detach().clone() for key, value in adapter_state_dict(model).items()}
     old_counts = {name: layer.experts.num_experts for name, layer in mole_layers(model).items()}
+    health = routing_health_settings(model)  # its hooks sit on the layers about to be replaced
     unload(model)
     try:
         inject(model, new_config)
@@ -210,6 +212,9 @@ def reallocate(model: nn.Module, per_layer: list[int]) -> nn.Module:
         inject(model, config)  # put the warm-up's pools back before reporting
         _warm_start(model, old, old_counts)
         raise
+    finally:
+        if health is not None:
+            enable_routing_health(model, **health)
     _warm_start(model, old, old_counts)
     return model
 

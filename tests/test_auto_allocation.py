@@ -175,6 +175,22 @@ def test_reallocate_keeps_the_surviving_experts_and_router_rows(llama):
     assert sum(1 for p in molex.trainable_parameters(llama) if p.requires_grad) > 0
 
 
+def test_routing_health_keeps_collecting_on_the_rebuilt_pools(llama):
+    molex.inject(llama, auto_config(total=12, max_experts=6))
+    molex.enable_routing_health(llama, margin_threshold=0.2)
+    reallocate(llama, [2, 4, 2, 4])
+    llama.train()
+    batch = batches(count=1)[0]
+    llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    health = molex.routing_health(llama)
+    new = counts(llama)
+    assert health.source == "window" and health.layers, "no window was collected"
+    for layer in health.layers.values():
+        assert layer.forwards == 1 and layer.tokens == batch["input_ids"].numel()  # a window, not a last-forward
+        owner = next(name for name in new if layer.name.startswith(name))
+        assert len(layer.load) == new[owner]
+
+
 def _decide(seed: int):
     torch.manual_seed(seed)
     model = molex.inject(tiny_llama(), auto_config(total=12, max_experts=6))

@@ -5,10 +5,11 @@
     molex-train -m router=topk,soft                 # one run per router
     molex-train model=tiny_llama trainer.max_steps=5 eval.before=false   # smoke test
 
-The run directory (``run_dir``) receives the resolved config (``config.yaml``), ``metrics.json``,
-the adapter (``adapter/``, ``molex.save_adapter`` format), routing plots (``plots/``), logs
-(CSV and TensorBoard) and checkpoints (``checkpoints/``, adapter weights only); with
-``allocation=auto``, the decided experts per layer (``allocation.txt``, ``allocation.png``).
+The run directory (``run_dir``) receives the resolved config (``config.yaml``), ``summary.txt`` (the MoLE
+layers, then their routing health at the end of training), ``metrics.json``, the adapter (``adapter/``,
+``molex.save_adapter`` format), routing plots (``plots/``, ``routing_health.png`` among them), logs
+(CSV and TensorBoard) and checkpoints (``checkpoints/``, adapter weights only); with ``allocation=auto``,
+the decided experts per layer (``allocation.txt``, ``allocation.png``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from molex.cli.common import (
     write_json,
 )
 from molex.cli.precision import resolve_precision
+from molex.files import atomic_write
 
 log = logging.getLogger("molex.train")
 
@@ -66,6 +68,10 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
             save_weights_only=cfg.checkpoint.save_weights_only,
         ),
     ]
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _evaluate(model: Any, tokenizer: Any, dm: Any, cfg: DictConfig) -> dict[str, Any]:
@@ -145,6 +151,12 @@ def setup(cfg: DictConfig) -> TrainingObjects:
     """
     check_trainer(cfg.trainer)
     checkpoint = check_resumable(cfg.ckpt_path) if cfg.ckpt_path is not None else None
+    try:
+        from molex.lightning.health import CollapseWatch
+
+        CollapseWatch(collapse_share=cfg.health.collapse_share, collapse_logs=cfg.health.collapse_logs)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     optim = cfg.optim
     if optim.lr <= 0 or optim.warmup_steps < 0 or not 0 <= optim.min_lr_ratio <= 1:
         raise CLIError(f"optim: need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1; got {dict(optim)}")
@@ -210,11 +222,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         warmup_steps=cfg.optim.warmup_steps,
         min_lr_ratio=cfg.optim.min_lr_ratio,
         log_routing_every_n_steps=cfg.log_routing_every_n_steps,
+        health_collapse_share=cfg.health.collapse_share,
+        health_collapse_logs=cfg.health.collapse_logs,
     )
     if is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
         table = molex.summary(module.model)
-        (run_dir / "summary.txt").write_text(table + "\n", encoding="utf-8")
+        _write_text(run_dir / "summary.txt", table + "\n")
         log.info("%s", table.splitlines()[-1])
     fit_start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
@@ -243,6 +257,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.eval.after:
         metrics["after"] = _evaluate(model, tokenizer, dm, cfg)
     molex.save_adapter(model, run_dir / "adapter")
+    monitor = module.health_monitor
+    if monitor is not None and monitor.history:
+        _write_text(run_dir / "summary.txt", f"{table}\n\n{monitor.summary_text()}\n")
+        monitor.plot(run_dir / "plots" / "routing_health.png")
     if cfg.analysis.enabled:
         report = collect_routing(
             model, dm.val_dataloader(), max_batches=cfg.analysis.max_batches, task_names=list(dm.task_names)

@@ -13,8 +13,10 @@ from molex.config import MoLEConfig
 from molex.context import ROUTING_KWARGS
 from molex.inject import aux_losses_by_kind, get_config, inject, is_injected, mole_layers
 from molex.io import adapter_state_dict
+from molex.lightning.health import RoutingHealthMonitor
 from molex.lightning.resume import resume_mismatch, training_record
 from molex.lightning.rng import TrainingRNG
+from molex.routers.balance import update_balance_biases
 from molex.training import OptimSettings, build_optimizer, build_scheduler, warmup_cosine
 from molex.training.objective import mole_objective
 
@@ -37,8 +39,12 @@ class MoLEModule(L.LightningModule):
         warmup_steps: linear warm-up steps before the cosine decay.
         min_lr_ratio: the cosine decays to ``learning_rate * min_lr_ratio`` at the last step.
         betas: AdamW betas.
-        log_routing_every_n_steps: how often per-layer expert load and router entropy are logged
-            (0 disables it; each log writes one value per expert of every MoLE layer).
+        log_routing_every_n_steps: how often per-layer expert load and router entropy are logged, and routing
+            health read over the steps since the last read (:class:`~molex.lightning.health.RoutingHealthMonitor`,
+            added by :meth:`configure_callbacks`; 0 disables both; each log writes values per expert of every
+            MoLE layer).
+        health_collapse_share, health_collapse_logs: a layer whose largest expert share stays above
+            ``health_collapse_share`` for ``health_collapse_logs`` consecutive health reads gets a warning.
 
     Batches are dicts with ``input_ids [B, S]``, ``attention_mask [B, S]``, ``labels [B, S]``
     (-100 where no loss) and optionally ``task_ids [B]`` / ``prompt_mask [B, S]``, which reach the
@@ -64,6 +70,8 @@ class MoLEModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.999),
         log_routing_every_n_steps: int = 50,
+        health_collapse_share: float = 0.95,
+        health_collapse_logs: int = 3,
     ) -> None:
         super().__init__()
         if learning_rate <= 0:
@@ -84,6 +92,13 @@ class MoLEModule(L.LightningModule):
         # the base weights are not in our checkpoints: `on_load_checkpoint` checks the adapter keys itself
         self.strict_loading = False
         self._rng = TrainingRNG()  # what dropout and router noise draw from inside training steps
+        self.health_monitor: RoutingHealthMonitor | None = None
+        if log_routing_every_n_steps:  # built now so that bad health settings fail here, not at fit time
+            self.health_monitor = RoutingHealthMonitor(
+                every_n_steps=log_routing_every_n_steps,
+                collapse_share=health_collapse_share,
+                collapse_logs=health_collapse_logs,
+            )
 
     @property
     def mole_config(self) -> MoLEConfig:
@@ -137,6 +152,11 @@ class MoLEModule(L.LightningModule):
                 metrics[f"routing/{short}/entropy"] = stats["entropy"]
         return metrics
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimiser step, then the loss-free balance update of ``balance="bias"`` routers."""
+        super().optimizer_step(*args, **kwargs)
+        update_balance_biases(self.model)
+
     def optim_settings(self) -> OptimSettings:
         """The optimizer and schedule settings of this module (gradient clipping is the trainer's
         ``gradient_clip_val``)."""
@@ -159,13 +179,17 @@ class MoLEModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """``AutoAllocation`` when the model's allocation is an undecided ``schedule="auto"`` and the trainer
-        has none: it decides the experts per layer after the warm-up and re-builds the optimizer."""
+        """The routing health monitor (when ``log_routing_every_n_steps > 0``), and ``AutoAllocation`` when
+        the model's allocation is an undecided ``schedule="auto"`` and the trainer has none: it decides the
+        experts per layer after the warm-up and re-builds the optimizer."""
         from molex.auto_allocation import pending_auto_allocation
         from molex.lightning.auto_allocation import AutoAllocation
 
+        callbacks: list[L.Callback] = [self.health_monitor] if self.health_monitor is not None else []
         given = any(isinstance(c, AutoAllocation) for c in self.trainer.callbacks)
-        return [AutoAllocation()] if pending_auto_allocation(self.model) is not None and not given else []
+        if pending_auto_allocation(self.model) is not None and not given:
+            callbacks.append(AutoAllocation())
+        return callbacks
 
     # -- checkpoints: adapter weights + configs only ------------------------------------------------
     def adapter_keys(self) -> set[str]:

@@ -8,12 +8,14 @@ first and names every difference, so both cases stop with one line before traini
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 from torch import nn
 
 from molex.inject import get_config, get_plans
+from molex.routers.base import get_router_class
 
 __all__ = ["RESUME_FIELDS", "training_record", "resume_mismatch"]
 
@@ -48,6 +50,22 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def _defaults_agree(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """An option present on one side only counts as equal when it holds the router's default there (an
+    option added to the router after the checkpoint was written, which trained under that default)."""
+    try:
+        fields = dataclasses.fields(get_router_class(new.get("router")).config_class)
+    except (ValueError, TypeError):
+        return
+    defaults = _plain({f.name: f.default for f in fields if f.default is not dataclasses.MISSING})
+    mine, theirs = old.setdefault("router_options", {}), new.setdefault("router_options", {})
+    for key, default in defaults.items():
+        if key in mine and key not in theirs and mine[key] == default:
+            theirs[key] = default
+        elif key in theirs and key not in mine and theirs[key] == default:
+            mine[key] = default
+
+
 def _differences(name: str, saved: Any, wanted: Any) -> list[str]:
     if isinstance(saved, dict) and isinstance(wanted, dict):
         out: list[str] = []
@@ -66,6 +84,8 @@ def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | Non
         current: :func:`training_record` of the model that would resume.
     """
     old, new = _plain(saved.get("mole_config", {})), _plain(current["mole_config"])
+    if old.get("router") == new.get("router"):  # another router: its name is the difference to report
+        _defaults_agree(old, new)
     diffs = [d for field in RESUME_FIELDS for d in _differences(field, old.get(field), new.get(field))]
     if not diffs and "layers" in saved and _plain(saved["layers"]) != _plain(current["layers"]):
         # the same settings on another base model (other layer names or sizes)

@@ -13,6 +13,7 @@ from molex.routers import (  # noqa: F401 - registration side effect
     switch,
     topk,
 )
+from molex.routers.balance import BalanceOptions, BiasBalancedRouter, update_balance_biases
 from molex.routers.base import (
     ContrastiveOptions,
     Router,
@@ -39,6 +40,9 @@ from molex.routers.switch import SwitchConfig, SwitchRouter
 from molex.routers.topk import TopKConfig, TopKRouter
 
 __all__ = [
+    "BalanceOptions",
+    "BiasBalancedRouter",
+    "update_balance_biases",
     "ContrastiveOptions",
     "Router",
     "RouterConfig",

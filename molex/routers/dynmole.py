@@ -8,7 +8,9 @@
   always including the first ``keep_top_k``; the expert whose cumulative sum crosses ``top_p`` is
   excluded unless it is among the first ``keep_top_k``.
 
-Weights are the kept ``p``, not renormalised. The decision has a fixed shape ``[T, E]``: all
+Weights are the kept ``p``, not renormalised. With ``balance="bias"`` the experts are considered in the
+order of ``p + b`` instead (the cumulative sum is still over ``p``), so the bias decides which experts the
+budget reaches first. The decision has a fixed shape ``[T, E]``: all
 experts sorted by probability, a weight of 0 for the dropped ones (no host sync, no ragged sets).
 """
 
@@ -20,14 +22,15 @@ from torch import Tensor, nn
 
 from molex.context import RoutingContext
 from molex.losses import load_balance_loss, masked_mean, tsallis_entropy
-from molex.routers.base import ContrastiveOptions, Router, RoutingDecision, float32_logits, register_router
+from molex.routers.balance import BalanceOptions, BiasBalancedRouter
+from molex.routers.base import ContrastiveOptions, RoutingDecision, float32_logits, register_router
 from molex.routers.top_p import top_p_keep
 
 __all__ = ["DynMoLEConfig", "DynMoLERouter", "top_p_keep"]
 
 
 @dataclass
-class DynMoLEConfig(ContrastiveOptions):
+class DynMoLEConfig(BalanceOptions, ContrastiveOptions):
     """Options of the ``dynmole`` router.
 
     Attributes:
@@ -37,7 +40,9 @@ class DynMoLEConfig(ContrastiveOptions):
         keep_top_k: experts always kept by the top-p branch (``<= num_experts``).
         eps: added to ``p`` inside the Tsallis entropy (keeps ``p^q`` differentiable at 0).
         entropy_coef: ``beta``, weight of the mean normalised entropy loss (0 disables it).
-        load_balance_coef: ``alpha``, weight of ``E * sum_e f_e P_e`` with ``f_e`` the mean kept weight.
+        load_balance_coef: ``alpha``, weight of ``E * sum_e f_e P_e`` with ``f_e`` the mean kept weight
+            (used with ``balance="aux"``).
+        balance, balance_gamma: load-balance loss, loss-free bias or neither (see ``BalanceOptions``).
     """
 
     q: float = 1.1
@@ -65,7 +70,7 @@ class DynMoLEConfig(ContrastiveOptions):
 
 
 @register_router
-class DynMoLERouter(Router):
+class DynMoLERouter(BiasBalancedRouter):
     """Hybrid Tsallis-entropy router. Input ``x [T, d]``; indices/weights ``[T, E]`` (dropped: weight 0)."""
 
     name = "dynmole"
@@ -85,14 +90,19 @@ class DynMoLERouter(Router):
         cfg = self.config
         probs = float32_logits(self.gate, x).softmax(dim=-1)
         entropy = tsallis_entropy(probs, cfg.q, cfg.eps)  # [T]
-        sorted_probs, indices = probs.sort(dim=-1, descending=True)
+        if self.uses_bias:  # the bias orders the experts; the budget and the weights stay the unbiased p
+            indices = self.choice_scores(probs).argsort(dim=-1, descending=True)
+            sorted_probs = probs.gather(-1, indices)
+        else:
+            sorted_probs, indices = probs.sort(dim=-1, descending=True)
         keep = top_p_keep(sorted_probs, cfg.top_p, cfg.keep_top_k) | (entropy > cfg.tau).unsqueeze(-1)
         weights = sorted_probs * keep
         mask = context.token_mask(x.shape[0]) if context is not None else None
+        self.record_choices(indices, mask, keep)
         losses: dict[str, Tensor] = {}
         if cfg.entropy_coef > 0:
             losses["entropy"] = cfg.entropy_coef * masked_mean(entropy, mask)
-        if cfg.load_balance_coef > 0:
+        if cfg.load_balance_coef > 0 and cfg.uses_aux_loss:
             kept_weight = weights.new_zeros(weights.shape).scatter_add(1, indices, weights)  # [T, E] by expert id
             fractions = masked_mean(kept_weight, mask)  # f_e: mean kept weight, not a one-hot count
             losses["load_balance"] = cfg.load_balance_coef * load_balance_loss(probs, fractions, mask)

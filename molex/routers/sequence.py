@@ -155,5 +155,15 @@ class SharedRouterView(nn.Module):
         self._last = (decision, num_tokens, view)
         return view
 
+    def last_router_decision(self) -> RoutingDecision | None:
+        """The shared router's own decision (over its modules for block routers) as laid over the tokens of
+        this view's last forward (``tokens_per_sequence`` and token mask of that forward); for statistics."""
+        if self._last is None:
+            return None
+        decision, _, view = self._last
+        return RoutingDecision(
+            decision.indices, decision.weights, {}, view.tokens_per_sequence, decision.probs, view.token_mask
+        )
+
     def extra_repr(self) -> str:
         return f"router={self.name!r}, module_index={self.module_index}"

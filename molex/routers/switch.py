@@ -16,17 +16,20 @@ from torch import Tensor, nn
 
 from molex.context import RoutingContext
 from molex.losses import masked_mean, token_choice_losses
-from molex.routers.base import ContrastiveOptions, Router, RoutingDecision, float32_logits, register_router
+from molex.routers.balance import BalanceOptions, BiasBalancedRouter
+from molex.routers.base import ContrastiveOptions, RoutingDecision, float32_logits, register_router
 
 
 @dataclass
-class SwitchConfig(ContrastiveOptions):
+class SwitchConfig(BalanceOptions, ContrastiveOptions):
     """Options of the ``switch`` router.
 
     Attributes:
         capacity_factor: tokens per expert = ``ceil(capacity_factor * tokens / E)``; ``None`` = unlimited.
-        load_balance_coef: weight of ``E * sum_e f_e P_e`` (``f_e`` = share of tokens routed to e).
+        load_balance_coef: weight of ``E * sum_e f_e P_e`` (``f_e`` = share of tokens routed to e; used with
+            ``balance="aux"``).
         z_loss_coef: weight of the router z-loss (0 disables it).
+        balance, balance_gamma: load-balance loss, loss-free bias or neither (see ``BalanceOptions``).
     """
 
     capacity_factor: float | None = None
@@ -54,8 +57,9 @@ def within_capacity(indices: Tensor, num_experts: int, capacity_factor: float, t
 
 
 @register_router
-class SwitchRouter(Router):
-    """Top-1 routing, weight = the chosen expert's probability. Input ``x [T, d]``; output ``[T, 1]``."""
+class SwitchRouter(BiasBalancedRouter):
+    """Top-1 routing (the largest ``p + b`` with ``balance="bias"``), weight = the chosen expert's probability.
+    Input ``x [T, d]``; output ``[T, 1]``."""
 
     name = "switch"
     config_class = SwitchConfig
@@ -69,13 +73,19 @@ class SwitchRouter(Router):
         cfg = self.config
         logits = float32_logits(self.gate, x)
         probs = logits.softmax(dim=-1)
-        weights, indices = probs.max(dim=-1, keepdim=True)
+        if self.uses_bias:  # the bias picks the expert; the weight stays its unbiased probability
+            indices = self.choice_scores(probs).argmax(dim=-1, keepdim=True)
+            weights = probs.gather(-1, indices)
+        else:
+            weights, indices = probs.max(dim=-1, keepdim=True)
         mask = context.token_mask(x.shape[0]) if context is not None else None
+        self.record_choices(indices, mask)  # the choice is what the bias steers, dropped by capacity or not
         if cfg.capacity_factor is not None:
             fits = within_capacity(indices.squeeze(-1), self.num_experts, cfg.capacity_factor, mask)
             weights = weights * fits.unsqueeze(-1)
+        lb_coef = cfg.load_balance_coef if cfg.uses_aux_loss else 0.0
         losses = token_choice_losses(
-            logits, probs, indices, mask, load_balance_coef=cfg.load_balance_coef, z_loss_coef=cfg.z_loss_coef
+            logits, probs, indices, mask, load_balance_coef=lb_coef, z_loss_coef=cfg.z_loss_coef
         )
         return RoutingDecision(indices, weights, losses, probs=probs, token_mask=mask)
 

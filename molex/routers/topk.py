@@ -9,20 +9,22 @@ from torch import Tensor, nn
 
 from molex.context import RoutingContext
 from molex.losses import token_choice_losses
-from molex.routers.base import ContrastiveOptions, Router, RoutingDecision, float32_logits, register_router
+from molex.routers.balance import BalanceOptions, BiasBalancedRouter
+from molex.routers.base import ContrastiveOptions, RoutingDecision, float32_logits, register_router
 
 
 @dataclass
-class TopKConfig(ContrastiveOptions):
+class TopKConfig(BalanceOptions, ContrastiveOptions):
     """Options of the ``topk`` router.
 
     Attributes:
         top_k: experts per token (1 <= top_k <= num_experts).
         normalize: renormalise the kept probabilities to sum to 1 (MoLA, MixLoRA, Mixtral).
         jitter_noise: multiplicative input noise ``U(1 - eps, 1 + eps)`` while training (Switch).
-        load_balance_coef: weight of ``E * sum_e f_e P_e`` (0 disables it).
+        load_balance_coef: weight of ``E * sum_e f_e P_e`` (0 disables it; used with ``balance="aux"``).
         z_loss_coef: weight of the router z-loss (0 disables it).
         contrastive_coef, contrastive_temperature: MoELoRA contrastive loss (see ``ContrastiveOptions``).
+        balance, balance_gamma: load-balance loss, loss-free bias or neither (see ``BalanceOptions``).
     """
 
     top_k: int = 2
@@ -50,8 +52,9 @@ def check_top_k(top_k: int, num_experts: int, router: str) -> None:
 
 
 @register_router
-class TopKRouter(Router):
-    """``p = softmax(W_g x)``; keep the ``top_k`` largest; weights renormalised over the kept.
+class TopKRouter(BiasBalancedRouter):
+    """``p = softmax(W_g x)``; keep the ``top_k`` largest (of ``p + b`` with ``balance="bias"``); weights
+    are the kept ``p``, renormalised over the kept.
 
     Input ``x [T, d]``; output indices/weights ``[T, top_k]``. ``gate`` is ``nn.Linear(d, E)``.
     """
@@ -71,11 +74,17 @@ class TopKRouter(Router):
             x = x * torch.empty_like(x).uniform_(1.0 - cfg.jitter_noise, 1.0 + cfg.jitter_noise)
         logits = float32_logits(self.gate, x)
         probs = logits.softmax(dim=-1)
-        weights, indices = probs.topk(cfg.top_k, dim=-1)
+        if self.uses_bias:  # the bias picks the experts; the weights stay the unbiased probabilities
+            indices = self.choice_scores(probs).topk(cfg.top_k, dim=-1).indices
+            weights = probs.gather(-1, indices)
+        else:
+            weights, indices = probs.topk(cfg.top_k, dim=-1)
         if cfg.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         mask = context.token_mask(x.shape[0]) if context is not None else None
+        self.record_choices(indices, mask)
+        lb_coef = cfg.load_balance_coef if cfg.uses_aux_loss else 0.0
         losses = token_choice_losses(
-            logits, probs, indices, mask, load_balance_coef=cfg.load_balance_coef, z_loss_coef=cfg.z_loss_coef
+            logits, probs, indices, mask, load_balance_coef=lb_coef, z_loss_coef=cfg.z_loss_coef
         )
         return RoutingDecision(indices, weights, losses, probs=probs, token_mask=mask)

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 from torch import Tensor, nn
 
+from molex.routers.balance import update_balance_biases
 from molex.training.optim import OptimSettings, build_optimizer, build_scheduler, clip_gradients
 
 __all__ = ["train_steps"]
@@ -42,7 +43,8 @@ def train_steps(
         name: the caller's name, used in error messages.
 
     Each step: ``zero_grad``, ``backward``, clip (when ``settings.max_grad_norm``), ``optimizer.step``,
-    ``scheduler.step`` — the order Lightning uses.
+    ``scheduler.step`` — the order Lightning uses — then the loss-free balance update of routers with
+    ``balance="bias"`` (:func:`molex.update_balance_biases`).
     """
     if steps < 0:
         raise ValueError(f"{name}: steps must be >= 0, got {steps}")
@@ -63,6 +65,7 @@ def train_steps(
                 clip_gradients(params, settings)
                 optimizer.step()
                 scheduler.step()
+                update_balance_biases(module)
                 history.append(float(loss.detach()))
                 if len(history) >= steps:
                     break
