@@ -149,14 +149,27 @@ def test_task_id_by_name_routes_every_sequence_to_that_task(tmp_path, monkeypatc
     )
     molex.save_adapter(model, tmp_path / "adapter")
     write_task(tmp_path / "tasks", tokenizer, count=4)
-    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    (tmp_path / "tasks" / "molex_local_gen.yaml").write_text(  # greedy generation over the same items
+        "task: molex_local_gen\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'tasks' / 'items.jsonl'}\n"
+        'test_split: test\noutput_type: generate_until\ndoc_to_text: "{{prompt}}"\n'
+        'doc_to_target: "{{choices[answer]}}"\n'
+        'generation_kwargs:\n  until: ["###"]\n  max_gen_toks: 3\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = []
     real = harness.run_lm_eval
 
     def recording(model, *args, **kwargs):
         for layer in molex.mole_layers(model).values():
             layer.register_forward_hook(
                 lambda m, args, out: seen.append(
-                    (m.last_decision.indices, m.context.get("prompt_mask"), m.context.attention_mask)
+                    (
+                        m.last_decision.indices,
+                        m.context.get("prompt_mask"),
+                        m.context.attention_mask,
+                        m.context.is_prefill,
+                    )
                 )
             )
         return real(model, *args, **kwargs)
@@ -165,21 +178,24 @@ def test_task_id_by_name_routes_every_sequence_to_that_task(tmp_path, monkeypatc
     cfg = compose_eval(
         tmp_path,
         f"adapter={tmp_path / 'adapter'}",
-        f"lm_eval.tasks=[{TASK}]",
+        f"lm_eval.tasks=[{TASK},molex_local_gen]",
         f"lm_eval.include_path={tmp_path / 'tasks'}",
         "lm_eval.task_id=reverse",  # a task name of the data config (the built-in tasks): id 1
         "lm_eval.batch_size=3",
     )
     results = evaluate(cfg)
     assert results["molex"]["task_id"] == TASKS.index("reverse") == 1
-    assert seen
+    assert "molex_local_gen" in results["results"]
+    assert any(not prefill for *_, prefill in seen)  # generation's decode steps ran (and were routed)
     answer_tokens = 0
-    for indices, prompt_mask, attention in seen:
+    for indices, prompt_mask, attention, prefill in seen:
         assert indices.unique().tolist() == [1]
-        # the prompt ends where the answer starts, the padding after it is no token
-        assert prompt_mask.shape == attention.shape and bool((prompt_mask <= attention).all())
-        answer_tokens += int((attention - prompt_mask).sum())
-    assert answer_tokens > 0  # answers of two digits or more feed tokens beyond the prompt
+        if prefill:  # the prompt ends where the answer starts; padding is no token
+            if attention is None:  # generate() leaves out an all-ones mask
+                attention = torch.ones_like(prompt_mask)
+            assert prompt_mask.shape == attention.shape and bool((prompt_mask <= attention).all())
+            answer_tokens += int((attention - prompt_mask).sum())
+    assert answer_tokens > 0  # multiple-choice answers of two digits or more feed tokens beyond the prompt
 
 
 def test_bad_requests_fail_before_any_evaluation(tmp_path):
