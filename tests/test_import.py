@@ -1,9 +1,9 @@
-"""`import molex` needs only the base dependencies: no GPU, Lightning, Hydra, datasets, peft or triton."""
+"""`import molex` needs only the base dependencies: no GPU, Lightning, Hydra, datasets, peft, triton or lm-eval."""
 
 import subprocess
 import sys
 
-HEAVY = ["lightning", "pytorch_lightning", "hydra", "omegaconf", "datasets", "peft", "triton", "matplotlib"]
+HEAVY = ["lightning", "pytorch_lightning", "hydra", "omegaconf", "datasets", "peft", "triton", "matplotlib", "lm_eval"]
 
 
 def test_import_molex_without_optional_extras():
@@ -38,3 +38,21 @@ def test_public_api():
         "routing_inputs",
     ]:
         assert hasattr(molex, name), name
+
+
+def test_lm_eval_missing_names_the_extra():
+    # without lm-eval installed, the harness functions say how to install it (molex itself imports fine)
+    code = (
+        "import sys\n"
+        "sys.modules['lm_eval'] = None\n"
+        "from molex.eval_harness import run_lm_eval\n"
+        "from molex.models import load_model\n"
+        "model, tok = load_model('tiny-llama')\n"
+        "try:\n"
+        "    run_lm_eval(model, tok, ['arc_easy'])\n"
+        "except ImportError as err:\n"
+        "    print(err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'molex[eval]'" in out.stdout

@@ -1,10 +1,11 @@
 """What the entry points share: turning a composed Hydra config into molex objects, with clear errors.
 
 This module is the one place that instantiates the config for ``molex-train``, ``molex-eval`` and
-``molex-fuse``: the model and tokenizer (:func:`build_model`), the MoLE configuration
-(:func:`build_mole_config`), the data module (:func:`build_datamodule`) and, for training, all of them
-at once with the MoLE layers injected (:func:`build_training`). Every check runs before any evaluation
-or training starts, so bad input fails in seconds with one readable line instead of a traceback.
+``molex-fuse``: the model and tokenizer (:func:`build_model`; with a trained adapter, :func:`build_eval_model`),
+the MoLE configuration (:func:`build_mole_config`), the data module (:func:`build_datamodule`) and, for
+training, all of them at once with the MoLE layers injected (:func:`build_training`). Every check runs
+before any evaluation or training starts, so bad input fails in seconds with one readable line instead of
+a traceback.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "report_errors",
     "build_mole_config",
     "build_model",
+    "build_eval_model",
     "build_datamodule",
     "build_training",
     "TrainingObjects",
@@ -160,6 +162,25 @@ def check_sources(model: DictConfig, data: DictConfig) -> None:
 def build_model(node: DictConfig) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a ``model`` config node (``molex.models.load_model`` and its options)."""
     return instantiate(node, "model")
+
+
+def build_eval_model(node: DictConfig, adapter: str | None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of the ``model`` node, with the trained adapter folder ``adapter`` loaded
+    onto it (``None``: the base model alone)."""
+    import molex
+
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise CLIError(
+            f"adapter={adapter!r} is not an adapter folder (no adapter_config.json); point it at a "
+            "run's adapter/ directory"
+        )
+    model, tokenizer = build_model(node)
+    if adapter is not None:
+        try:
+            model = molex.load_adapter(model, adapter)
+        except (ValueError, FileNotFoundError) as err:
+            raise CLIError(f"adapter: {err}") from None
+    return model, tokenizer
 
 
 def build_datamodule(node: DictConfig, tokenizer: Any, stage: str) -> Any:

@@ -2,8 +2,10 @@
 
     molex-eval adapter=outputs/train/2025-06-01/12-00-00/adapter   # the run directory molex-train printed
     molex-eval model=tiny_llama data.eval_per_task=4
+    molex-eval adapter=<run>/adapter lm_eval.tasks=[arc_easy,hellaswag]   # lm-evaluation-harness tasks
 
-Writes ``eval.json`` (accuracy per task, overall, loss) and ``predictions.json`` to ``run_dir``.
+Writes ``eval.json`` (accuracy per task, overall, loss) and ``predictions.json`` to ``run_dir``; with
+``lm_eval.tasks``, lm-eval's results and table instead (:mod:`molex.cli.harness`).
 """
 
 from __future__ import annotations
@@ -15,31 +17,25 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from molex.cli.common import CLIError, build_datamodule, build_model, check_sources, report_errors, write_json
+from molex.cli.common import build_datamodule, build_eval_model, check_sources, report_errors, write_json
 
 log = logging.getLogger("molex.eval")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Load the model (and adapter), evaluate the test split, write and return the metrics."""
-    import molex
+    """Load the model (and adapter), evaluate the test split (or the ``lm_eval.tasks``), write and return
+    the metrics."""
     from molex.eval import evaluate_generation, evaluate_loss
 
+    if cfg.lm_eval.tasks is not None:  # lm-evaluation-harness tasks instead of the data's test split
+        from molex.cli.harness import evaluate_harness
+
+        return evaluate_harness(cfg)
     check_sources(cfg.model, cfg.data)
     adapter = cfg.adapter
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise CLIError(
-            f"adapter={adapter!r} is not an adapter folder (no adapter_config.json); point it at a "
-            "run's adapter/ directory"
-        )
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = build_model(cfg.model)
-    if adapter is not None:
-        try:
-            model = molex.load_adapter(model, adapter)
-        except (ValueError, FileNotFoundError) as err:
-            raise CLIError(f"adapter: {err}") from None
+    model, tokenizer = build_eval_model(cfg.model, adapter)
     dm = build_datamodule(cfg.data, tokenizer, "test")
     result = evaluate_generation(
         model,
