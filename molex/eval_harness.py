@@ -94,6 +94,11 @@ def _check_routing_inputs(model: nn.Module, task_id: int | None, features: Mappi
                 f"0..{num_tasks - 1} (got {task_id!r})"
             )
     flix = routers.get("features")
+    if features and flix is None:
+        raise LMEvalRequestError(
+            f"features={dict(features)} are read only by router 'features', which this model does not have "
+            f"(its routers: {sorted(routers)}); leave features out"
+        )
     if flix is not None:
         sizes = flix.config.features
         unknown = sorted(set(features) - set(sizes))

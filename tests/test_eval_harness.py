@@ -210,6 +210,8 @@ def test_bad_requests_fail_before_any_evaluation(tmp_path):
         run_lm_eval(model, tokenizer, [TASK], num_fewshot=-1, task_id=0)
     with pytest.raises(LMEvalRequestError, match="tasks must be a non-empty list"):
         run_lm_eval(model, tokenizer, "arc_easy", task_id=0)
+    with pytest.raises(LMEvalRequestError, match=r"features=\{'lang': 1\} are read only by router 'features'"):
+        run_lm_eval(model, tokenizer, [TASK], include_path=tmp_path, task_id=0, features={"lang": 1})
     plain, _ = load_model("tiny-llama")
     with pytest.raises(LMEvalRequestError, match="no molex layers"):
         run_lm_eval(plain, tokenizer, [TASK], task_id=0)
