@@ -91,6 +91,23 @@ def _evaluate(model: Any, tokenizer: Any, dm: Any, cfg: DictConfig) -> dict[str,
     )
 
 
+def _unsharded(cfg: DictConfig, sharded: Any, adapter: dict[str, Any]) -> Any:
+    """A fresh, unsharded copy of the trained model: the base loaded again from ``cfg.model``, the MoLE layers
+    of ``sharded`` injected, and its gathered expert and router tensors loaded. It is what rank 0 evaluates,
+    analyses and saves after an FSDP run; a base too large for one device wants eval.after=false and
+    analysis.enabled=false."""
+    import molex
+    from molex.cli.common import build_model
+
+    model, _ = build_model(cfg.model)
+    molex.inject(model, molex.get_config(sharded))
+    _, unexpected = model.load_state_dict(adapter, strict=False)
+    expected = set(molex.adapter_state_dict(model))
+    if expected - set(adapter) or unexpected:
+        raise RuntimeError(f"gathered adapter does not fit the rebuilt model: {sorted(expected - set(adapter))[:3]}")
+    return model.train()
+
+
 def check_resumable(path: str) -> dict[str, Any]:
     """``ckpt_path`` must be a full MoLEModule checkpoint (weights, optimizer and schedule); returns it."""
     import torch
@@ -176,6 +193,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from molex.auto_allocation import pending_auto_allocation
     from molex.lightning import MoLEModule
     from molex.lightning.checkpoint_io import AtomicCheckpointIO
+    from molex.lightning.sharding import gather_adapter, is_sharded
 
     start = time.perf_counter()
     for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning prints its own lines: do not repeat them
@@ -243,9 +261,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["allocation"] = auto.decision.to_dict()
     if "val/lm_loss" in metrics["train"]:  # without the routers' auxiliary losses (val/aux_loss, val/aux/*)
         metrics["val_lm_loss"] = metrics["train"]["val/lm_loss"]
+    model = module.model
+    if is_sharded(model):  # FSDP: every rank gathers the adapter, rank 0 rebuilds an unsharded model with it
+        adapter = gather_adapter(model)  # a collective: outside the rank-0 branch
+        model = _unsharded(cfg, model, adapter) if trainer.is_global_zero else None
     if not trainer.is_global_zero:
         return metrics
-    model = module.model
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
         base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)

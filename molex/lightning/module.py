@@ -16,6 +16,7 @@ from molex.io import adapter_state_dict
 from molex.lightning.health import RoutingHealthMonitor
 from molex.lightning.resume import resume_mismatch, training_record
 from molex.lightning.rng import TrainingRNG
+from molex.lightning.sharding import is_sharded, shard_model
 from molex.routers.balance import update_balance_biases
 from molex.training import OptimSettings, build_optimizer, build_scheduler, warmup_cosine
 from molex.training.objective import mole_objective
@@ -151,6 +152,20 @@ class MoLEModule(L.LightningModule):
             if "entropy" in stats:
                 metrics[f"routing/{short}/entropy"] = stats["entropy"]
         return metrics
+
+    def configure_model(self) -> None:
+        """Under a strategy with a device mesh (:class:`~molex.lightning.fsdp.FullyShardedStrategy`), shard the
+        model over its data-parallel dimension with FSDP2 (:func:`molex.lightning.sharding.shard_model`);
+        under any other strategy, nothing. Lightning calls it before the optimizer is built."""
+        mesh = self._device_mesh
+        if mesh is None or is_sharded(self.model):
+            return
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                f"molex shards MoLE models with FSDP only (data parallel); this mesh has tensor_parallel_size="
+                f"{mesh['tensor_parallel'].size()}: use trainer=fsdp (molex.lightning.fsdp.FullyShardedStrategy)"
+            )
+        shard_model(self.model, mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimiser step, then the loss-free balance update of ``balance="bias"`` routers."""
