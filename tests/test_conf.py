@@ -62,12 +62,30 @@ def test_trainer_confs_compose(trainer):
     cfg = compose_train(f"trainer={trainer}")
     assert cfg.trainer.max_steps > 0 and cfg.trainer._target_ == "lightning.Trainer"
     check_trainer(cfg.trainer)
-    if trainer in ("cpu", "ddp"):  # the others need GPUs (and deepspeed) to build
+    if trainer in ("cpu", "ddp"):  # the others name GPUs (test_fsdp_trainer_builds_on_cpu builds fsdp on CPU)
         # molex-train resolves precision=auto before it builds the trainer (molex.cli.precision)
         precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
         built = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, precision=precision)
         assert built.max_steps == cfg.trainer.max_steps
         assert built.num_devices == (2 if trainer == "ddp" else 1)
+
+
+def test_fsdp_trainer_builds_on_cpu():
+    from molex.lightning.fsdp import FullyShardedStrategy
+
+    cfg = compose_train("trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true")
+    built = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert isinstance(built.strategy, FullyShardedStrategy) and built.num_devices == 2
+
+
+def test_7b_recipes_compose_to_what_their_headers_say():
+    qlora = compose_train("experiment=llama7b_qlora")
+    assert qlora.model.quantization == "nf4" and qlora.trainer.devices == 1 and qlora.trainer.accelerator == "gpu"
+    fsdp = compose_train("experiment=llama7b_fsdp")
+    assert fsdp.trainer.strategy._target_.endswith("FullyShardedStrategy") and fsdp.trainer.devices == 4
+    for cfg in (qlora, fsdp):
+        assert list(build_mole_config(cfg).target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        check_trainer(cfg.trainer)
 
 
 @pytest.mark.parametrize("data", options("data"))
