@@ -25,6 +25,8 @@ import molex
 from molex.training.objective import mole_objective
 from tests.conftest import tiny_llama
 
+pytestmark = pytest.mark.slow  # six pairs of forked processes: about 25 s each on a busy 2-core machine
+
 WORLD = 2
 STEPS = 3
 LR = 1e-2

@@ -5,7 +5,8 @@ router (MiLoRA's per-block ``mole_router``, DLP's model-level one) gets a unit o
 transformer block (the classes in the model's ``_no_split_modules``), then the root. The routers need
 their own unit because they run inside forward *pre*-hooks (the block's or the root's routing hook),
 registered at injection, before FSDP's own pre-hook has gathered the block's parameters; as units of
-their own they gather their weights when they are called. Token-level routers and the experts live in
+their own they gather their weights when they are called (through ``forward`` or
+``prefill_decision``, both registered with FSDP). Token-level routers and the experts live in
 their block's unit. Frozen base weights and trainable expert/router weights share a unit: FSDP2
 gathers mixed dtypes and reduce-scatters only the gradients that exist (the trainable, float32 ones).
 
@@ -49,7 +50,7 @@ def shard_model(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     ``ValueError`` for a mesh that is not 1-D or a model with no known transformer blocks (its whole
     base would be one unit, gathered at once: no memory saved).
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     if mesh.ndim != 1:
         raise ValueError(f"shard_model needs a 1-D data-parallel mesh, got {mesh.ndim} dims ({mesh.mesh_dim_names})")
@@ -62,6 +63,9 @@ def shard_model(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     routers = [m for m in model.modules() if isinstance(m, SharedRouter)]
     for router in routers:
         fully_shard(router, mesh=mesh)
+        # the layers reach a shared router through `prefill_decision` (DLP), not only its forward (MiLoRA):
+        # FSDP must gather the router's weights around that call too
+        register_fsdp_forward_method(router, "prefill_decision")
     found = 0
     for module in model.modules():
         if type(module).__name__ in blocks and module is not model:
