@@ -45,6 +45,7 @@ __all__ = [
     "RoutingHealth",
     "enable_routing_health",
     "disable_routing_health",
+    "has_routing_reads",
     "routing_health",
     "expert_shares",
 ]
@@ -258,6 +259,18 @@ def disable_routing_health(model: nn.Module) -> None:
     state = pop_unregistered(model, _STATE_ATTR)
     for handle in (state or {}).get("handles", ()):
         handle.remove()
+
+
+def has_routing_reads(model: nn.Module) -> bool:
+    """Whether :func:`routing_health` has anything to read: some routing unit has a window with forwards
+    in it, or a last forward. False right after the pools were re-built (``molex.reallocate``)."""
+    state = get_unregistered(model, _STATE_ATTR)
+    windows = {w.name: w for w in state["windows"]} if state is not None else {}
+    for name, _, _, _, read in _units(model):
+        window = windows.get(name)
+        if (window is not None and window.sums is not None) or read() is not None:
+            return True
+    return False
 
 
 def routing_health(model: nn.Module, *, reset: bool = True) -> RoutingHealth:

@@ -13,6 +13,7 @@ import molex
 from molex.allocation import AllocationConfig, plan_allocation
 from molex.apportion import apportion
 from molex.auto_allocation import decide_allocation, reallocate, snapshot_experts
+from molex.health import has_routing_reads
 from molex.training import OptimSettings
 from tests.conftest import tiny_llama
 from tests.test_cli import compose_train
@@ -179,9 +180,13 @@ def test_routing_health_keeps_collecting_on_the_rebuilt_pools(llama):
     molex.inject(llama, auto_config(total=12, max_experts=6))
     molex.enable_routing_health(llama, margin_threshold=0.2)
     reallocate(llama, [2, 4, 2, 4])
+    assert not has_routing_reads(llama)  # what the health monitor checks before a read
+    with pytest.raises(ValueError, match="no MoLE layer has run a forward yet"):
+        molex.routing_health(llama)
     llama.train()
     batch = batches(count=1)[0]
     llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert has_routing_reads(llama)
     health = molex.routing_health(llama)
     new = counts(llama)
     assert health.source == "window" and health.layers, "no window was collected"
@@ -261,6 +266,7 @@ def test_molex_train_allocation_auto_end_to_end(tmp_path):
     cfg = compose_train(
         run, "allocation=auto", "allocation.warmup_steps=2", "allocation.total_experts=7", "trainer.max_steps=4",
         "eval.before=false", "eval.after=false", "analysis.enabled=false",
+        "log_routing_every_n_steps=2",  # a health read at the very step the pools are re-built
     )  # fmt: skip
     metrics = train(cfg)
     assert metrics["train"]["steps"] == 4 and sum(metrics["allocation"]["per_layer"]) == 7

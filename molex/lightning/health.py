@@ -26,7 +26,14 @@ from typing import Any
 import lightning as L
 
 from molex.files import atomic_write
-from molex.health import TINY_MARGIN, RoutingHealth, disable_routing_health, enable_routing_health, routing_health
+from molex.health import (
+    TINY_MARGIN,
+    RoutingHealth,
+    disable_routing_health,
+    enable_routing_health,
+    has_routing_reads,
+    routing_health,
+)
 
 __all__ = ["CollapseWatch", "RoutingHealthMonitor"]
 
@@ -126,6 +133,8 @@ class RoutingHealthMonitor(L.Callback):
         if step == self._last_step or step % self.every_n_steps:
             return
         self._last_step = step
+        if not has_routing_reads(pl_module.model):  # pools re-built this step (auto allocation): nothing ran yet
+            return
         health = routing_health(pl_module.model)
         self.history.append((step, health))
         warning = self.watch.observe(step, health)
