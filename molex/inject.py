@@ -18,6 +18,7 @@ from molex.context import install_context, remove_context
 from molex.experts import LoRAExperts
 from molex.layer import MoLELinear, is_supported_linear, linear_dims
 from molex.placement import place, remove
+from molex.quant import needs_dense_backward, quantized_kind
 from molex.routers.base import Router, get_router_class
 from molex.routing_checks import declare_readers
 
@@ -88,7 +89,9 @@ def decoder_layers(model: nn.Module) -> int | None:
 
 
 def _adapter_dtype(base: nn.Module, config: MoLEConfig) -> torch.dtype:
-    dtype = base.weight.dtype
+    kind = quantized_kind(base)
+    # a quantized weight's dtype is its storage (uint8, int8); the experts follow the compute dtype
+    dtype = kind.compute_dtype(base) if kind is not None else base.weight.dtype
     if config.autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return dtype
@@ -146,6 +149,8 @@ def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
 
     Returns ``model``. The base weights are kept (as ``<name>.base_layer``) and frozen; only the
     experts and routers train. A fresh injection leaves outputs unchanged (``B = 0``).
+    Quantized linears (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, torchao weight-only) are wrapped
+    as they are; their experts are float32 (or the base's compute dtype with ``autocast_adapter_dtype=False``).
     """
     if not isinstance(config, MoLEConfig):
         raise TypeError(f"inject needs a molex.MoLEConfig, got {type(config).__name__}")
@@ -155,6 +160,14 @@ def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
     if router_cls.scope not in ("linear", "block", "model"):
         raise ValueError(f"router {config.router!r} has scope {router_cls.scope!r}, which inject cannot place")
     names = find_target_modules(model, config)
+    no_backward = [name for name, module in model.named_modules() if needs_dense_backward(module)]
+    if no_backward:
+        logger.warning(
+            "%d linear layers (%s, ...) hold quantized weights whose matmul has no backward (torchao int4): "
+            "training stops at the first backward through them; call molex.quant.add_dense_backward(model) "
+            "before inject (load_model(..., quantization='torchao-int4') already does)",
+            len(no_backward), no_backward[0],
+        )  # fmt: skip
     plans = _router_fixed_experts(plan_allocation(names, config, num_layers=decoder_layers(model)), config)
     modules = dict(model.named_modules())
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -213,7 +226,10 @@ def mole_layers(model: nn.Module) -> dict[str, MoLELinear]:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Put the original modules back; outputs, ``state_dict`` and ``requires_grad`` as before ``inject``."""
+    """Put the original modules back; outputs, ``state_dict`` and ``requires_grad`` as before ``inject``.
+
+    The very same base modules come back, so a quantized base is returned untouched (nothing is merged).
+    """
     if not is_injected(model):
         raise ValueError("this model has no MoLE layers to unload")
     for name, layer in mole_layers(model).items():

@@ -55,6 +55,9 @@ class MoLELinear(nn.Module):
 
     Input ``x [..., in]``, output ``[..., out]``; the router runs in float32 and the experts in
     their own dtype, the result is cast back to the base output's dtype.
+
+    A quantized base (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, a torchao weight-only ``nn.Linear``,
+    see :mod:`molex.quant`) is called as it is; its packed weight is never read or changed here.
     """
 
     def __init__(

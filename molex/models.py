@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from molex.quant import check_quantization, get_scheme
 from molex.sources import looks_like_path
 
 __all__ = ["MODEL_PRESETS", "load_model", "molex_cache_dir", "ensure_pad_token", "resolve_dtype", "smollm2_gguf_path"]
@@ -125,6 +126,7 @@ def load_model(
     trust_remote_code: bool = False,
     seed: int = 0,
     config_overrides: dict[str, Any] | None = None,
+    quantization: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return ``(model, tokenizer)`` in eval mode, with a pad token set.
 
@@ -136,7 +138,13 @@ def load_model(
         trust_remote_code: forwarded to ``from_pretrained`` for local folders and hub names.
         seed: initialisation seed of ``"tiny-llama"``.
         config_overrides: ``LlamaConfig`` fields of ``"tiny-llama"`` (for example ``{"num_hidden_layers": 4}``).
+        quantization: freeze the base quantized (QLoRA-style): ``"nf4"`` or ``"int8"`` (bitsandbytes),
+            ``"torchao-int8"`` or ``"torchao-int4"`` (torchao weight-only), or ``None`` for a float base.
+            Every linear layer but the output head is quantized after loading; ``dtype`` is their compute
+            dtype. All four run on CPU; see :mod:`molex.quant`. Needs ``pip install 'molex[quant]'``.
     """
+    check_quantization(quantization)  # before the (slow) load: a misspelt name fails at once
+    scheme = get_scheme(quantization) if quantization is not None else None
     torch_dtype = resolve_dtype(dtype)
     if config_overrides and name_or_path != "tiny-llama":
         raise ValueError("config_overrides only applies to the 'tiny-llama' preset")
@@ -147,6 +155,9 @@ def load_model(
     else:
         model, tokenizer = _load_pretrained(name_or_path, torch_dtype, cache_dir, trust_remote_code)
     ensure_pad_token(tokenizer, model)
+    if scheme is not None:
+        quantized = scheme.quantize(model, torch_dtype)
+        logger.info("quantized %d linear layers with %s (%s)", len(quantized), scheme.name, scheme.description)
     return model.eval(), tokenizer
 
 

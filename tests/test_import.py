@@ -21,6 +21,14 @@ def test_import_molex_without_optional_extras():
     assert "topk" in out.stdout
 
 
+def test_import_molex_leaves_the_quantization_libraries_alone():
+    # installed or not, torchao and bitsandbytes load only when a model is quantized
+    code = "import sys, molex\nprint(sorted({'torchao', 'bitsandbytes'} & set(sys.modules)))\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_public_api():
     import molex
 

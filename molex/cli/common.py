@@ -161,6 +161,12 @@ def check_sources(model: DictConfig, data: DictConfig) -> None:
 
 def build_model(node: DictConfig) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a ``model`` config node (``molex.models.load_model`` and its options)."""
+    from molex.quant import check_quantization
+
+    try:
+        check_quantization(node.get("quantization"))
+    except ValueError as err:
+        raise CLIError(f"model.{err}") from None
     return instantiate(node, "model")
 
 

@@ -25,6 +25,7 @@ from molex.export.resolve import RouteSpec, resolve_routes
 from molex.files import check_dir_target, read_json, refuse_foreign, replace_dir, write_json
 from molex.inject import mole_layers
 from molex.io import adapter_state_dict
+from molex.quant import quantized_kind
 
 __all__ = ["merge_route", "save_merged", "MERGED_MARKER"]
 
@@ -50,6 +51,20 @@ def _base_state(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
+def _refuse_quantized(model: nn.Module) -> None:
+    """A quantized base cannot take a float update: re-quantizing the sum would change the whole weight."""
+    for name, layer in mole_layers(model).items():
+        kind = quantized_kind(layer.base_layer)
+        if kind is not None:
+            raise ValueError(
+                f"merge_route adds the route's update to the base weights, but layer {name!r} has a quantized base "
+                f"({kind.label(layer.base_layer)}), which cannot take a float update without re-quantizing all of "
+                "it. Load the base unquantized (molex.models.load_model(..., quantization=None)), "
+                "molex.load_adapter the saved adapter onto it and merge that; or keep the quantized base and "
+                "export adapters instead (molex.export_routes / molex.export_single)"
+            )
+
+
 def merge_route(
     model: nn.Module,
     route: RouteSpec | None = None,
@@ -67,7 +82,8 @@ def merge_route(
             router's mixture.
         tokenizer: tokenises prompt texts.
 
-    Returns the merged model in eval mode, with the dtype of the base weights.
+    Returns the merged model in eval mode, with the dtype of the base weights. A quantized base
+    (:mod:`molex.quant`) is refused with an error that says how to merge into the float base instead.
     """
     key = "route"
     spec: Mapping[str, Any] | None = None if route is None else {key: route}
@@ -77,6 +93,7 @@ def merge_route(
             f"the prompts of this route reach {len(routes)} different decisions, which no single merged model "
             "computes; give prompts that share one decision (or export them all with molex.export_routes)"
         )
+    _refuse_quantized(model)
     loras = routes[0].loras()
     config = getattr(model, "config", None)
     if config is None:
