@@ -264,13 +264,14 @@ def disable_routing_health(model: nn.Module) -> None:
 def has_routing_reads(model: nn.Module) -> bool:
     """Whether :func:`routing_health` has anything to read: some routing unit has a window with forwards
     in it, or a last forward. False right after the pools were re-built (``molex.reallocate``)."""
+    windows = _filled_windows(model)
+    return any(name in windows or read() is not None for name, _, _, _, read in _units(model))
+
+
+def _filled_windows(model: nn.Module) -> dict[str, _Window]:
+    """The accumulation windows (by unit name) that have seen at least one forward since their last read."""
     state = get_unregistered(model, _STATE_ATTR)
-    windows = {w.name: w for w in state["windows"]} if state is not None else {}
-    for name, _, _, _, read in _units(model):
-        window = windows.get(name)
-        if (window is not None and window.sums is not None) or read() is not None:
-            return True
-    return False
+    return {w.name: w for w in state["windows"] if w.sums is not None} if state is not None else {}
 
 
 def routing_health(model: nn.Module, *, reset: bool = True) -> RoutingHealth:
@@ -283,12 +284,12 @@ def routing_health(model: nn.Module, *, reset: bool = True) -> RoutingHealth:
     """
     state = get_unregistered(model, _STATE_ATTR)
     margin = state["margin"] if state is not None else TINY_MARGIN
-    by_name = {w.name: w for w in state["windows"]} if state is not None else {}
+    by_name = _filled_windows(model)
     chosen: list[_Window] = []
     from_window = False
     for name, scope, num_experts, _, read in _units(model):
         window = by_name.get(name)
-        if window is not None and window.sums is not None:
+        if window is not None:
             chosen.append(window)
             from_window = True
             continue

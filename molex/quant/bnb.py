@@ -99,19 +99,15 @@ def _quantize(model: nn.Module, dtype: torch.dtype, *, bits: int) -> list[str]:
     return names
 
 
-register_scheme(
-    QuantScheme(
-        name="nf4",
-        package=PACKAGE,
-        description="bitsandbytes Linear4bit, NF4 (QLoRA's 4-bit normal float), blocks of 64",
-        quantize=lambda model, dtype: _quantize(model, dtype, bits=4),
+for _name, _bits, _description in (
+    ("nf4", 4, "bitsandbytes Linear4bit, NF4 (QLoRA's 4-bit normal float), blocks of 64"),
+    ("int8", 8, "bitsandbytes Linear8bitLt (LLM.int8(): per-row absmax int8, outlier threshold 6)"),
+):
+    register_scheme(
+        QuantScheme(
+            name=_name,
+            package=PACKAGE,
+            description=_description,
+            quantize=lambda model, dtype, bits=_bits: _quantize(model, dtype, bits=bits),
+        )
     )
-)
-register_scheme(
-    QuantScheme(
-        name="int8",
-        package=PACKAGE,
-        description="bitsandbytes Linear8bitLt (LLM.int8(): per-row absmax int8, outlier threshold 6)",
-        quantize=lambda model, dtype: _quantize(model, dtype, bits=8),
-    )
-)
