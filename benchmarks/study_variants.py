@@ -126,6 +126,11 @@ VARIANTS: dict[str, Variant] = {
             ("router=topk", "allocation=mola_increasing", "mole.share_A=true"),
         ),
         Variant(
+            "mola_router_lr",
+            "top-2, MoLA 2-4-6-8, routers at 10x the experts' learning rate",
+            ("router=topk", "allocation=mola_increasing", "optim.router_lr_scale=10"),
+        ),
+        Variant(
             "mola_bias",
             "top-2, MoLA 2-4-6-8, loss-free bias balancing",
             ("router=topk", "allocation=mola_increasing", "router.options.balance=bias"),

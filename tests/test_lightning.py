@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import molex
+from molex.inject import routers_of
 from molex.lightning import MoLEModule, warmup_cosine
 from tests.conftest import tiny_llama
 
@@ -100,6 +101,22 @@ def test_training_lowers_loss_and_trains_only_adapters(tmp_path):
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
         p.numel() for p in molex.trainable_parameters(module.model)
     )
+
+
+def test_router_lr_scale_trains_routers_at_their_own_rate(tmp_path):
+    module = MoLEModule(
+        model=lambda: tiny_llama(num_layers=2),
+        mole_config=molex.MoLEConfig(target_modules=["q_proj"], num_experts=4, router="topk"),
+        learning_rate=1e-2,
+        router_lr_scale=4.0,
+    )
+    trainer(tmp_path, max_steps=1, limit_val_batches=0, enable_checkpointing=False).fit(module, loader())
+    experts, routers = module.trainer.optimizers[0].param_groups
+    router_ids = {id(p) for r in routers_of(module.model).values() for p in r.parameters()}
+    assert {id(p) for p in routers["params"]} == router_ids and router_ids.isdisjoint(map(id, experts["params"]))
+    assert routers["initial_lr"] == pytest.approx(4 * experts["initial_lr"]) == pytest.approx(4e-2)
+    with pytest.raises(ValueError, match="router_lr_scale must be a finite number > 0"):
+        MoLEModule(model=module.model, router_lr_scale=-1.0)
 
 
 def test_loss_includes_weighted_aux_losses():

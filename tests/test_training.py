@@ -30,6 +30,8 @@ from tests.conftest import tiny_llama
         ({"warmup_steps": -1}, "warmup_steps >= 0"),
         ({"min_lr_ratio": 1.5}, "min_lr_ratio <= 1"),
         ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0"),
+        ({"router_lr_scale": 0.0}, "router_lr_scale must be a finite number > 0"),
+        ({"router_lr_scale": float("nan")}, "router_lr_scale must be a finite number > 0"),
     ],
 )
 def test_settings_reject_bad_values(options, message):
@@ -51,6 +53,26 @@ def test_scheduler_follows_warmup_cosine():
     # the default keeps the rate constant: what the in-memory jobs use
     constant = build_optimizer([nn.Parameter(torch.zeros(1))], OptimSettings(lr=0.1))
     assert build_scheduler(constant, OptimSettings(lr=0.1), total_steps=5).get_last_lr() == [0.1]
+
+
+def test_router_lr_scale_puts_routers_in_their_own_group_through_the_schedule():
+    expert, router = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+    settings = OptimSettings(lr=0.5, warmup_steps=2, min_lr_ratio=0.2, router_lr_scale=10.0)
+    optimizer = build_optimizer([expert, router], settings, router_params=[router])
+    assert [g["params"] for g in optimizer.param_groups] == [[expert], [router]]
+    scheduler = build_scheduler(optimizer, settings, total_steps=6)
+    for step in range(8):
+        factor = warmup_cosine(step, warmup_steps=2, total_steps=6, min_lr_ratio=0.2)
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.5 * factor, 5.0 * factor])
+        optimizer.step()
+        scheduler.step()
+    # a scale of 1 keeps one group (checkpoints written before the option still resume)
+    assert len(build_optimizer([expert, router], OptimSettings(), router_params=[router]).param_groups) == 1
+
+
+def test_router_lr_scale_without_router_parameters_is_refused():
+    with pytest.raises(ValueError, match=r"router_lr_scale=3.0 but none of the trainable parameters is a router's"):
+        build_optimizer([nn.Parameter(torch.zeros(1))], OptimSettings(router_lr_scale=3.0))
 
 
 def test_optimizer_needs_parameters():

@@ -177,10 +177,20 @@ def setup(cfg: DictConfig) -> TrainingObjects:
     optim = cfg.optim
     if optim.lr <= 0 or optim.warmup_steps < 0 or not 0 <= optim.min_lr_ratio <= 1:
         raise CLIError(f"optim: need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1; got {dict(optim)}")
+    if not optim.router_lr_scale > 0:
+        raise CLIError(
+            f"optim.router_lr_scale must be > 0 (1.0: routers train at optim.lr), got {optim.router_lr_scale}"
+        )
     built = build_training(cfg)
     check_auto_allocation(cfg, built)
     if checkpoint is not None:
         check_resume_matches(cfg.ckpt_path, checkpoint, built)
+        trained_scale = checkpoint.get("hyper_parameters", {}).get("router_lr_scale", 1.0)
+        if trained_scale != cfg.optim.router_lr_scale:  # another value regroups the optimizer's saved state
+            raise CLIError(
+                f"ckpt_path={cfg.ckpt_path!r} was trained with optim.router_lr_scale={trained_scale}; resume with "
+                f"that value (requested {cfg.optim.router_lr_scale})"
+            )
     return built
 
 
@@ -239,6 +249,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         weight_decay=cfg.optim.weight_decay,
         warmup_steps=cfg.optim.warmup_steps,
         min_lr_ratio=cfg.optim.min_lr_ratio,
+        router_lr_scale=cfg.optim.router_lr_scale,
         log_routing_every_n_steps=cfg.log_routing_every_n_steps,
         health_collapse_share=cfg.health.collapse_share,
         health_collapse_logs=cfg.health.collapse_logs,

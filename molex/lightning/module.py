@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from molex.config import MoLEConfig
 from molex.context import ROUTING_KWARGS
-from molex.inject import aux_losses_by_kind, get_config, inject, is_injected, mole_layers
+from molex.inject import aux_losses_by_kind, get_config, inject, is_injected, mole_layers, routers_of
 from molex.io import adapter_state_dict
 from molex.lightning.health import RoutingHealthMonitor
 from molex.lightning.resume import resume_mismatch, training_record
@@ -40,6 +40,7 @@ class MoLEModule(L.LightningModule):
         warmup_steps: linear warm-up steps before the cosine decay.
         min_lr_ratio: the cosine decays to ``learning_rate * min_lr_ratio`` at the last step.
         betas: AdamW betas.
+        router_lr_scale: the routers' peak learning rate is ``learning_rate * router_lr_scale``.
         log_routing_every_n_steps: how often per-layer expert load and router entropy are logged, and routing
             health read over the steps since the last read (:class:`~molex.lightning.health.RoutingHealthMonitor`,
             added by :meth:`configure_callbacks`; 0 disables both; each log writes values per expert of every
@@ -70,6 +71,7 @@ class MoLEModule(L.LightningModule):
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.999),
+        router_lr_scale: float = 1.0,
         log_routing_every_n_steps: int = 50,
         health_collapse_share: float = 0.95,
         health_collapse_logs: int = 3,
@@ -79,6 +81,10 @@ class MoLEModule(L.LightningModule):
             raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
         if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1, got {warmup_steps}, {min_lr_ratio}")
+        if not (math.isfinite(router_lr_scale) and router_lr_scale > 0):
+            raise ValueError(
+                f"router_lr_scale must be a finite number > 0 (1.0: the experts' rate), got {router_lr_scale}"
+            )
         if not isinstance(model, nn.Module):
             model = model()
         if mole_config is not None:
@@ -182,11 +188,14 @@ class MoLEModule(L.LightningModule):
             betas=tuple(hp.betas),
             warmup_steps=hp.warmup_steps,
             min_lr_ratio=hp.min_lr_ratio,
+            router_lr_scale=hp.router_lr_scale,
         )
 
     def configure_optimizers(self) -> dict[str, Any]:
         settings = self.optim_settings()
-        optimizer = build_optimizer((p for p in self.model.parameters() if p.requires_grad), settings)
+        routers = [p for router in routers_of(self.model).values() for p in router.parameters()]
+        trainable = (p for p in self.model.parameters() if p.requires_grad)
+        optimizer = build_optimizer(trainable, settings, router_params=routers)
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError("set trainer max_steps (or max_epochs with a sized dataloader) so the schedule has an end")

@@ -33,6 +33,9 @@ class OptimSettings:
         max_grad_norm: clip the global gradient norm to this value before each step (``None``: no
             clipping). Under Lightning the trainer's ``gradient_clip_val`` plays this role, with the
             same norm clipping (``torch.nn.utils.clip_grad_norm_`` after unscaling).
+        router_lr_scale: the routers' learning rate is ``lr * router_lr_scale`` (warm-up and decay
+            apply to both); ``1.0`` trains routers and experts at one rate. Anything else needs
+            :func:`build_optimizer`'s ``router_params``.
     """
 
     lr: float = 1e-3
@@ -41,6 +44,7 @@ class OptimSettings:
     warmup_steps: int = 0
     min_lr_ratio: float = 1.0
     max_grad_norm: float | None = None
+    router_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -53,6 +57,10 @@ class OptimSettings:
             )
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {self.max_grad_norm}")
+        if not (math.isfinite(self.router_lr_scale) and self.router_lr_scale > 0):
+            raise ValueError(
+                f"router_lr_scale must be a finite number > 0 (1.0: the experts' rate), got {self.router_lr_scale}"
+            )
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -64,12 +72,31 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_rati
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(params: Iterable[nn.Parameter], settings: OptimSettings) -> torch.optim.AdamW:
-    """AdamW over ``params`` (the trainable ones: experts, routers); raises when there are none."""
+def build_optimizer(
+    params: Iterable[nn.Parameter], settings: OptimSettings, *, router_params: Iterable[nn.Parameter] = ()
+) -> torch.optim.AdamW:
+    """AdamW over ``params`` (the trainable ones: experts, routers); raises when there are none.
+
+    ``router_params`` (those of ``params`` that belong to routers) form a second parameter group at
+    ``lr * settings.router_lr_scale`` when that scale is not 1; with a scale of 1 there is one group.
+    """
     params = list(params)
     if not params:
         raise ValueError("the model has no trainable parameters: nothing to optimise")
-    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=tuple(settings.betas))
+    options = {"lr": settings.lr, "weight_decay": settings.weight_decay, "betas": tuple(settings.betas)}
+    if settings.router_lr_scale == 1.0:
+        return torch.optim.AdamW(params, **options)
+    routers = {id(p) for p in router_params}
+    if not routers & {id(p) for p in params}:
+        raise ValueError(
+            f"router_lr_scale={settings.router_lr_scale} but none of the trainable parameters is a router's: "
+            "pass router_params, or leave router_lr_scale at 1.0"
+        )
+    groups = [
+        {"params": [p for p in params if id(p) not in routers]},
+        {"params": [p for p in params if id(p) in routers], "lr": settings.lr * settings.router_lr_scale},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], **options)
 
 
 def build_scheduler(
