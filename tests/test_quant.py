@@ -174,6 +174,12 @@ def test_dense_backward_gives_the_gradient_of_the_dense_weight():
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-4, rtol=1e-4)
 
 
+def test_loading_an_int4_base_says_it_saves_memory_not_time(caplog):
+    with caplog.at_level(logging.WARNING, logger="molex.quant.ao"):
+        quantized_llama("torchao-int4")
+    assert "saves memory, not time" in caplog.text
+
+
 def test_inject_warns_about_int4_layers_without_backward_and_the_fix_trains(caplog):
     from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
     from torchao.quantization import quantize_

@@ -96,6 +96,12 @@ def _quantize_int4(model: nn.Module, dtype: torch.dtype) -> list[str]:
         quantize_(linear, config, filter_fn=lambda m, fqn: fqn == "")
         replace_module(model, name, DenseBackwardLinear.from_linear(linear))  # the kernel has no backward
         names.append(name)
+    if names:  # measured in benchmarks/RESULTS.md ("Quantized bases"): memory, not time, is what it saves
+        logger.warning(
+            "torchao-int4 uses torchao's CPU int4 kernel: on an AVX2 CPU a SmolLM2-135M training step took about "
+            "35x its float32 time (the matmul alone 58x); it saves memory, not time; nf4 and int8 train within "
+            "10%% of float32"
+        )
     if skipped:
         logger.warning(
             "torchao-int4 needs in_features divisible by one of %s; these layers stay %s: %s",
