@@ -4,6 +4,7 @@
     python -m benchmarks.study --quick               # tiny random model, 1 seed, 2 variants: a wiring check
     python -m benchmarks.study --data my_tasks/ --variants lora_r16 mola_increasing --seeds 5
     python -m benchmarks.study --set optim.lr=1e-3   # any molex-train override, applied to every run
+    python -m benchmarks.study --jobs 1              # one run at a time (default: 2 at once on 2+ cores)
 
 Each run is one ``molex-train`` process (``python -m molex.cli.train`` with overrides: molex's own
 training loop, evaluation and adapter format); the study then loads the run's adapter and measures the
@@ -20,18 +21,17 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import molex
 from benchmarks import study_measure as measure
 from benchmarks.study_report import aggregate, markdown, plot
+from benchmarks.study_runs import run_all, train_run
 from benchmarks.study_variants import (
     DEFAULT_VARIANTS,
     MATCH_TARGET,
@@ -85,6 +85,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra molex-train override")
     parser.add_argument("--run-timeout", type=float, default=3600.0, help="seconds one training run may take")
+    parser.add_argument(
+        "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="training runs at once, each with "
+        "cpu_count / jobs threads (default: 2 on a machine with 2 or more cores)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     quick = QUICK if args.quick else {"steps": STEPS, "seeds": SEEDS, "test_per_task": TEST_PER_TASK}
     args.seeds = quick["seeds"] if args.seeds is None else args.seeds
@@ -98,7 +102,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args.out = args.out or Path("benchmarks/results") / ("study-quick" if args.quick else "study")
     for name, value in (
         ("--seeds", args.seeds), ("--steps", args.steps),
-        ("--test-per-task", args.test_per_task), ("--val-per-task", args.val_per_task),
+        ("--test-per-task", args.test_per_task), ("--val-per-task", args.val_per_task), ("--jobs", args.jobs),
     ):  # fmt: skip
         if value < 1:
             parser.error(f"{name} must be >= 1, got {value}")
@@ -148,25 +152,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def train_run(overrides: list[str], run_dir: Path, timeout: float) -> dict[str, Any]:
-    """One ``molex-train`` process into ``run_dir``; returns its ``metrics.json``."""
-    if run_dir.exists():  # an interrupted run: start it again from scratch
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    # the child imports the same molex this process analyses with (a checkout or an installed package)
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(Path(molex.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
-    )
-    command = [sys.executable, "-m", "molex.cli.train", *overrides, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}"]
-    with open(run_dir / "stdout.log", "w", encoding="utf-8") as log:
-        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False)
-    if proc.returncode != 0:
-        tail = (run_dir / "stdout.log").read_text(encoding="utf-8").splitlines()[-15:]
-        raise RuntimeError(f"molex-train failed (exit {proc.returncode}) in {run_dir}:\n" + "\n".join(tail))
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # adapter/ holds the same weights
-    return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-
-
 class Study:
     """Holds the base model and the data modules across runs; runs, measures and reports."""
 
@@ -181,6 +166,9 @@ class Study:
             "precision": cfg.eval.precision,
         }
         self._data: dict[int, Any] = {}
+        # runs train in parallel processes; measuring uses this process's one base model, one run at a time
+        self._measuring = threading.Lock()
+        self.threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
         self.tasks = list(self.datamodule(0).task_names)
         self.matched_rank = self.matched_params = None
         if "lora_matched" in args.variants:
@@ -213,7 +201,13 @@ class Study:
                 )
             return done
         start = time.perf_counter()
-        metrics = train_run(overrides, run_dir, self.args.run_timeout)
+        metrics = train_run(overrides, run_dir, self.args.run_timeout, threads=self.threads)
+        with self._measuring:
+            return self._measure(variant, seed, overrides, metrics, run_dir, start)
+
+    def _measure(
+        self, variant: str, seed: int, overrides: list[str], metrics: dict[str, Any], run_dir: Path, start: float
+    ) -> dict[str, Any]:
         dm = self.datamodule(seed)
         result = {
             "variant": variant,
@@ -279,6 +273,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
     start = time.perf_counter()
     torch.manual_seed(0)
+    if args.jobs > 1:  # measuring shares the cores with the runs still training
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
     study = Study(args)
     base = study.base_reference()
     print(
@@ -286,17 +282,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"({base['seconds']:.0f} s)",
         flush=True,
     )
-    runs, total = [], args.seeds * len(args.variants)
-    for seed in range(args.seeds):  # seed-major: an interrupted study still has every variant on the first seeds
-        for variant in args.variants:
-            result = study.run(variant, seed)
-            runs.append(result)
-            print(
-                f"[{len(runs)}/{total}] {variant} seed {seed}: exact match {100 * result['accuracy']:.1f}%, "
-                f"val LM loss {result['val_lm_loss']:.3f}, active rank {result['active_rank']:.1f}, "
-                f"{result['trainable_params']:,} trainable ({result['seconds']:.0f} s)",
-                flush=True,
-            )
+    # seed-major: an interrupted study still has every variant on the first seeds
+    order = [(variant, seed) for seed in range(args.seeds) for variant in args.variants]
+    runs = run_all(study.run, order, jobs=args.jobs)
     peft = study.peft_check(runs) if args.peft_check else None
     report = {
         "command": "python -m benchmarks.study " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -319,6 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "aggregate": aggregate(runs, reference=REFERENCE, tasks=study.tasks),
         "runs": runs,
         "run_minutes": round(sum(r["seconds"] for r in runs) / 60, 2),
+        "jobs": args.jobs,
     }
     report["wall_minutes"] = round((time.perf_counter() - start) / 60, 2)
     args.out.mkdir(parents=True, exist_ok=True)

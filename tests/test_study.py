@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
+import time
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch
 from benchmarks import study
 from benchmarks.study_measure import compose_config, mole_config_of, routing_health
 from benchmarks.study_report import aggregate, markdown, plot
+from benchmarks.study_runs import run_all
 from benchmarks.study_variants import VARIANTS, variant_overrides
 from molex.analysis import RoutingReport
 
@@ -54,10 +57,44 @@ def test_bad_arguments_fail_with_the_bad_value(capsys):
         (["--set", "optim.lr"], "KEY=VALUE"),
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--data", "/no/such/file.jsonl"], "no such file"),
+        (["--jobs", "0"], "--jobs must be >= 1"),
     ):
         with pytest.raises(SystemExit):
             study._parse(argv)
         assert message in capsys.readouterr().err
+
+
+def _fake_run(started, gate, fail=None):
+    def run(variant, seed):
+        started.append((variant, seed))
+        if (variant, seed) == fail:
+            raise RuntimeError(f"{variant} seed {seed} failed")
+        gate(variant, seed)
+        return {"variant": variant, "seed": seed, "accuracy": 0.5, "val_lm_loss": 1.0, "active_rank": 16.0,
+                "trainable_params": 1, "seconds": 0.0}  # fmt: skip
+
+    return run
+
+
+def test_run_all_trains_jobs_at_once_and_returns_results_in_order():
+    started, order = [], [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    first_two = threading.Barrier(2)  # passes only when the first two runs are running together
+
+    def gate(variant, seed):
+        if seed == 0:
+            first_two.wait(timeout=10)
+
+    results = run_all(_fake_run(started, gate), order, jobs=2)
+    assert [(r["variant"], r["seed"]) for r in results] == order
+    assert sorted(started) == sorted(order) and set(started[:2]) == {("a", 0), ("b", 0)}
+
+
+def test_run_all_stops_starting_runs_after_a_failure():
+    started, order = [], [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2)]
+    with pytest.raises(RuntimeError, match="a seed 0 failed"):
+        run_all(_fake_run(started, lambda *_: time.sleep(0.5), fail=("a", 0)), order, jobs=2)
+    # the runs already started finish (a worker freed by the failure may have taken the next one); the rest never start
+    assert {("a", 0), ("b", 0)} <= set(started) <= {("a", 0), ("b", 0), ("a", 1)}
 
 
 def _report(loads, task_usage=None):
