@@ -117,6 +117,15 @@ def test_router_lr_scale_trains_routers_at_their_own_rate(tmp_path):
     assert routers["initial_lr"] == pytest.approx(4 * experts["initial_lr"]) == pytest.approx(4e-2)
     with pytest.raises(ValueError, match="router_lr_scale must be a finite number > 0"):
         MoLEModule(model=module.model, router_lr_scale=-1.0)
+    # one LoRA behind the parameter-free `fixed` router: one group at the experts' rate
+    lora = MoLEModule(
+        model=lambda: tiny_llama(num_layers=2),
+        mole_config=molex.MoLEConfig(target_modules=["q_proj"], num_experts=1, router="fixed"),
+        learning_rate=1e-2,
+        router_lr_scale=4.0,
+    )
+    trainer(tmp_path, max_steps=1, limit_val_batches=0, enable_checkpointing=False).fit(lora, loader())
+    assert [g["initial_lr"] for g in lora.trainer.optimizers[0].param_groups] == [pytest.approx(1e-2)]
 
 
 def test_loss_includes_weighted_aux_losses():

@@ -70,9 +70,12 @@ def test_router_lr_scale_puts_routers_in_their_own_group_through_the_schedule():
     assert len(build_optimizer([expert, router], OptimSettings(), router_params=[router]).param_groups) == 1
 
 
-def test_router_lr_scale_without_router_parameters_is_refused():
-    with pytest.raises(ValueError, match=r"router_lr_scale=3.0 but none of the trainable parameters is a router's"):
+def test_router_lr_scale_needs_the_routers_named_and_a_routerless_model_keeps_one_group():
+    with pytest.raises(ValueError, match=r"router_lr_scale=3.0 needs router_params"):
         build_optimizer([nn.Parameter(torch.zeros(1))], OptimSettings(router_lr_scale=3.0))
+    # a one-expert `fixed` router has no parameters: its LoRA trains at lr whatever the scale
+    optimizer = build_optimizer([nn.Parameter(torch.zeros(1))], OptimSettings(lr=0.1, router_lr_scale=3.0), router_params=[])
+    assert [g["lr"] for g in optimizer.param_groups] == [0.1]
 
 
 def test_optimizer_needs_parameters():

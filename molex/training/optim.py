@@ -73,12 +73,13 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_rati
 
 
 def build_optimizer(
-    params: Iterable[nn.Parameter], settings: OptimSettings, *, router_params: Iterable[nn.Parameter] = ()
+    params: Iterable[nn.Parameter], settings: OptimSettings, *, router_params: Iterable[nn.Parameter] | None = None
 ) -> torch.optim.AdamW:
     """AdamW over ``params`` (the trainable ones: experts, routers); raises when there are none.
 
-    ``router_params`` (those of ``params`` that belong to routers) form a second parameter group at
-    ``lr * settings.router_lr_scale`` when that scale is not 1; with a scale of 1 there is one group.
+    ``router_params`` (the routers' parameters; those among ``params`` form a second group at
+    ``lr * settings.router_lr_scale``) must be given when that scale is not 1. A model whose routers have
+    no trainable parameters (``fixed``, ``features``) gets one group whatever the scale.
     """
     params = list(params)
     if not params:
@@ -86,12 +87,12 @@ def build_optimizer(
     options = {"lr": settings.lr, "weight_decay": settings.weight_decay, "betas": tuple(settings.betas)}
     if settings.router_lr_scale == 1.0:
         return torch.optim.AdamW(params, **options)
-    routers = {id(p) for p in router_params}
-    if not routers & {id(p) for p in params}:
+    if router_params is None:
         raise ValueError(
-            f"router_lr_scale={settings.router_lr_scale} but none of the trainable parameters is a router's: "
-            "pass router_params, or leave router_lr_scale at 1.0"
+            f"router_lr_scale={settings.router_lr_scale} needs router_params (the routers' parameters), "
+            "or leave router_lr_scale at 1.0"
         )
+    routers = {id(p) for p in router_params}
     groups = [
         {"params": [p for p in params if id(p) not in routers]},
         {"params": [p for p in params if id(p) in routers], "lr": settings.lr * settings.router_lr_scale},
