@@ -126,9 +126,9 @@ VARIANTS: dict[str, Variant] = {
             ("router=topk", "allocation=mola_increasing", "mole.share_A=true"),
         ),
         Variant(
-            "mola_router_lr",
-            "top-2, MoLA 2-4-6-8, routers at 10x the experts' learning rate",
-            ("router=topk", "allocation=mola_increasing", "optim.router_lr_scale=10"),
+            "mola_router_lr1",
+            "top-2, MoLA 2-4-6-8, routers at the experts' learning rate (the default before router_lr_scale=10)",
+            ("router=topk", "allocation=mola_increasing", "optim.router_lr_scale=1"),
         ),
         Variant(
             "mola_bias",

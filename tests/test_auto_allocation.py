@@ -238,7 +238,10 @@ def test_lightning_rebuilds_the_optimizer_and_continues_the_schedule(tmp_path):
 
     torch.manual_seed(0)
     module = MoLEModule(
-        model=tiny_llama(), mole_config=auto_config(total=12, max_experts=6, warmup_steps=2), warmup_steps=1
+        model=tiny_llama(),
+        mole_config=auto_config(total=12, max_experts=6, warmup_steps=2),
+        warmup_steps=1,
+        router_lr_scale=4.0,
     )
     trainer = L.Trainer(
         max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
@@ -251,7 +254,8 @@ def test_lightning_rebuilds_the_optimizer_and_continues_the_schedule(tmp_path):
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.last_epoch == 4  # the schedule went on from step 2, not from 0
     expected = molex.training.warmup_cosine(4, warmup_steps=1, total_steps=4, min_lr_ratio=0.1) * 1e-3
-    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected)
+    experts, routers = trainer.optimizers[0].param_groups  # the rebuilt optimizer keeps the routers' own rate
+    assert experts["lr"] == pytest.approx(expected) and routers["lr"] == pytest.approx(4 * expected)
 
 
 def test_molex_train_allocation_auto_end_to_end(tmp_path):

@@ -89,6 +89,7 @@ def _single_process_adapter(tmp_path: Path) -> dict[str, torch.Tensor]:
         weight_decay=cfg.optim.weight_decay,
         warmup_steps=cfg.optim.warmup_steps,
         min_lr_ratio=cfg.optim.min_lr_ratio,
+        router_lr_scale=cfg.optim.router_lr_scale,
         log_routing_every_n_steps=0,
     )
     trainer = L.Trainer(

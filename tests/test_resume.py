@@ -275,7 +275,7 @@ def test_cli_refuses_to_resume_under_other_settings_before_training(tmp_path):
         ("mole.rank=4", "rank: checkpoint 8, requested 4"),
         ("mole.target_modules=[q_proj]", "target_modules: checkpoint ['q_proj', 'v_proj', 'down_proj'], requested"),
         ("data.batch_size=4", "in batches of 8; this data gives"),
-        ("optim.router_lr_scale=10", "was trained with optim.router_lr_scale=1.0; resume with that value"),
+        ("optim.router_lr_scale=1", "was trained with optim.router_lr_scale=10.0; resume with that value"),
     ):
         with pytest.raises(CLIError, match=re.escape(message)) as err:
             train(compose_train(tmp_path / "b", *quick, f"ckpt_path={ckpt}", override))
