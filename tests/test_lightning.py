@@ -103,14 +103,19 @@ def test_training_lowers_loss_and_trains_only_adapters(tmp_path):
     )
 
 
-def test_router_lr_scale_trains_routers_at_their_own_rate(tmp_path):
+def _fit_one_step_at_router_scale(tmp_path, router: str, num_experts: int, scale: float) -> MoLEModule:
     module = MoLEModule(
         model=lambda: tiny_llama(num_layers=2),
-        mole_config=molex.MoLEConfig(target_modules=["q_proj"], num_experts=4, router="topk"),
+        mole_config=molex.MoLEConfig(target_modules=["q_proj"], num_experts=num_experts, router=router),
         learning_rate=1e-2,
-        router_lr_scale=4.0,
+        router_lr_scale=scale,
     )
     trainer(tmp_path, max_steps=1, limit_val_batches=0, enable_checkpointing=False).fit(module, loader())
+    return module
+
+
+def test_router_lr_scale_trains_routers_at_their_own_rate(tmp_path):
+    module = _fit_one_step_at_router_scale(tmp_path, "topk", 4, 4.0)
     experts, routers = module.trainer.optimizers[0].param_groups
     router_ids = {id(p) for r in routers_of(module.model).values() for p in r.parameters()}
     assert {id(p) for p in routers["params"]} == router_ids and router_ids.isdisjoint(map(id, experts["params"]))
@@ -118,13 +123,7 @@ def test_router_lr_scale_trains_routers_at_their_own_rate(tmp_path):
     with pytest.raises(ValueError, match="router_lr_scale must be a finite number > 0"):
         MoLEModule(model=module.model, router_lr_scale=-1.0)
     # one LoRA behind the parameter-free `fixed` router: one group at the experts' rate
-    lora = MoLEModule(
-        model=lambda: tiny_llama(num_layers=2),
-        mole_config=molex.MoLEConfig(target_modules=["q_proj"], num_experts=1, router="fixed"),
-        learning_rate=1e-2,
-        router_lr_scale=4.0,
-    )
-    trainer(tmp_path, max_steps=1, limit_val_batches=0, enable_checkpointing=False).fit(lora, loader())
+    lora = _fit_one_step_at_router_scale(tmp_path, "fixed", 1, 4.0)
     assert [g["initial_lr"] for g in lora.trainer.optimizers[0].param_groups] == [pytest.approx(1e-2)]
 
 
