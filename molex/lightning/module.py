@@ -79,12 +79,10 @@ class MoLEModule(L.LightningModule):
         super().__init__()
         if learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
-        if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1, got {warmup_steps}, {min_lr_ratio}")
-        if not (math.isfinite(router_lr_scale) and router_lr_scale > 0):
-            raise ValueError(
-                f"router_lr_scale must be a finite number > 0 (1.0: the experts' rate), got {router_lr_scale}"
-            )
+        # the schedule and router settings fail here, with OptimSettings' messages, not when fitting starts
+        OptimSettings(
+            lr=learning_rate, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, router_lr_scale=router_lr_scale
+        )
         if not isinstance(model, nn.Module):
             model = model()
         if mole_config is not None:
