@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numbers
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,6 +33,7 @@ __all__ = [
     "group_schedule",
     "layer_index",
     "plan_allocation",
+    "layers_spanned",
     "group_of_layer",
     "AUTO_WARMUP_STEPS",
     "auto_bounds",
@@ -280,6 +281,13 @@ def _first_override(name: str, overrides: dict[str, int]) -> int | None:
     return None
 
 
+def layers_spanned(indices: Iterable[int | None]) -> int:
+    """One more than the largest known layer index (1 when none is known): the layer count assumed
+    when the model's config states none."""
+    known = [i for i in indices if i is not None]
+    return max(known) + 1 if known else 1
+
+
 def plan_allocation(module_names: Sequence[str], config: MoLEConfig, num_layers: int | None = None) -> list[LayerPlan]:
     """Experts and rank for each targeted module.
 
@@ -288,9 +296,8 @@ def plan_allocation(module_names: Sequence[str], config: MoLEConfig, num_layers:
     """
     alloc = config.allocation or AllocationConfig(num_experts=config.num_experts)
     indices = [layer_index(n) for n in module_names]
-    known = [i for i in indices if i is not None]
     if num_layers is None:
-        num_layers = max(known) + 1 if known else 1
+        num_layers = layers_spanned(indices)
     plans = []
     for name, index in zip(module_names, indices, strict=True):
         if index is not None and index >= num_layers:

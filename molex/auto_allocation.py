@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from molex.allocation import AllocationConfig, auto_bounds
+from molex.allocation import AllocationConfig, auto_bounds, layers_spanned
 from molex.apportion import apportion
 from molex.files import atomic_write
 from molex.health import enable_routing_health, routing_health_settings
@@ -101,9 +101,8 @@ def pending_auto_allocation(model: nn.Module) -> AllocationConfig | None:
 
 
 def _num_layers(model: nn.Module) -> int:
-    # the count inject gave plan_allocation: the model's config, else one more than the largest index
-    known = [p.layer_index for p in get_plans(model) if p.layer_index is not None]
-    return decoder_layers(model) or (max(known) + 1 if known else 1)
+    # the count inject gave plan_allocation
+    return decoder_layers(model) or layers_spanned(p.layer_index for p in get_plans(model))
 
 
 @torch.no_grad()

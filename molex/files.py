@@ -35,16 +35,33 @@ __all__ = [
 ]
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``os.umask`` alone would set
+    it for an instant, racing with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it into place.
 
-    A crash mid-write leaves the old file (or none), never a half-written one.
+    A crash mid-write leaves the old file (or none), never a half-written one. The file gets the
+    permissions of the file it replaces, or those of a new file under the umask (``0644`` usually).
     """
     path = Path(path)
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # mkstemp makes 0600 files; keep what a plain open() would have given
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,24 @@ def test_failed_atomic_write_keeps_the_old_file(tmp_path):
         atomic_write(path, fail)
     assert path.read_text(encoding="utf-8") == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_atomic_write_gives_a_plain_files_permissions(tmp_path):
+    """A new file gets ``0666 & ~umask`` like ``open()`` (not mkstemp's private 0600); a replaced file
+    keeps its own mode."""
+    previous = os.umask(0o027)
+    try:
+        fresh = tmp_path / "new.txt"
+        atomic_write(fresh, lambda tmp: Path(tmp).write_text("x", encoding="utf-8"))
+        assert fresh.stat().st_mode & 0o777 == 0o640
+        assert files._umask() == 0o027
+    finally:
+        os.umask(previous)
+    kept = tmp_path / "kept.txt"
+    kept.write_text("old", encoding="utf-8")
+    kept.chmod(0o604)
+    atomic_write(kept, lambda tmp: Path(tmp).write_text("new", encoding="utf-8"))
+    assert kept.read_text(encoding="utf-8") == "new" and kept.stat().st_mode & 0o777 == 0o604
 
 
 def test_checksum_and_path_checks(tmp_path):

@@ -180,7 +180,9 @@ def test_checkpoint_io_leaves_a_loadable_checkpoint_after_any_sigkill(tmp_path):
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.ckpt"]
     AtomicCheckpointIO().save_checkpoint({"step": 0}, path)  # the next run's first save sweeps them
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"], leftovers
-    assert os.stat(path).st_mode & 0o777 == 0o644
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # as readable as any other output
 
 
 # ------------------------------------------------------------------ the real thing: molex-train, SIGKILL, resume

@@ -9,7 +9,6 @@ target and ``os.replace`` publishes it in one step, so the name always holds a c
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -45,4 +44,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             for stale in path.parent.glob(".*.ckpt.*.tmp"):
                 stale.unlink(missing_ok=True)
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
-        os.chmod(path, 0o644)  # mkstemp creates 0600 files; a checkpoint is as readable as any other output
