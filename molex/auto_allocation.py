@@ -38,6 +38,7 @@ from molex.files import atomic_write
 from molex.health import enable_routing_health, routing_health_settings
 from molex.inject import decoder_layers, get_config, get_plans, inject, mole_layers, unload
 from molex.io import adapter_state_dict
+from molex.model_argument import takes_model
 from molex.tables import format_rows
 from molex.training import OptimSettings, train_steps
 from molex.training.objective import mole_objective
@@ -218,6 +219,7 @@ def reallocate(model: nn.Module, per_layer: list[int]) -> nn.Module:
     return model
 
 
+@takes_model
 def auto_allocate(
     model: nn.Module,
     batches: Iterable[Any],

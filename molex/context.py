@@ -28,6 +28,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from molex._refs import get_unregistered, pop_unregistered, set_unregistered
+from molex.model_argument import takes_model
 from molex.routing_checks import check_routing_inputs
 
 __all__ = ["RoutingContext", "ROUTING_KWARGS", "routing_inputs", "get_context", "generate"]
@@ -180,6 +181,7 @@ def get_context(model: nn.Module) -> RoutingContext:
 
 
 @contextlib.contextmanager
+@takes_model
 def routing_inputs(model: nn.Module, **inputs: Any) -> Iterator[RoutingContext]:
     """Provide molex inputs (``task_ids``, ``prompt_mask``, ...) to every forward inside the block.
 
@@ -204,6 +206,7 @@ def find_context(module: nn.Module) -> RoutingContext | None:
     return get_unregistered(module, _CONTEXT_ATTR)
 
 
+@takes_model
 def generate(model: nn.Module, **kwargs: Any) -> Any:
     """``model.generate(**kwargs)`` that also accepts molex routing inputs (``task_ids=``, ...).
 

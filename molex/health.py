@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from molex._refs import get_unregistered, pop_unregistered, set_unregistered
 from molex.decision import RoutingDecision, repeat_rows
 from molex.inject import mole_layers
+from molex.model_argument import takes_model
 
 __all__ = [
     "DEAD_SHARE",
@@ -213,6 +214,7 @@ def _units(model: nn.Module) -> list[tuple[str, str, int, nn.Module, Any]]:
     return units
 
 
+@takes_model
 def enable_routing_health(
     model: nn.Module, *, training_only: bool = True, margin_threshold: float = TINY_MARGIN
 ) -> None:
@@ -254,6 +256,7 @@ def routing_health_settings(model: nn.Module) -> dict[str, Any] | None:
     return {"training_only": state["training_only"], "margin_threshold": state["margin"]}
 
 
+@takes_model
 def disable_routing_health(model: nn.Module) -> None:
     """Stop accumulating (removes the hooks); a no-op when health is not enabled."""
     state = pop_unregistered(model, _STATE_ATTR)
@@ -274,6 +277,7 @@ def _filled_windows(model: nn.Module) -> dict[str, _Window]:
     return {w.name: w for w in state["windows"] if w.sums is not None} if state is not None else {}
 
 
+@takes_model
 def routing_health(model: nn.Module, *, reset: bool = True) -> RoutingHealth:
     """Routing health of every routing unit of ``model`` (see the module docstring for each number).
 

@@ -17,6 +17,7 @@ from molex.config import MoLEConfig
 from molex.context import install_context, remove_context
 from molex.experts import LoRAExperts
 from molex.layer import MoLELinear, is_supported_linear, linear_dims
+from molex.model_argument import takes_model
 from molex.placement import place, remove
 from molex.quant import needs_dense_backward, quantized_kind
 from molex.routers.base import Router, get_router_class
@@ -47,6 +48,7 @@ def _matches(name: str, patterns: list[str] | str) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+@takes_model
 def find_target_modules(model: nn.Module, config: MoLEConfig) -> list[str]:
     """Names of the modules ``config.target_modules`` selects; a clear error if none or unsupported."""
     selected = []
@@ -144,6 +146,7 @@ def _router_fixed_experts(plans: list[LayerPlan], config: MoLEConfig) -> list[La
     return [dataclasses.replace(plan, num_experts=fixed) for plan in plans]
 
 
+@takes_model
 def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
     """Replace the target linears of ``model`` by MoLE layers, in place; freeze everything else.
 
@@ -209,6 +212,7 @@ def is_injected(model: nn.Module) -> bool:
     return get_unregistered(model, _STATE_ATTR) is not None
 
 
+@takes_model
 def get_config(model: nn.Module) -> MoLEConfig:
     if not is_injected(model):
         raise ValueError("this model has no MoLE layers; call molex.inject(model, config) first")
@@ -220,11 +224,13 @@ def get_plans(model: nn.Module) -> list[LayerPlan]:
     return list(get_unregistered(model, _STATE_ATTR)["plans"])
 
 
+@takes_model
 def mole_layers(model: nn.Module) -> dict[str, MoLELinear]:
     """``{module name: MoLELinear}`` in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, MoLELinear)}
 
 
+@takes_model
 def unload(model: nn.Module) -> nn.Module:
     """Put the original modules back; outputs, ``state_dict`` and ``requires_grad`` as before ``inject``.
 
@@ -245,10 +251,12 @@ def unload(model: nn.Module) -> nn.Module:
     return model
 
 
+@takes_model
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+@takes_model
 def aux_losses(model: nn.Module) -> dict[str, Tensor]:
     """The weighted auxiliary losses of the last forward, ``{"<layer>/<loss>": value}``."""
     out: dict[str, Tensor] = {}
@@ -263,6 +271,7 @@ def aux_losses(model: nn.Module) -> dict[str, Tensor]:
 AUX_REDUCTIONS = ("mean", "sum")
 
 
+@takes_model
 def aux_losses_by_kind(model: nn.Module, *, reduction: str = "mean") -> dict[str, Tensor]:
     """The auxiliary losses of the last forward, one scalar per kind (``{"load_balance": ..., "z_loss": ...}``).
 
@@ -283,6 +292,7 @@ def aux_losses_by_kind(model: nn.Module, *, reduction: str = "mean") -> dict[str
     return {kind: reduce(torch.stack(values)) for kind, values in by_kind.items()}
 
 
+@takes_model
 def total_aux_loss(model: nn.Module, *, reduction: str = "mean") -> Tensor | None:
     """The auxiliary losses of the last forward as one scalar to add to the LM loss, or ``None`` if there
     are none: the sum over loss kinds of :func:`aux_losses_by_kind` (each kind averaged over the layers
@@ -295,6 +305,7 @@ def _count(params: Iterable[nn.Parameter]) -> int:
     return sum(p.numel() for p in params)
 
 
+@takes_model
 def summary(model: nn.Module) -> str:
     """A table: layer -> experts, rank, router, trainable parameters; then totals."""
     layers = mole_layers(model)

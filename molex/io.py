@@ -33,6 +33,7 @@ from molex.files import (
     write_json,
 )
 from molex.inject import get_config, get_plans, inject, mole_layers, unload
+from molex.model_argument import takes_model
 from molex.routers.base import Router
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -43,6 +44,7 @@ FORMAT = "molex-adapter"
 FORMAT_VERSION = 1
 
 
+@takes_model
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Every expert pool and router tensor of ``model``, keyed by its ``state_dict`` name."""
     state: dict[str, Tensor] = {}
@@ -61,6 +63,7 @@ def _is_molex_adapter(directory: Path) -> bool:
     return isinstance(data, dict) and data.get("format") == FORMAT
 
 
+@takes_model
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write the MoLE config, the per-layer allocation and the MoLE weights of ``model`` to ``directory``.
 
@@ -134,6 +137,7 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
         raise ValueError(f"cannot read {path}: {err}; the file is corrupt or not safetensors, save it again") from None
 
 
+@takes_model
 def load_adapter(base_model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Inject the saved MoLE configuration into ``base_model`` and load its weights, strictly.
 

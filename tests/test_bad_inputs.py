@@ -8,6 +8,7 @@ offending value, and for most the way out.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -181,6 +182,12 @@ API_CASES = [
     Case("dtype unknown", lambda p: load_model("tiny-llama", dtype="float8"), ValueError, ("'float8'", "bf16")),
     Case("adapter folder missing", lambda p: molex.load_adapter(tiny_llama(2), p / "gone"), FileNotFoundError,
          ("gone", "adapter_config.json")),
+    Case("inject a (model, tokenizer) pair", lambda p: molex.inject(load_model("tiny-llama"), cfg()), TypeError,
+         ("molex.inject", "tuple", "model, tokenizer = load_model")),
+    Case("save_adapter a model name", lambda p: molex.save_adapter("tiny-llama", p / "out"), TypeError,
+         ("'tiny-llama'", "load_model")),
+    Case("load_adapter base_model= a pair", lambda p: molex.load_adapter(base_model=load_model("tiny-llama"),
+         directory=p), TypeError, ("molex.load_adapter", "unpack")),
     Case("save without MoLE layers", lambda p: molex.save_adapter(tiny_llama(2), p / "out"), ValueError,
          ("no MoLE layers", "inject")),
 ]
@@ -193,6 +200,22 @@ def test_api_rejects_bad_input_naming_it(case: Case, tmp_path: Path) -> None:
     message = str(info.value)
     for text in case.says:
         assert text in message, f"{text!r} not in: {message}"
+
+
+def test_every_public_function_taking_a_model_checks_it() -> None:
+    """Each function of ``molex.__all__`` whose first parameter is the model refuses a non-module at the call."""
+    checked = []
+    for name in molex.__all__:
+        function = getattr(molex, name)
+        if not inspect.isfunction(function):
+            continue
+        first = next(iter(inspect.signature(function).parameters), None)
+        if first not in ("model", "base_model"):
+            continue
+        with pytest.raises(TypeError, match=rf"molex\.{name} needs a model \(torch.nn.Module\), got a tuple"):
+            function((tiny_llama(1), None))
+        checked.append(name)
+    assert len(checked) >= 20, checked
 
 
 def test_the_tables_cover_enough_cases() -> None:

@@ -25,6 +25,7 @@ from molex.export.resolve import RouteSpec, resolve_routes
 from molex.files import check_dir_target, read_json, refuse_foreign, replace_dir, write_json
 from molex.inject import mole_layers
 from molex.io import adapter_state_dict
+from molex.model_argument import takes_model
 from molex.quant import quantized_kind
 
 __all__ = ["merge_route", "save_merged", "MERGED_MARKER"]
@@ -65,6 +66,7 @@ def _refuse_quantized(model: nn.Module) -> None:
             )
 
 
+@takes_model
 def merge_route(
     model: nn.Module,
     route: RouteSpec | None = None,

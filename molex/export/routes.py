@@ -27,6 +27,7 @@ from molex.export.resolve import Route, RoutePrompts, RouteSpec, resolve_routes
 from molex.files import check_dir_target, read_json, replace_dir, write_json
 from molex.hub.peft_format import peft_adapter_files, write_adapter_files
 from molex.inject import get_config, mole_layers
+from molex.model_argument import takes_model
 
 __all__ = ["export_routes", "ExportedRoutes", "ROUTES_INDEX", "route_folder_names"]
 
@@ -99,6 +100,7 @@ def _owned_names(target: Path, names: Sequence[str], overwrite: bool) -> list[st
     return sorted({ROUTES_INDEX, *names, *listed})
 
 
+@takes_model
 def export_routes(
     model: nn.Module,
     out_dir: str | os.PathLike,

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from molex.export.capture import LayerFactors, capture_gates, eval_mode, is_conv1d
 from molex.hub.peft_format import check_output_dir, write_peft_adapter
 from molex.inject import get_config, mole_layers
+from molex.model_argument import takes_model
 
 __all__ = ["export_single", "SingleExport", "expected_update_svd", "REPORT_NAME"]
 
@@ -92,6 +93,7 @@ def _truncate(B: Tensor, A: Tensor, rank: int | None, dtype: torch.dtype) -> tup
     return ((Vh[:k]).to(dtype), (U[:, :k] * S[:k]).to(dtype)), k, error
 
 
+@takes_model
 def export_single(
     model: nn.Module,
     out_dir: str | os.PathLike,

@@ -26,6 +26,7 @@ from molex.context import get_context
 from molex.hub.peft_format import PeftLoraAdapter, read_peft_adapter
 from molex.inject import get_config, inject, is_injected, mole_layers
 from molex.layer import is_supported_linear, linear_dims
+from molex.model_argument import takes_model
 from molex.routers.base import get_router_class
 
 __all__ = [
@@ -152,6 +153,7 @@ def _fused_config(
     )
 
 
+@takes_model
 def fuse_adapters(
     model: nn.Module,
     adapters: Mapping[str, AdapterSource],
@@ -221,6 +223,7 @@ def _hub(model: nn.Module) -> dict[str, Any]:
     return hub
 
 
+@takes_model
 def adapter_names(model: nn.Module) -> list[str]:
     """Names of the fused adapters, in adapter-index order."""
     return list(_hub(model)["adapters"])
@@ -232,6 +235,7 @@ def expert_slots(model: nn.Module) -> dict[str, list[int]]:
 
 
 @torch.no_grad()
+@takes_model
 def set_adapter_weights(model: nn.Module, weights: Sequence[float] | Tensor) -> None:
     """Set one mixing weight per adapter on a fused model with the ``fixed`` router."""
     slots = expert_slots(model)
@@ -263,6 +267,7 @@ def adapter_gates(model: nn.Module) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
+@takes_model
 def routing_accuracy(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> float:
     """Share of sequences whose most-weighted adapter (summed over layers and real tokens) is
     their ``task_ids`` label. Each batch: ``input_ids [B, S]``, ``attention_mask``, ``task_ids [B]``

@@ -19,6 +19,7 @@ from torch import nn
 from molex.hub.fuse import AdapterSource, fuse_adapters, load_adapters, set_adapter_weights
 from molex.hub.merge import check_merge_output, merge_adapters
 from molex.inject import unload
+from molex.model_argument import takes_model
 
 __all__ = ["lorahub_search", "LoraHubResult"]
 
@@ -42,6 +43,7 @@ def _mean_loss(model: nn.Module, batches: Sequence[Mapping[str, Any]]) -> float:
     return sum(losses) / len(losses)
 
 
+@takes_model
 def lorahub_search(
     model: nn.Module,
     adapters: Mapping[str, AdapterSource],

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from molex.context import get_context
 from molex.hub.fuse import adapter_names, expert_slots
 from molex.inject import mole_layers, trainable_parameters
+from molex.model_argument import takes_model
 from molex.training import OptimSettings, train_steps
 from molex.training.objective import mole_objective
 
@@ -59,6 +60,7 @@ def _routing_cross_entropy(model: nn.Module, task_ids: Tensor) -> Tensor:
     return torch.stack(losses).mean()
 
 
+@takes_model
 def train_router(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from molex.model_argument import takes_model
 from molex.routers.base import Router, RouterConfig
 
 __all__ = ["BALANCE_MODES", "BalanceOptions", "BiasBalancedRouter", "update_balance_biases"]
@@ -124,6 +125,7 @@ class BiasBalancedRouter(Router):
         counts.zero_()
 
 
+@takes_model
 def update_balance_biases(model: nn.Module) -> int:
     """Apply the loss-free balance update to every router of ``model`` with ``balance="bias"``; call it
     after each optimiser step (``MoLEModule`` and :func:`molex.training.train_steps` do). Returns how many
