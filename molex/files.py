@@ -38,12 +38,10 @@ __all__ = [
 def _umask() -> int:
     """The process umask, read without changing it where Linux shows it (``os.umask`` alone would set
     it for an instant, racing with other threads creating files)."""
-    try:
+    with contextlib.suppress(OSError):  # not Linux, or no /proc: fall back to setting and restoring it
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
-    except OSError:
-        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
