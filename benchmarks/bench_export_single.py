@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import molex
-from molex.files import write_json
+from molex.core.files import write_json
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ADAPTER = ROOT / "results" / "study" / "runs" / "mola_increasing" / "seed0" / "adapter"
@@ -48,7 +48,7 @@ def quick_adapter(folder: Path) -> Path:
 
 
 def evaluate(model, tokenizer, dm, *, routed: bool, args: argparse.Namespace) -> dict:
-    from molex.eval import evaluate_generation
+    from molex.evaluation.generation import evaluate_generation
 
     result = evaluate_generation(
         model,

@@ -15,7 +15,7 @@ import torch
 
 import molex
 from molex.data import InstructionDataModule
-from molex.eval import evaluate_generation, format_table
+from molex.evaluation.generation import evaluate_generation, format_table
 from molex.models import load_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -27,8 +27,8 @@ import torch
 
 import molex
 from molex.data import TASKS, make_builtin_dataset
-from molex.eval import evaluate_generation
-from molex.hub.evaluate import evaluate_fused, fit_router, task_batches
+from molex.evaluation.generation import evaluate_generation
+from molex.evaluation.hub import evaluate_fused, fit_router, task_batches
 from molex.models import load_model
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from molex.files import atomic_write
+from molex.core.files import atomic_write
 
 __all__ = ["environment", "time_candidates", "ratio", "write_json", "fwd_bwd"]
 

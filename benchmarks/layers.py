@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from molex.experts import LoRAExperts
-from molex.layer import MoLELinear
+from molex.layer.experts import LoRAExperts
+from molex.layer.linear import MoLELinear
 from molex.routers import build_router
 
 

@@ -40,7 +40,7 @@ from benchmarks.study_variants import (
     VARIANTS,
     variant_overrides,
 )
-from molex.eval import PRECISIONS
+from molex.evaluation.generation import PRECISIONS
 
 #: defaults of the full study (see benchmarks/RESULTS.md for how they were sized to the time budget)
 STEPS = 60
@@ -236,7 +236,7 @@ class Study:
         done = _read_json(path)
         if done is not None and done["overrides"] == self.common:
             return done
-        from molex.eval import evaluate_generation, evaluate_loss
+        from molex.evaluation.generation import evaluate_generation, evaluate_loss
 
         start = time.perf_counter()
         dm = self.datamodule(0)

@@ -7,9 +7,9 @@ The configuration is composed from molex's packaged Hydra config (the same ``tra
   with a non-zero gate per real token, ``RoutingReport.active``, times the layer's rank), measured on
   the test split;
 * the validation LM loss of the final model over the whole validation split (cross-entropy per answer
-  token, no auxiliary losses): the run's logged ``val/lm_loss``, else :func:`molex.eval.evaluate_loss`;
+  token, no auxiliary losses): the run's logged ``val/lm_loss``, else :func:`molex.evaluation.generation.evaluate_loss`;
 * routing health on test batches covering every task with ``ROUTING_PER_TASK`` examples, from
-  :func:`molex.analysis.collect_routing` (which also counts the active experts per token).
+  :func:`molex.evaluation.analysis.collect_routing` (which also counts the active experts per token).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 import molex
-from molex.health import expert_shares
+from molex.layer.health import expert_shares
 
 __all__ = [
     "compose_config",
@@ -111,11 +111,11 @@ def _entropy(shares: Tensor) -> float:
 
 
 def routing_health(report: Any) -> dict[str, Any]:
-    """Per-layer and summary health of a :class:`molex.analysis.RoutingReport`.
+    """Per-layer and summary health of a :class:`molex.evaluation.analysis.RoutingReport`.
 
     Per layer: ``share`` (each expert's fraction of the total gate weight), ``largest_share``,
     ``dead`` (experts under ``1/(10 E)`` of the load) — the definitions of :func:`molex.routing_health`,
-    through :func:`molex.health.expert_shares` — ``router_entropy`` (mean per-token entropy
+    through :func:`molex.layer.health.expert_shares` — ``router_entropy`` (mean per-token entropy
     of the router's probabilities / ``log E``), ``load_entropy`` (entropy of ``share`` / ``log E``),
     ``specialisation`` (normalised I(task; expert)) and ``task_usage`` ``[tasks][E]``.
     """
@@ -166,8 +166,8 @@ def measure_run(
     LM loss alone, over the whole validation split at the last step) is used when present, otherwise
     the LM loss is computed here. ``precision``: ``"float32"`` or ``"bf16"`` for the forwards run here.
     """
-    from molex.analysis import collect_routing
-    from molex.eval import evaluate_loss
+    from molex.evaluation.analysis import collect_routing
+    from molex.evaluation.generation import evaluate_loss
 
     model = molex.load_adapter(base, adapter_dir).eval()
     try:
@@ -177,7 +177,7 @@ def measure_run(
             val_lm_loss, source = float(logged["val/lm_loss"]), "val/lm_loss logged at the last step"
         else:
             val_lm_loss = evaluate_loss(model, dm.val_dataloader(), precision=precision)
-            source = "molex.eval.evaluate_loss"
+            source = "molex.evaluation.generation.evaluate_loss"
         report = collect_routing(
             model,
             dm.test_dataloader(),

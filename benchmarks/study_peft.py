@@ -45,7 +45,7 @@ def peft_equivalence(base: nn.Module, tokenizer: Any, dm: Any, adapter_dir: Path
         from peft import PeftModel
     except ImportError:
         return {"skipped": "peft is not installed (pip install molex[dev])"}
-    from molex.eval import evaluate_generation
+    from molex.evaluation.generation import evaluate_generation
 
     batch = next(iter(dm.val_dataloader()))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -4,13 +4,13 @@
 """
 
 from molex import kernels, routers
-from molex.allocation import LayerPlan, plan_allocation
-from molex.auto_allocation import AllocationDecision, auto_allocate
-from molex.config import AllocationConfig, MoLEConfig
-from molex.context import RoutingContext, generate, routing_inputs
-from molex.experts import LoRAExperts
+from molex.allocation.plan import LayerPlan, plan_allocation
+from molex.allocation.auto import AllocationDecision, auto_allocate
+from molex.layer.config import AllocationConfig, MoLEConfig
+from molex.layer.context import RoutingContext, generate, routing_inputs
+from molex.layer.experts import LoRAExperts
 from molex.export import export_routes, export_single, merge_route
-from molex.health import (
+from molex.layer.health import (
     LayerHealth,
     RoutingHealth,
     disable_routing_health,
@@ -26,7 +26,7 @@ from molex.hub import (
     set_adapter_weights,
     train_router,
 )
-from molex.inject import (
+from molex.layer.inject import (
     aux_losses,
     aux_losses_by_kind,
     find_target_modules,
@@ -38,9 +38,9 @@ from molex.inject import (
     trainable_parameters,
     unload,
 )
-from molex.io import adapter_state_dict, load_adapter, save_adapter
+from molex.layer.io import adapter_state_dict, load_adapter, save_adapter
 from molex.kernels import mole_delta
-from molex.layer import MoLELinear
+from molex.layer.linear import MoLELinear
 from molex.routers import RoutingDecision, available_routers, build_router, register_router, update_balance_biases
 
 __version__ = "0.1.0"

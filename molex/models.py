@@ -30,7 +30,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from molex.quant import check_quantization, get_scheme
-from molex.sources import looks_like_path
+from molex.core.sources import looks_like_path
 
 __all__ = ["MODEL_PRESETS", "load_model", "molex_cache_dir", "ensure_pad_token", "resolve_dtype", "smollm2_gguf_path"]
 

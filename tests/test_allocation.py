@@ -3,7 +3,7 @@
 import pytest
 
 from molex import AllocationConfig, MoLEConfig, plan_allocation
-from molex.allocation import layer_index
+from molex.allocation.plan import layer_index
 
 
 def names(num_layers, modules=("self_attn.q_proj", "mlp.down_proj")):

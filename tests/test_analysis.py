@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import molex
-from molex.analysis import RoutingReport, collect_routing, log_routing_report, plot_routing
+from molex.evaluation.analysis import RoutingReport, collect_routing, log_routing_report, plot_routing
 from tests.conftest import tiny_llama
 from tests.test_lightning import synthetic_batches
 
@@ -98,7 +98,7 @@ def test_active_experts_per_token(router, options, active):
 
 
 def test_per_task_sampling_covers_every_task_of_grouped_data():
-    from molex.analysis import _covering
+    from molex.evaluation.analysis import _covering
 
     model = injected()
     rows = sorted(synthetic_batches(num=24), key=lambda r: int(r["task_ids"]))  # grouped: 8 per task, in order

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import molex
-from molex.experts import LoRAExperts
-from molex.layer import MoLELinear
+from molex.layer.experts import LoRAExperts
+from molex.layer.linear import MoLELinear
 from molex.training import OptimSettings, train_steps
 from tests.conftest import tiny_llama
 
@@ -98,7 +98,7 @@ def test_bias_chooses_the_experts_and_the_unbiased_probabilities_weigh_them():
 
 
 def test_the_update_counts_real_tokens_only_and_moves_by_gamma():
-    from molex.context import RoutingContext
+    from molex.layer.context import RoutingContext
 
     router = molex.build_router("switch", in_features=4, num_experts=4, balance="bias", balance_gamma=0.5).train()
     with torch.no_grad():

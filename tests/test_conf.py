@@ -164,7 +164,7 @@ def test_eval_conf_composes():
     ],
 )
 def test_one_rule_tells_local_paths_from_hub_names(name, local):
-    from molex.sources import looks_like_path
+    from molex.core.sources import looks_like_path
 
     assert looks_like_path(name) is local
 

@@ -23,7 +23,7 @@ import torch
 from conftest import tiny_llama
 
 import molex
-from molex import files
+from molex.core import files
 from molex.hub.peft_format import read_peft_adapter, write_peft_adapter
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="needs fork and SIGKILL")

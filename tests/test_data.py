@@ -80,7 +80,7 @@ def test_builtin_is_deterministic_and_seeded():
 def test_builtin_is_light_and_identical_in_a_fresh_interpreter():
     """Another process (another hash seed) generates the same data, without importing Lightning or datasets."""
     code = (
-        "import json, sys, molex.data, molex.data.templates, molex.data.collate, molex.eval\n"
+        "import json, sys, molex.data, molex.data.templates, molex.data.collate, molex.evaluation.generation\n"
         "from molex.data.builtin import make_builtin_dataset\n"
         "heavy = [m for m in ('lightning', 'datasets', 'hydra') if m in sys.modules]\n"
         "print(json.dumps({'heavy': heavy, 'data': make_builtin_dataset('test', 5, 7)}))"

@@ -1,5 +1,5 @@
 """lm-evaluation-harness on molex models, offline: a local multiple-choice task (a YAML over a JSONL file)
-scored through ``molex-eval lm_eval.tasks=[...]`` agrees with :func:`molex.eval.score_multiple_choice`,
+scored through ``molex-eval lm_eval.tasks=[...]`` agrees with :func:`molex.evaluation.generation.score_multiple_choice`,
 and the routing inputs (task ids, prompt mask, padding) reach the routers."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from hydra import compose, initialize_config_dir
 import molex
 from molex.data.builtin import TASKS
 from molex.data.templates import format_prompt
-from molex.eval import score_multiple_choice
-from molex.eval_harness import LMEvalRequestError, run_lm_eval
+from molex.evaluation.generation import score_multiple_choice
+from molex.evaluation.harness import LMEvalRequestError, run_lm_eval
 from molex.models import load_model
 from tests.test_cli import CONF
 
@@ -133,7 +133,7 @@ def test_per_document_choices_agree_with_the_molex_scores_and_batching(tmp_path)
 
 
 def test_task_id_by_name_routes_every_sequence_to_that_task(tmp_path, monkeypatch):
-    import molex.eval_harness as harness
+    import molex.evaluation.harness as harness
     from molex.cli.eval import evaluate
 
     model, tokenizer = load_model("tiny-llama")

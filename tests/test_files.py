@@ -1,4 +1,4 @@
-"""molex.files: atomic writes, JSON, checksums and path checks (imports nothing of molex)."""
+"""molex.core.files: atomic writes, JSON, checksums and path checks (imports nothing of molex)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from molex import files
-from molex.files import atomic_write, read_json, require_dir, require_file, sha256_file, write_json
+from molex.core import files
+from molex.core.files import atomic_write, read_json, require_dir, require_file, sha256_file, write_json
 
 
 def test_json_round_trip_is_sorted_indented_and_newline_terminated(tmp_path):
@@ -71,7 +71,7 @@ def test_checksum_and_path_checks(tmp_path):
 
 
 def test_imports_nothing_of_molex():
-    # importing molex.files runs molex/__init__, so the module's own import statements are checked
+    # importing molex.core.files runs molex/__init__, so the module's own import statements are checked
     tree = ast.parse(Path(files.__file__).read_text(encoding="utf-8"))
     imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]

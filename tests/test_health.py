@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import molex
-from molex.health import LayerHealth, RoutingHealth
+from molex.layer.health import LayerHealth, RoutingHealth
 from molex.lightning.health import CollapseWatch
 from tests.conftest import tiny_llama
 
@@ -93,7 +93,7 @@ def test_health_equals_a_hand_computation_with_padding_excluded():
     health = molex.routing_health(model)
     assert health.source == "last_forward" and list(health.layers) == ["proj"]
     check(health["proj"], expected, forwards=1)
-    # the same definitions as MoLELinear.routing_stats (and so molex.analysis)
+    # the same definitions as MoLELinear.routing_stats (and so molex.evaluation.analysis)
     stats = molex.mole_layers(model)["proj"].routing_stats()
     assert health["proj"].load == pytest.approx((stats["load"] / stats["load"].sum()).tolist(), abs=1e-6)
     assert health["proj"].entropy == pytest.approx(float(stats["entropy"]), abs=1e-6)
@@ -208,8 +208,8 @@ def test_the_window_update_itself_never_syncs():
 @pytest.mark.parametrize("router", ["topk", "switch", "dynmole"])
 def test_no_host_sync_on_cuda(router):
     """On a GPU, CUDA's own sync detector: the layer forward with health and the bias on, and the update."""
-    from molex.experts import LoRAExperts
-    from molex.layer import MoLELinear
+    from molex.layer.experts import LoRAExperts
+    from molex.layer.linear import MoLELinear
 
     pool = LoRAExperts(in_features=32, out_features=32, num_experts=4, rank=4, scaling=1.0)
     opts = {"balance": "bias", "balance_gamma": 0.01}
@@ -299,9 +299,9 @@ def test_molex_train_logs_health_warns_and_writes_summary_and_plot(tmp_path, cap
     ]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    with caplog.at_level(logging.WARNING, logger="molex.health"):
+    with caplog.at_level(logging.WARNING, logger="molex.layer.health"):
         train(cfg)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "molex.health"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "molex.layer.health"]
     assert len(warnings) == 1 and warnings[0].startswith("routing health at step 2: collapsed")
     summary = (tmp_path / "summary.txt").read_text()
     assert "6 MoLE layers" in summary and "routing health at step 4" in summary

@@ -53,7 +53,7 @@ def test_lm_eval_missing_names_the_extra():
     code = (
         "import sys\n"
         "sys.modules['lm_eval'] = None\n"
-        "from molex.eval_harness import run_lm_eval\n"
+        "from molex.evaluation.harness import run_lm_eval\n"
         "from molex.models import load_model\n"
         "model, tok = load_model('tiny-llama')\n"
         "try:\n"

@@ -173,7 +173,7 @@ def test_bad_input_errors():
 
 def test_routing_inputs_reach_the_context_and_never_the_model():
     model = molex.inject(tiny_llama(), molex.MoLEConfig(target_modules=["q_proj"], num_experts=2))
-    ctx = molex.context.get_context(model)
+    ctx = molex.layer.context.get_context(model)
     batch = inputs()
     task_ids = torch.tensor([1, 0])
     model(**batch, task_ids=task_ids)  # popped by the pre-hook: the model never sees it

@@ -123,7 +123,7 @@ def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("molex.io.save_file", boom)
+    monkeypatch.setattr("molex.layer.io.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         molex.save_adapter(trained(seed=1), tmp_path)
     assert (tmp_path / "adapter.safetensors").read_bytes() == before

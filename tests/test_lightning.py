@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import molex
-from molex.inject import routers_of
+from molex.layer.inject import routers_of
 from molex.lightning import MoLEModule, warmup_cosine
 from tests.conftest import tiny_llama
 

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import molex
-from molex.context import RoutingContext
-from molex.experts import LoRAExperts
-from molex.layer import MoLELinear
+from molex.layer.context import RoutingContext
+from molex.layer.experts import LoRAExperts
+from molex.layer.linear import MoLELinear
 from molex.routers import build_router
 from tests.conftest import tiny_llama
 
@@ -141,7 +141,7 @@ def test_feature_columns_are_read_and_batched(tmp_path):
 
 def test_generation_evaluation_passes_the_feature_ids(tmp_path):
     from molex.data.datamodule import InstructionDataModule
-    from molex.eval import evaluate_generation
+    from molex.evaluation.generation import evaluate_generation
     from molex.models import load_model
 
     rows = [

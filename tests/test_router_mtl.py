@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import molex
-from molex.context import RoutingContext
-from molex.experts import LoRAExperts
-from molex.layer import MoLELinear
+from molex.layer.context import RoutingContext
+from molex.layer.experts import LoRAExperts
+from molex.layer.linear import MoLELinear
 from molex.routers import build_router
 from tests.conftest import tiny_llama
 

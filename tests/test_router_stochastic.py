@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 import molex
-from molex.context import RoutingContext
-from molex.experts import LoRAExperts
+from molex.layer.context import RoutingContext
+from molex.layer.experts import LoRAExperts
 from molex.hub import export_average_adapter
-from molex.layer import MoLELinear
+from molex.layer.linear import MoLELinear
 from molex.routers import average_experts, build_router
 from molex.training.consistency import symmetric_kl
 from molex.training.objective import mole_objective

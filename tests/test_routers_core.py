@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from molex.context import RoutingContext
+from molex.layer.context import RoutingContext
 from molex.routers import RoutingDecision, available_routers, build_router
 
 

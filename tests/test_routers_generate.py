@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import molex
-from molex.inject import routers_of
+from molex.layer.inject import routers_of
 from molex.routers import DLPRouter, MiLoRARouter, train_dlp_classifier
 from tests.conftest import assert_close, tiny_llama
 

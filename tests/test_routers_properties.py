@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import molex
-from molex.context import RoutingContext
+from molex.layer.context import RoutingContext
 from molex.routers import available_routers, build_router, get_router_class
 
 TOKEN_ROUTERS = ("topk", "soft", "dynmole", "gate", "switch")
@@ -46,7 +46,7 @@ def make_router(name: str, num_experts: int, in_features: int):
     router = build_router(name, in_features=in_features, num_experts=num_experts, **options)
     if name == "mtl":  # its task transforms are sized by the pool's rank
         router.bind_pool(
-            molex.experts.LoRAExperts(
+            molex.layer.experts.LoRAExperts(
                 in_features=in_features, out_features=3, num_experts=num_experts, rank=2, scaling=1.0, share_A=True
             )
         )

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from molex.context import RoutingContext
-from molex.losses import contrastive_loss, expert_outputs, gate_cross_entropy, tsallis_entropy
+from molex.layer.context import RoutingContext
+from molex.core.losses import contrastive_loss, expert_outputs, gate_cross_entropy, tsallis_entropy
 from molex.routers import SwitchRouter, build_router
 from molex.routers.dlp import top_p_inclusive
 
@@ -282,8 +282,8 @@ def test_bad_options_fail_clearly(name, options, message):
 
 
 def test_switch_dropped_fraction_in_layer_routing_stats():
-    from molex.experts import LoRAExperts
-    from molex.layer import MoLELinear
+    from molex.layer.experts import LoRAExperts
+    from molex.layer.linear import MoLELinear
 
     router = switch(capacity_factor=1.0)
     experts = LoRAExperts(in_features=2, out_features=3, num_experts=2, rank=1, scaling=1.0)

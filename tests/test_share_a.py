@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import molex
-from molex.decision import RoutingDecision
-from molex.experts import LoRAExperts
+from molex.core.decision import RoutingDecision
+from molex.layer.experts import LoRAExperts
 from molex.kernels import available_backends, estimate_cost, mole_delta
 from tests.conftest import assert_close, tiny_llama
 

@@ -16,7 +16,7 @@ from benchmarks.study_measure import compose_config, mole_config_of, routing_hea
 from benchmarks.study_report import aggregate, markdown, plot
 from benchmarks.study_runs import run_all
 from benchmarks.study_variants import VARIANTS, variant_overrides
-from molex.analysis import RoutingReport
+from molex.evaluation.analysis import RoutingReport
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -126,7 +126,7 @@ def test_routing_health_shows_a_collapsed_router():
 
 
 def test_routing_sample_covers_every_task_even_when_the_split_is_grouped():
-    from molex.analysis import _covering
+    from molex.evaluation.analysis import _covering
 
     grouped = [{"input_ids": torch.zeros(4, 3), "task_ids": torch.full((4,), t)} for t in (0, 0, 0, 1, 1, 2, 2, 2)]
     picked = list(_covering(grouped, 3, 8))

@@ -20,9 +20,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from molex.config import MoLEConfig
-from molex.files import atomic_write
-from molex.sources import looks_like_path
+from molex.layer.config import MoLEConfig
+from molex.core.files import atomic_write
+from molex.core.sources import looks_like_path
 
 __all__ = [
     "CLIError",

@@ -19,13 +19,13 @@ from omegaconf import DictConfig
 
 from molex.cli.common import build_datamodule, build_eval_model, check_sources, report_errors, write_json
 
-log = logging.getLogger("molex.eval")
+log = logging.getLogger("molex.evaluation.generation")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Load the model (and adapter), evaluate the test split (or the ``lm_eval.tasks``), write and return
     the metrics."""
-    from molex.eval import evaluate_generation, evaluate_loss
+    from molex.evaluation.generation import evaluate_generation, evaluate_loss
 
     if cfg.lm_eval.tasks is not None:  # lm-evaluation-harness tasks instead of the data's test split
         from molex.cli.harness import evaluate_harness

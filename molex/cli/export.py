@@ -105,7 +105,7 @@ def _task_routes(cfg: DictConfig, tokenizer: Any, per_task: int, only: str | Non
 def _routes(cfg: DictConfig, model: Any, tokenizer: Any, parsed: dict[str, Any]) -> Any:
     """The routes spec of mode=routes / mode=merged (``None``: the fixed router's mixture)."""
     from molex.export.capture import layer_router
-    from molex.inject import mole_layers
+    from molex.layer.inject import mole_layers
 
     if "prompts" in parsed:
         return parsed["prompts"]

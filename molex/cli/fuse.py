@@ -6,7 +6,7 @@
 
 Every adapter is named by its folder; with the built-in data, adapter names are task names. Writes
 the fused model (``fused/``, :func:`molex.save_adapter` format) and ``results.json`` to ``output_dir``
-and prints a Markdown table (:func:`molex.eval.format_table`): each adapter alone on its own task vs
+and prints a Markdown table (:func:`molex.evaluation.generation.format_table`): each adapter alone on its own task vs
 the fused model, then the routing accuracy. The model and the router (with its options) come from the
 ``model`` and ``router`` config groups shared with ``molex-train``; data files are read by
 :mod:`molex.data.readers`, like ``molex-train``'s.
@@ -108,7 +108,7 @@ def _examples(cfg: DictConfig, names: list[str]) -> tuple[list[dict[str, Any]], 
 
 
 def _result(per_task: Mapping[str, float], counts: Mapping[str, int]) -> dict[str, Any]:
-    """``per_task`` accuracies as a :func:`molex.eval.evaluate_generation`-shaped result (for the table)."""
+    """``per_task`` accuracies as a :func:`molex.evaluation.generation.evaluate_generation`-shaped result (for the table)."""
     total = sum(counts[task] for task in per_task)
     overall = sum(per_task[task] * counts[task] for task in per_task) / total if total else None
     return {"per_task": dict(per_task), "counts": dict(counts), "accuracy": overall, "num_examples": total}
@@ -122,8 +122,8 @@ def fuse(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     import molex
-    from molex.eval import format_table
-    from molex.hub.evaluate import evaluate_fused, evaluate_single_adapters, fit_router
+    from molex.evaluation.generation import format_table
+    from molex.evaluation.hub import evaluate_fused, evaluate_single_adapters, fit_router
 
     torch.manual_seed(cfg.seed)
     adapters = resolve_adapters(cfg.adapters)

@@ -51,7 +51,7 @@ def _routing_ids(cfg: DictConfig, tokenizer: Any) -> tuple[int | None, dict[str,
 
 def evaluate_harness(cfg: DictConfig) -> dict[str, Any]:
     """Load the model (and adapter), run ``cfg.lm_eval.tasks`` through lm-eval, write and return the results."""
-    from molex.eval_harness import LMEvalRequestError, lm_eval_table, require_lm_eval, run_lm_eval, write_lm_eval
+    from molex.evaluation.harness import LMEvalRequestError, lm_eval_table, require_lm_eval, run_lm_eval, write_lm_eval
 
     node = cfg.lm_eval
     try:

@@ -32,7 +32,7 @@ from molex.cli.common import (
     write_json,
 )
 from molex.cli.precision import resolve_precision
-from molex.files import atomic_write
+from molex.core.files import atomic_write
 
 log = logging.getLogger("molex.train")
 
@@ -75,7 +75,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _evaluate(model: Any, tokenizer: Any, dm: Any, cfg: DictConfig) -> dict[str, Any]:
-    from molex.eval import evaluate_generation
+    from molex.evaluation.generation import evaluate_generation
 
     return evaluate_generation(
         model,
@@ -199,8 +199,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.utilities import rank_zero_only
 
     import molex
-    from molex.analysis import collect_routing, log_routing_report, plot_routing
-    from molex.auto_allocation import pending_auto_allocation
+    from molex.evaluation.analysis import collect_routing, log_routing_report, plot_routing
+    from molex.allocation.auto import pending_auto_allocation
     from molex.lightning import MoLEModule
     from molex.lightning.checkpoint_io import AtomicCheckpointIO
     from molex.lightning.sharding import gather_adapter, is_sharded
@@ -309,7 +309,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_json(run_dir / "predictions.json", predictions)
     write_json(run_dir / "metrics.json", metrics)
     if "before" in metrics or "after" in metrics:
-        from molex.eval import format_table
+        from molex.evaluation.generation import format_table
 
         print(format_table(metrics.get("before", {}), metrics.get("after", {}), tasks=dm.task_names))
     if "val_lm_loss" in metrics:

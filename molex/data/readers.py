@@ -26,7 +26,7 @@ from typing import Any
 
 import datasets
 
-from molex.sources import looks_like_path
+from molex.core.sources import looks_like_path
 
 logger = logging.getLogger(__name__)
 

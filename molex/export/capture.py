@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from molex.inject import mole_layers
-from molex.layer import MoLELinear
+from molex.layer.inject import mole_layers
+from molex.layer.linear import MoLELinear
 from molex.routers.base import Router
 
 __all__ = [

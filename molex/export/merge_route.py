@@ -22,10 +22,10 @@ from torch import Tensor, nn
 
 from molex.export.capture import is_conv1d
 from molex.export.resolve import RouteSpec, resolve_routes
-from molex.files import check_dir_target, read_json, refuse_foreign, replace_dir, write_json
-from molex.inject import mole_layers
-from molex.io import adapter_state_dict
-from molex.model_argument import takes_model
+from molex.core.files import check_dir_target, read_json, refuse_foreign, replace_dir, write_json
+from molex.layer.inject import mole_layers
+from molex.layer.io import adapter_state_dict
+from molex.core.model_argument import takes_model
 from molex.quant import quantized_kind
 
 __all__ = ["merge_route", "save_merged", "MERGED_MARKER"]

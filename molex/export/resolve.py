@@ -25,7 +25,7 @@ from molex.export.capture import (
     lora_of_gate,
     pool_factors,
 )
-from molex.inject import mole_layers
+from molex.layer.inject import mole_layers
 
 __all__ = ["RoutePrompts", "Route", "RouteSpec", "resolve_routes", "check_per_sequence", "SAME_DECISION_ATOL"]
 

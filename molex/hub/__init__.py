@@ -4,13 +4,13 @@
 * :mod:`~molex.hub.fuse`: fuse adapters into a model as experts, per-adapter routing analytics;
 * :mod:`~molex.hub.train`: train the router of a fused model (the shared :mod:`molex.training` loop);
 * :mod:`~molex.hub.merge`: static merges into one plain PEFT adapter;
-* :mod:`~molex.hub.export_average`: AdaMix's averaged experts as one plain PEFT adapter;
+* :mod:`~molex.export.average`: AdaMix's averaged experts as one plain PEFT adapter;
 * :mod:`~molex.hub.lorahub`: LoraHub's gradient-free search of one weight per adapter;
-* :mod:`~molex.hub.evaluate`: fit and evaluate a fused hub on task-labelled instruction examples.
+* :mod:`~molex.evaluation.hub`: fit and evaluate a fused hub on task-labelled instruction examples.
 """
 
-from molex.hub.evaluate import evaluate_fused, evaluate_single_adapters, fit_router, prompt_batches, task_batches
-from molex.hub.export_average import export_average_adapter
+from molex.evaluation.hub import evaluate_fused, evaluate_single_adapters, fit_router, prompt_batches, task_batches
+from molex.export.average import export_average_adapter
 from molex.hub.fuse import (
     AdapterSource,
     adapter_gates,

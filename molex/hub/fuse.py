@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from molex.config import AllocationConfig, MoLEConfig
-from molex.context import get_context
+from molex.layer.config import AllocationConfig, MoLEConfig
+from molex.layer.context import get_context
 from molex.hub.peft_format import PeftLoraAdapter, read_peft_adapter
-from molex.inject import get_config, inject, is_injected, mole_layers
-from molex.layer import is_supported_linear, linear_dims
-from molex.model_argument import takes_model
+from molex.layer.inject import get_config, inject, is_injected, mole_layers
+from molex.layer.linear import is_supported_linear, linear_dims
+from molex.core.model_argument import takes_model
 from molex.routers.base import get_router_class
 
 __all__ = [

@@ -18,8 +18,8 @@ from torch import nn
 
 from molex.hub.fuse import AdapterSource, fuse_adapters, load_adapters, set_adapter_weights
 from molex.hub.merge import check_merge_output, merge_adapters
-from molex.inject import unload
-from molex.model_argument import takes_model
+from molex.layer.inject import unload
+from molex.core.model_argument import takes_model
 
 __all__ = ["lorahub_search", "LoraHubResult"]
 

@@ -8,7 +8,7 @@ and ``adapter_model.safetensors`` (or the older ``adapter_model.bin``). Weights 
 laid out (GPT-2 ``Conv1D``); the LoRA factors have the same layout either way.
 
 :func:`write_peft_adapter` publishes config and weights together by one folder rename
-(:func:`molex.files.replace_dir`) and marks its weights file's safetensors metadata with
+(:func:`molex.core.files.replace_dir`) and marks its weights file's safetensors metadata with
 ``written_by: molex`` (PEFT ignores metadata), so that only adapters molex wrote are replaced
 without ``overwrite=True``.
 """
@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from molex.files import (
+from molex.core.files import (
     check_dir_target,
     read_json,
     readable_dir,
@@ -282,7 +282,7 @@ def peft_adapter_files(
 
 def write_adapter_files(folder: Path, tensors: Mapping[str, Tensor], config: Mapping[str, Any]) -> None:
     """Write the files of :func:`peft_adapter_files` into ``folder`` (no publishing step: the caller's
-    :func:`~molex.files.replace_dir` publishes the folder it writes in). The weights carry molex's marker."""
+    :func:`~molex.core.files.replace_dir` publishes the folder it writes in). The weights carry molex's marker."""
     save_file(dict(tensors), folder / PEFT_SAFETENSORS_NAME, metadata=_MARKER)
     write_json(folder / PEFT_CONFIG_NAME, dict(config))
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from molex.decision import RoutingDecision
+from molex.core.decision import RoutingDecision
 
 # each backend module registers itself (function, cost and availability) when imported
 from molex.kernels import dense, grouped, megablocks, per_seq, reference, triton_grouped  # noqa: F401

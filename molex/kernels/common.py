@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from molex.decision import RoutingDecision
+from molex.core.decision import RoutingDecision
 
 __all__ = ["scaled_weights", "expert_scaled_weights"]
 

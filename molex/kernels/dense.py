@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from molex.decision import RoutingDecision
+from molex.core.decision import RoutingDecision
 from molex.kernels.cost import Workload
 from molex.kernels.registry import Backend, register_backend
 

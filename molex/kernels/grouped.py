@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from molex.decision import RoutingDecision
+from molex.core.decision import RoutingDecision
 from molex.kernels.common import expert_scaled_weights
 from molex.kernels.cost import Workload
 from molex.kernels.grouped_ops import grouped_expand, grouped_shrink

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from molex.decision import RoutingDecision
+from molex.core.decision import RoutingDecision
 from molex.kernels.common import expert_scaled_weights
 from molex.kernels.cost import Workload
 from molex.kernels.grouped import sort_slots

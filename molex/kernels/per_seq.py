@@ -18,7 +18,7 @@ import math
 
 from torch import Tensor
 
-from molex.decision import RoutingDecision
+from molex.core.decision import RoutingDecision
 from molex.kernels.common import scaled_weights
 from molex.kernels.cost import Workload
 from molex.kernels.grouped import grouped_delta

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from molex.decision import RoutingDecision
+from molex.core.decision import RoutingDecision
 from molex.kernels.common import expert_scaled_weights
 from molex.kernels.cost import Workload
 from molex.kernels.registry import Backend, register_backend

@@ -13,7 +13,7 @@ import os
 
 from torch import Tensor
 
-from molex.decision import RoutingDecision
+from molex.core.decision import RoutingDecision
 from molex.kernels.cost import Workload
 from molex.kernels.registry import auto_candidates, find_backend, get_backend
 

@@ -16,7 +16,7 @@ import os
 import torch
 from torch import Tensor
 
-from molex.decision import RoutingDecision
+from molex.core.decision import RoutingDecision
 from molex.kernels.cost import Workload
 from molex.kernels.grouped import run_grouped
 from molex.kernels.registry import Backend, installed, register_backend

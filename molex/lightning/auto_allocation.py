@@ -1,8 +1,8 @@
 """``AutoAllocation``: the Lightning side of ``AllocationConfig(schedule="auto")``.
 
 When training starts it snapshots the experts; once ``warmup_steps`` optimizer steps are done it
-decides the experts per layer (:func:`molex.auto_allocation.decide_allocation`), re-builds the pools
-(:func:`molex.auto_allocation.reallocate`) and re-creates the optimizer and learning-rate schedule
+decides the experts per layer (:func:`molex.allocation.auto.decide_allocation`), re-builds the pools
+(:func:`molex.allocation.auto.reallocate`) and re-creates the optimizer and learning-rate schedule
 for the new parameters, the schedule continuing at the step it had reached. ``MoLEModule`` adds it by
 itself when its model's allocation is an undecided ``"auto"`` (``configure_callbacks``); pass your own
 instance to the ``Trainer`` to choose where the table and the PNG are written.
@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from molex.auto_allocation import (
+from molex.allocation.auto import (
     AllocationDecision,
     decide_allocation,
     pending_auto_allocation,
@@ -26,7 +26,7 @@ from molex.auto_allocation import (
     reallocate,
     snapshot_experts,
 )
-from molex.files import atomic_write
+from molex.core.files import atomic_write
 
 __all__ = ["AutoAllocation", "TABLE_NAME", "PLOT_NAME"]
 

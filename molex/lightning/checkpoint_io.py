@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from molex.files import atomic_write
+from molex.core.files import atomic_write
 
 __all__ = ["AtomicCheckpointIO"]
 

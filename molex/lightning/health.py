@@ -7,7 +7,7 @@ and
 
 * sends ``health/<layer>/{largest_share, dead_experts, entropy, tiny_margin, load_e<i>}`` and the totals
   ``health/collapsed_layers`` / ``health/dead_experts`` to the trainer's loggers (CSV, TensorBoard);
-* logs one warning line (logger ``molex.health``) when a layer's largest expert share has stayed above
+* logs one warning line (logger ``molex.layer.health``) when a layer's largest expert share has stayed above
   ``collapse_share`` for ``collapse_logs`` consecutive reads, or a layer has more dead experts than at the
   previous read;
 * keeps the history, from which :meth:`~RoutingHealthMonitor.summary_text` writes a per-layer table and
@@ -25,8 +25,8 @@ from typing import Any
 
 import lightning as L
 
-from molex.files import atomic_write
-from molex.health import (
+from molex.core.files import atomic_write
+from molex.layer.health import (
     TINY_MARGIN,
     RoutingHealth,
     disable_routing_health,
@@ -37,7 +37,7 @@ from molex.health import (
 
 __all__ = ["CollapseWatch", "RoutingHealthMonitor"]
 
-log = logging.getLogger("molex.health")
+log = logging.getLogger("molex.layer.health")
 _LISTED = 4  # layers named in one warning line before "and N more"
 
 

@@ -9,10 +9,10 @@ from typing import Any
 import lightning as L
 from torch import Tensor, nn
 
-from molex.config import MoLEConfig
-from molex.context import ROUTING_KWARGS
-from molex.inject import aux_losses_by_kind, get_config, inject, is_injected, mole_layers, routers_of
-from molex.io import adapter_state_dict
+from molex.layer.config import MoLEConfig
+from molex.layer.context import ROUTING_KWARGS
+from molex.layer.inject import aux_losses_by_kind, get_config, inject, is_injected, mole_layers, routers_of
+from molex.layer.io import adapter_state_dict
 from molex.lightning.health import RoutingHealthMonitor
 from molex.lightning.resume import resume_mismatch, training_record
 from molex.lightning.rng import TrainingRNG
@@ -204,7 +204,7 @@ class MoLEModule(L.LightningModule):
         """The routing health monitor (when ``log_routing_every_n_steps > 0``), and ``AutoAllocation`` when
         the model's allocation is an undecided ``schedule="auto"`` and the trainer has none: it decides the
         experts per layer after the warm-up and re-builds the optimizer."""
-        from molex.auto_allocation import pending_auto_allocation
+        from molex.allocation.auto import pending_auto_allocation
         from molex.lightning.auto_allocation import AutoAllocation
 
         callbacks: list[L.Callback] = [self.health_monitor] if self.health_monitor is not None else []

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from molex.inject import get_config, get_plans
+from molex.layer.inject import get_config, get_plans
 from molex.routers.base import get_router_class
 
 __all__ = ["RESUME_FIELDS", "training_record", "resume_mismatch"]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from molex.io import adapter_state_dict
+from molex.layer.io import adapter_state_dict
 from molex.routers.sequence import SharedRouter
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from molex.model_argument import takes_model
+from molex.core.model_argument import takes_model
 from molex.routers.base import Router, RouterConfig
 
 __all__ = ["BALANCE_MODES", "BalanceOptions", "BiasBalancedRouter", "update_balance_biases"]

@@ -1,7 +1,7 @@
 """The router contract: the ``Router`` base class and the registry.
 
-A router maps hidden states ``x [T, d]`` (plus a :class:`~molex.context.RoutingContext`) to a
-:class:`~molex.decision.RoutingDecision` (defined below routers and kernels, re-exported here).
+A router maps hidden states ``x [T, d]`` (plus a :class:`~molex.layer.context.RoutingContext`) to a
+:class:`~molex.core.decision.RoutingDecision` (defined below routers and kernels, re-exported here).
 Routers register by name; :func:`build_router` validates options against the router's config
 dataclass so that typos fail loudly.
 """
@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from molex.decision import RoutingDecision
-from molex.losses import contrastive_loss, expert_outputs
+from molex.core.decision import RoutingDecision
+from molex.core.losses import contrastive_loss, expert_outputs
 
 if TYPE_CHECKING:
-    from molex.context import RoutingContext
+    from molex.layer.context import RoutingContext
 
 __all__ = [
     "RoutingDecision",
@@ -50,7 +50,7 @@ class ContrastiveOptions(RouterConfig):
     """Mixin for token-level routers: the MoELoRA contrastive loss between the experts' outputs.
 
     Attributes:
-        contrastive_coef: weight of :func:`molex.losses.contrastive_loss` (0 disables it). The
+        contrastive_coef: weight of :func:`molex.core.losses.contrastive_loss` (0 disables it). The
             loss needs every expert's output, ``E`` times the LoRA work of the layer, so it is
             computed only while training.
         contrastive_temperature: InfoNCE temperature ``> 0``.

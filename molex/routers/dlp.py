@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from molex._refs import set_unregistered
-from molex.context import RoutingContext
-from molex.losses import gate_cross_entropy, masked_mean
+from molex.core.refs import set_unregistered
+from molex.layer.context import RoutingContext
+from molex.core.losses import gate_cross_entropy, masked_mean
 from molex.routers.base import RouterConfig, RoutingDecision, register_router
 from molex.routers.dlp_encoder import SentenceEncoder, default_encoder_path, encoder_hidden_size
 from molex.routers.sequence import SharedRouter, pool_sequences, sequence_layout
@@ -114,7 +114,7 @@ class DLPRouter(SharedRouter):
             nn.Dropout(config.dropout),
             nn.Linear(hidden, num_experts),
         )
-        # unregistered (see molex._refs): neither the model's embedding table nor the encoder belong to
+        # unregistered (see molex.core.refs): neither the model's embedding table nor the encoder belong to
         # the adapter
         set_unregistered(self, "_embedding", None)
         self._encoder: SentenceEncoder | None = None  # a plain object, loaded at the first encode

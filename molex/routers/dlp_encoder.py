@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from molex.losses import masked_mean
+from molex.core.losses import masked_mean
 
 __all__ = ["default_encoder_path", "encoder_hidden_size", "SentenceEncoder"]
 

@@ -1,7 +1,7 @@
 """DynMoLE hybrid router: top-p routing when the router is confident, all experts when it is not.
 
 ``p = softmax(W_g x)`` (float32). The normalised Tsallis entropy ``H = S_q(p) / S_q,max``
-(:func:`molex.losses.tsallis_entropy`) measures the router's uncertainty per token:
+(:func:`molex.core.losses.tsallis_entropy`) measures the router's uncertainty per token:
 
 * ``H > tau``: the token uses every expert with weight ``p``;
 * otherwise top-p: sort ``p`` descending and keep the experts whose cumulative sum is ``<= top_p``,
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from molex.context import RoutingContext
-from molex.losses import load_balance_loss, masked_mean, tsallis_entropy
+from molex.layer.context import RoutingContext
+from molex.core.losses import load_balance_loss, masked_mean, tsallis_entropy
 from molex.routers.balance import BalanceOptions, BiasBalancedRouter
 from molex.routers.base import ContrastiveOptions, RoutingDecision, float32_logits, register_router
 from molex.routers.top_p import top_p_keep

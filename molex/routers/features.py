@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from molex.context import RoutingContext
+from molex.layer.context import RoutingContext
 from molex.routers.base import Router, RouterConfig, RoutingDecision, register_router
 
 

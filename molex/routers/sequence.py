@@ -11,7 +11,7 @@ A shared router is one module with one decision per input sequence:
 The decision is computed once per generation (``RoutingContext.generation``, incremented at each
 prefill) and reused by every decode step, so ``generate()`` pays the scoring cost once. Each MoLE
 layer reads it through a :class:`SharedRouterView` (its ``router_view``): the layer code has one
-path whatever the router's scope. :mod:`molex.placement` builds and places them in a model.
+path whatever the router's scope. :mod:`molex.layer.placement` builds and places them in a model.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from molex._refs import set_unregistered
-from molex.losses import masked_mean
+from molex.core.refs import set_unregistered
+from molex.core.losses import masked_mean
 from molex.routers.base import Router, RouterConfig, RoutingDecision
 
 if TYPE_CHECKING:
-    from molex.context import RoutingContext
+    from molex.layer.context import RoutingContext
 
 __all__ = ["SharedRouter", "SharedRouterView", "ROUTER_ATTR", "pool_sequences", "sequence_layout"]
 
@@ -121,11 +121,11 @@ class SharedRouterView(nn.Module):
     ``report_losses``: whether this layer reports the router's auxiliary losses (exactly one does).
     """
 
-    router: SharedRouter  # an unregistered reference (see molex._refs)
+    router: SharedRouter  # an unregistered reference (see molex.core.refs)
 
     def __init__(self, router: SharedRouter, *, module_index: int | None, num_experts: int, report_losses: bool):
         super().__init__()
-        # not a submodule: the router's weights belong to its block / the root (see molex._refs)
+        # not a submodule: the router's weights belong to its block / the root (see molex.core.refs)
         set_unregistered(self, "router", router)
         self.module_index = module_index
         self.num_experts = num_experts

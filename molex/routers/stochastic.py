@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from molex.context import RoutingContext
+from molex.layer.context import RoutingContext
 from molex.routers.base import Router, RouterConfig, RoutingDecision, register_router
 
 LEVELS = ("token", "sequence")

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from molex.inject import total_aux_loss
+from molex.layer.inject import total_aux_loss
 from molex.training.consistency import consistency_loss
 
 __all__ = ["MoLELoss", "mole_objective"]

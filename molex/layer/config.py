@@ -1,7 +1,7 @@
 """Configuration of a mixture of LoRA experts: :class:`MoLEConfig`.
 
-Layer-wise allocation (:class:`~molex.allocation.AllocationConfig`, re-exported here) lives with
-its schedules in :mod:`molex.allocation`. Router options live in each router's own config
+Layer-wise allocation (:class:`~molex.allocation.plan.AllocationConfig`, re-exported here) lives with
+its schedules in :mod:`molex.allocation.plan`. Router options live in each router's own config
 dataclass (``molex.routers.<name>``) and are passed here through ``top_k`` / ``router_options``;
 they are validated when the config is made.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from molex.allocation import SCHEDULES, AllocationConfig
+from molex.allocation.plan import SCHEDULES, AllocationConfig
 from molex.kernels import registered_backends
 from molex.routers.base import get_router_class, make_router_config
 

@@ -21,8 +21,8 @@ def format_table(
 ) -> str:
     """A per-task accuracy table (percent) of two results and their change, with the overall row last.
 
-    ``before`` / ``after`` are results of :func:`molex.eval.evaluate_generation` or
-    :func:`molex.eval.score_multiple_choice` (``per_task``, ``counts``, ``accuracy``, ``num_examples``;
+    ``before`` / ``after`` are results of :func:`molex.evaluation.generation.evaluate_generation` or
+    :func:`molex.evaluation.generation.score_multiple_choice` (``per_task``, ``counts``, ``accuracy``, ``num_examples``;
     missing values show as ``-``); rows follow ``tasks`` (for example ``dm.task_names``), then any other
     task in sorted order. ``labels`` name the two result columns (``molex-fuse`` compares "adapter alone"
     with the fused model); ``markdown=True`` writes a Markdown table instead of aligned plain-text columns.

@@ -1,7 +1,7 @@
 """Save and load MoLE adapters: ``adapter_config.json`` + ``adapter.safetensors`` (MoLE weights only).
 
 A save publishes the config and the weights together by one folder rename
-(:func:`molex.files.replace_dir`), so a process killed at any instant of a save leaves a folder
+(:func:`molex.core.files.replace_dir`), so a process killed at any instant of a save leaves a folder
 that loads as the complete previous adapter or the complete new one. The config names the weights'
 checksum and carries ``format: "molex-adapter"``, the marker by which a later save recognises a
 folder it may replace.
@@ -19,10 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from molex.allocation import LayerPlan
-from molex.config import MoLEConfig
-from molex.experts import LoRAExperts
-from molex.files import (
+from molex.allocation.plan import LayerPlan
+from molex.layer.config import MoLEConfig
+from molex.layer.experts import LoRAExperts
+from molex.core.files import (
     check_dir_target,
     read_json,
     readable_dir,
@@ -32,8 +32,8 @@ from molex.files import (
     sha256_file,
     write_json,
 )
-from molex.inject import get_config, get_plans, inject, mole_layers, unload
-from molex.model_argument import takes_model
+from molex.layer.inject import get_config, get_plans, inject, mole_layers, unload
+from molex.core.model_argument import takes_model
 from molex.routers.base import Router
 
 __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "CONFIG_NAME", "WEIGHTS_NAME"]

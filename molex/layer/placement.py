@@ -19,8 +19,8 @@ from molex.routers.base import RouterConfig
 from molex.routers.sequence import ROUTER_ATTR, SharedRouter, SharedRouterView
 
 if TYPE_CHECKING:
-    from molex.allocation import LayerPlan
-    from molex.context import RoutingContext
+    from molex.allocation.plan import LayerPlan
+    from molex.layer.context import RoutingContext
 
 __all__ = ["Placement", "place", "remove"]
 

@@ -1,6 +1,6 @@
 """Checks of the molex routing inputs where they enter the model call, so bad ones fail with one clear line.
 
-The routing context's forward pre-hook (:mod:`molex.context`) calls :func:`check_routing_inputs` once per
+The routing context's forward pre-hook (:mod:`molex.layer.context`) calls :func:`check_routing_inputs` once per
 model call, before any layer runs:
 
 * an empty batch (``input_ids [2, 0]`` or ``[0, 5]``) fails at once, naming its shape (every
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from molex.context import RoutingContext
+    from molex.layer.context import RoutingContext
 
 __all__ = ["IGNORE_TASK_ID", "declare_readers", "check_routing_inputs"]
 

@@ -2,12 +2,12 @@
 
 lm-eval's ``HFLM`` calls a causal LM with token ids only: ``model(input_ids)`` on right-padded rows
 (zeros) for log-likelihoods, ``model.generate(input_ids, attention_mask)`` for generation. The routers
-of a molex model may read more, so this subclass adds, per batch, what :mod:`molex.eval` passes too:
+of a molex model may read more, so this subclass adds, per batch, what :mod:`molex.evaluation.generation` passes too:
 
 * ``task_ids [B]`` (all ``task_id``) and ``features {name: ids [B]}``: one task / feature value for the
   whole run, for ``mtl``, ``features`` and task-supervised ``gate``/``dlp`` routers;
 * ``prompt_mask [B, S]``: for log-likelihoods the context tokens of each request (1) and not its
-  continuation (0), as :func:`molex.eval.score_multiple_choice` marks them, so sequence-level routers
+  continuation (0), as :func:`molex.evaluation.generation.score_multiple_choice` marks them, so sequence-level routers
   decide from the prompt alone and never see the answer being scored (the context's trailing whitespace,
   which lm-eval scores as part of the continuation, counts as prompt, as in molex's templates); for
   generation the prompt;
@@ -21,7 +21,7 @@ A log-likelihood row is matched back to its request by its tokens: lm-eval build
 the same tokens but split them differently between context and continuation get the shorter prompt.
 Rows that match no request (lm-eval's batch-size probe) count as all prompt, no padding.
 
-Imports ``lm_eval`` at the top: import this module only where lm-eval is wanted (:mod:`molex.eval_harness`).
+Imports ``lm_eval`` at the top: import this module only where lm-eval is wanted (:mod:`molex.evaluation.harness`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 from lm_eval.models.huggingface import HFLM
 from torch import Tensor
 
-from molex.context import find_context, routing_inputs
+from molex.layer.context import find_context, routing_inputs
 
 __all__ = ["MolexHFLM"]
 

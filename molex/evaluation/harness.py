@@ -2,12 +2,12 @@
 
 ::
 
-    from molex.eval_harness import run_lm_eval, lm_eval_table
+    from molex.evaluation.harness import run_lm_eval, lm_eval_table
     results = run_lm_eval(model, tokenizer, ["arc_easy", "hellaswag"], num_fewshot=0, task_id=2)
     print(lm_eval_table(results))
 
 The model (molex-injected or plain) is evaluated in memory through lm-eval's ``HFLM`` wrapper
-(:class:`molex.harness_model.MolexHFLM`, which adds the molex routing inputs each batch needs). lm-eval is
+(:class:`molex.evaluation.harness_model.MolexHFLM`, which adds the molex routing inputs each batch needs). lm-eval is
 an optional extra (``pip install 'molex[eval]'``) and is imported only when these functions run.
 """
 
@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import nn
 
-from molex.context import find_context
-from molex.files import atomic_write
+from molex.layer.context import find_context
+from molex.core.files import atomic_write
 from molex.routers.base import Router
 
 __all__ = ["run_lm_eval", "lm_eval_table", "write_lm_eval", "require_lm_eval", "LMEvalRequestError", "INSTALL_HINT"]
@@ -172,7 +172,7 @@ def run_lm_eval(
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from molex.harness_model import MolexHFLM
+    from molex.evaluation.harness_model import MolexHFLM
 
     manager = _task_manager(TaskManager, tasks, include_path)
     unknown = [t for t in tasks if not manager.match_tasks([t])]

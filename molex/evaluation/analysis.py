@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from molex.context import ROUTING_KWARGS
-from molex.eval import eval_autocast
-from molex.files import atomic_write
-from molex.inject import mole_layers
+from molex.layer.context import ROUTING_KWARGS
+from molex.evaluation.generation import eval_autocast
+from molex.core.files import atomic_write
+from molex.layer.inject import mole_layers
 
 __all__ = ["RoutingReport", "collect_routing", "plot_routing", "log_routing_report"]
 
@@ -142,7 +142,7 @@ def collect_routing(
     once every task of ``task_names`` has them, so a sample covers every task even when the data is
     grouped by task (a task missing from ``batches`` ends the pass with the data). ``max_batches`` caps
     the batches used either way. ``precision``: ``"float32"`` or ``"bf16"`` (autocast, see
-    :func:`molex.eval.eval_autocast`). The model is put in eval mode for the pass and restored afterwards.
+    :func:`molex.evaluation.generation.eval_autocast`). The model is put in eval mode for the pass and restored afterwards.
     """
     if per_task is not None:
         if per_task < 1:

@@ -2,7 +2,7 @@
 
 Shared by ``molex-fuse`` and ``benchmarks/demo_hub.py``. Examples are dicts ``{"instruction",
 "input", "output", "task"}`` (the built-in multi-task set's format); an example's ``task`` names the
-adapter that should handle it. Needs :mod:`molex.data` and :mod:`molex.eval` (torch only).
+adapter that should handle it. Needs :mod:`molex.data` and :mod:`molex.evaluation.generation` (torch only).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from torch import nn
 
 from molex.data.collate import pad_collate
 from molex.data.templates import encode_example, encode_prompt, format_prompt, resolve_template
-from molex.eval import evaluate_generation
+from molex.evaluation.generation import evaluate_generation
 from molex.hub.fuse import adapter_names, fuse_adapters, routing_accuracy
 from molex.hub.train import train_router
-from molex.inject import get_config, unload
+from molex.layer.inject import get_config, unload
 from molex.training import get_text_fitter
 
 __all__ = ["task_batches", "prompt_batches", "fit_router", "evaluate_single_adapters", "evaluate_fused"]

@@ -5,7 +5,7 @@ DLP-LoRA: the unit that decides), :func:`routing_health` reports
 
 * ``load``: each expert's share of the routed weight over real tokens (padding excluded through the
   attention mask): the mean gate per expert of :meth:`MoLELinear.routing_stats` /
-  :class:`molex.analysis.RoutingReport`, divided by its sum, so the shares add up to 1;
+  :class:`molex.evaluation.analysis.RoutingReport`, divided by its sum, so the shares add up to 1;
 * ``largest_share``: the largest of them (1/E is perfectly even, 1 is a collapsed router);
 * ``dead_experts``: experts whose share is below ``1 / (10 E)`` (:data:`DEAD_SHARE`);
 * ``entropy``: the mean over real tokens of the router's entropy divided by ``log E``, as in
@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from molex._refs import get_unregistered, pop_unregistered, set_unregistered
-from molex.decision import RoutingDecision, repeat_rows
-from molex.inject import mole_layers
-from molex.model_argument import takes_model
+from molex.core.refs import get_unregistered, pop_unregistered, set_unregistered
+from molex.core.decision import RoutingDecision, repeat_rows
+from molex.layer.inject import mole_layers
+from molex.core.model_argument import takes_model
 
 __all__ = [
     "DEAD_SHARE",

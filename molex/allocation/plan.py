@@ -5,9 +5,9 @@ name (:func:`register_schedule`), so a new one is one more registration, and
 :class:`AllocationConfig` validates its ``schedule`` against the registry.
 
 ``schedule="auto"`` decides the counts from the model and the data: it holds the even split of
-``total_experts`` until a short warm-up has measured each layer (:mod:`molex.auto_allocation`), which
+``total_experts`` until a short warm-up has measured each layer (:mod:`molex.allocation.auto`), which
 then records its decision as ``per_layer``. Imports nothing of molex at run time but the pure
-:mod:`molex.apportion`: :mod:`molex.config` builds on it.
+:mod:`molex.allocation.budget`: :mod:`molex.layer.config` builds on it.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from molex.apportion import apportion
+from molex.allocation.budget import apportion
 
 if TYPE_CHECKING:
-    from molex.config import MoLEConfig
+    from molex.layer.config import MoLEConfig
 
 __all__ = [
     "AllocationConfig",
@@ -67,7 +67,7 @@ def get_schedule(name: str) -> Schedule:
     except KeyError:
         raise ValueError(
             f"unknown allocation schedule {name!r}; known: {sorted(SCHEDULES)} "
-            "(register your own with molex.allocation.register_schedule)"
+            "(register your own with molex.allocation.plan.register_schedule)"
         ) from None
 
 
@@ -131,7 +131,7 @@ register_schedule("mola-decreasing", group_schedule(8, 6, 4, 2))
 register_schedule("mola-hourglass", group_schedule(8, 2, 2, 8))
 register_schedule("mola-diamond", group_schedule(2, 8, 8, 2))
 register_schedule("mola-uniform", group_schedule(5, 5, 5, 5))
-# decided from the model and the data after a warm-up: see molex.auto_allocation
+# decided from the model and the data after a warm-up: see molex.allocation.auto
 register_schedule("auto", _auto)
 
 
@@ -145,7 +145,7 @@ class AllocationConfig:
 
     ``schedule="auto"`` shares ``total_experts`` (or ``budget_schedule``'s total on the model) among the
     layers from a signal measured after ``warmup_steps`` of training on the even split, each layer
-    getting ``min_experts`` to ``max_experts`` (see :mod:`molex.auto_allocation`); the decision is then
+    getting ``min_experts`` to ``max_experts`` (see :mod:`molex.allocation.auto`); the decision is then
     stored here as ``per_layer``, so a saved adapter rebuilds the same pools without a warm-up.
     """
 

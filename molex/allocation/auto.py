@@ -2,7 +2,7 @@
 
 ``AllocationConfig(schedule="auto", total_experts=N)`` injects the even split of ``N`` experts over the
 decoder layers. After ``warmup_steps`` of training, :func:`decide_allocation` measures one signal per
-layer and shares ``N`` in proportion to it (:func:`molex.apportion.apportion`: largest remainder, within
+layer and shares ``N`` in proportion to it (:func:`molex.allocation.budget.apportion`: largest remainder, within
 ``min_experts`` .. ``max_experts``, summing to ``N`` exactly, so the parameter budget is unchanged), and
 :func:`reallocate` re-builds the pools with those counts, warm-started from the warm-up's experts. The
 decision is stored in the model's config as ``allocation.per_layer``: a saved adapter records it and
@@ -32,14 +32,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from molex.allocation import AllocationConfig, auto_bounds, layers_spanned
-from molex.apportion import apportion
-from molex.files import atomic_write
-from molex.health import enable_routing_health, routing_health_settings
-from molex.inject import decoder_layers, get_config, get_plans, inject, mole_layers, unload
-from molex.io import adapter_state_dict
-from molex.model_argument import takes_model
-from molex.tables import format_rows
+from molex.allocation.plan import AllocationConfig, auto_bounds, layers_spanned
+from molex.allocation.budget import apportion
+from molex.core.files import atomic_write
+from molex.layer.health import enable_routing_health, routing_health_settings
+from molex.layer.inject import decoder_layers, get_config, get_plans, inject, mole_layers, unload
+from molex.layer.io import adapter_state_dict
+from molex.core.model_argument import takes_model
+from molex.core.tables import format_rows
 from molex.training import OptimSettings, train_steps
 from molex.training.objective import mole_objective
 

@@ -11,17 +11,17 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from molex._refs import get_unregistered, pop_unregistered, set_unregistered
-from molex.allocation import LayerPlan, plan_allocation
-from molex.config import MoLEConfig
-from molex.context import install_context, remove_context
-from molex.experts import LoRAExperts
-from molex.layer import MoLELinear, is_supported_linear, linear_dims
-from molex.model_argument import takes_model
-from molex.placement import place, remove
+from molex.core.refs import get_unregistered, pop_unregistered, set_unregistered
+from molex.allocation.plan import LayerPlan, plan_allocation
+from molex.layer.config import MoLEConfig
+from molex.layer.context import install_context, remove_context
+from molex.layer.experts import LoRAExperts
+from molex.layer.linear import MoLELinear, is_supported_linear, linear_dims
+from molex.core.model_argument import takes_model
+from molex.layer.placement import place, remove
 from molex.quant import needs_dense_backward, quantized_kind
 from molex.routers.base import Router, get_router_class
-from molex.routing_checks import declare_readers
+from molex.layer.routing_checks import declare_readers
 
 __all__ = [
     "inject",
@@ -204,7 +204,7 @@ def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     state = {"config": config, "plans": plans, "requires_grad": requires_grad, "placement": placement}
-    set_unregistered(model, _STATE_ATTR, state)  # bookkeeping, not part of the model (see molex._refs)
+    set_unregistered(model, _STATE_ATTR, state)  # bookkeeping, not part of the model (see molex.core.refs)
     return model
 
 

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from molex.context import ROUTING_KWARGS, find_context
-from molex.context import routing_inputs as pin_routing_inputs
+from molex.layer.context import ROUTING_KWARGS, find_context
+from molex.layer.context import routing_inputs as pin_routing_inputs
 from molex.data.collate import pad_collate
 from molex.data.templates import IGNORE_INDEX, encode_answer, encode_prompt, resolve_template
-from molex.tables import format_table
+from molex.core.tables import format_table
 
 __all__ = [
     "evaluate_generation",

@@ -7,14 +7,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from molex._refs import set_unregistered
-from molex.decision import RoutingDecision
-from molex.experts import LoRAExperts
+from molex.core.refs import set_unregistered
+from molex.core.decision import RoutingDecision
+from molex.layer.experts import LoRAExperts
 from molex.kernels import mole_delta
 from molex.routers.base import Router
 
 if TYPE_CHECKING:
-    from molex.context import RoutingContext
+    from molex.layer.context import RoutingContext
 
 __all__ = ["MoLELinear", "linear_dims", "is_supported_linear"]
 
@@ -85,7 +85,7 @@ class MoLELinear(nn.Module):
         if router is not None:
             router.bind_pool(experts)
         # a shared router is not a submodule here: its parameters belong to the block that owns it
-        # (an unregistered reference, see molex._refs)
+        # (an unregistered reference, see molex.core.refs)
         set_unregistered(self, "_router_view", router_view)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.kernel_backend = kernel_backend

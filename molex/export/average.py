@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from molex.hub.peft_format import write_peft_adapter
-from molex.inject import get_config, mole_layers
+from molex.layer.inject import get_config, mole_layers
 from molex.routers.stochastic import StochasticRouter, average_experts
 
 __all__ = ["export_average_adapter"]

@@ -10,7 +10,7 @@ the hook
 * decides prefill vs decode from the KV cache: a forward with no cache, or an empty one,
   starts a new generation (``generation`` is incremented) and sequence-level routers recompute
   their decision; decode steps reuse it;
-* checks the molex inputs where they enter (:mod:`molex.routing_checks`): an empty batch, and at
+* checks the molex inputs where they enter (:mod:`molex.layer.routing_checks`): an empty batch, and at
   each prefill the ``task_ids`` / ``prompt_mask`` that a router of the model reads, fail with one
   clear error; a ``route_text`` or ``sentence_embeddings`` that no router reads gives one warning.
 
@@ -27,9 +27,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from molex._refs import get_unregistered, pop_unregistered, set_unregistered
-from molex.model_argument import takes_model
-from molex.routing_checks import check_routing_inputs
+from molex.core.refs import get_unregistered, pop_unregistered, set_unregistered
+from molex.core.model_argument import takes_model
+from molex.layer.routing_checks import check_routing_inputs
 
 __all__ = ["RoutingContext", "ROUTING_KWARGS", "routing_inputs", "get_context", "generate"]
 
@@ -161,7 +161,7 @@ def install_context(model: nn.Module) -> RoutingContext:
     if ctx is not None:
         return ctx
     ctx = RoutingContext()
-    set_unregistered(model, _CONTEXT_ATTR, ctx)  # per-model state, not in state_dict (see molex._refs)
+    set_unregistered(model, _CONTEXT_ATTR, ctx)  # per-model state, not in state_dict (see molex.core.refs)
     set_unregistered(model, _HOOK_ATTR, model.register_forward_pre_hook(_routing_pre_hook, with_kwargs=True))
     return ctx
 
