@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import molex
 from molex.layer.health import LayerHealth, RoutingHealth
-from molex.lightning.health import CollapseWatch
+from molex.lightning.health import CollapseWatch, HealthSettings
 from tests.conftest import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -247,7 +247,7 @@ def health_of(shares: list[float], dead: int = 0) -> RoutingHealth:
 
 
 def test_the_collapse_warning_fires_after_n_consecutive_collapsed_logs_and_not_before():
-    watch = CollapseWatch(collapse_share=0.95, collapse_logs=3)
+    watch = CollapseWatch(HealthSettings(collapse_share=0.95, collapse_logs=3))
     assert watch.observe(10, health_of([0.99, 0.5])) is None
     assert watch.observe(20, health_of([0.99, 0.96])) is None
     line = watch.observe(30, health_of([0.99, 0.96]))
@@ -263,7 +263,7 @@ def test_the_collapse_warning_fires_after_n_consecutive_collapsed_logs_and_not_b
 
 
 def test_dead_experts_are_warned_about_when_their_number_grows():
-    watch = CollapseWatch(collapse_share=0.95, collapse_logs=3)
+    watch = CollapseWatch(HealthSettings(collapse_share=0.95, collapse_logs=3))
     line = watch.observe(5, health_of([0.5], dead=2))
     assert "dead experts" in line and "layers.0.q_proj 2/4" in line
     assert watch.observe(10, health_of([0.5], dead=2)) is None
@@ -271,10 +271,18 @@ def test_dead_experts_are_warned_about_when_their_number_grows():
     assert watch.observe(20, health_of([0.5], dead=2)) is not None
 
 
-@pytest.mark.parametrize("bad", [{"collapse_share": 1.5}, {"collapse_logs": 0}])
-def test_bad_health_settings_fail_clearly(bad):
-    with pytest.raises(ValueError, match="health collapse"):
-        CollapseWatch(**bad)
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"collapse_share": 1.5}, r"collapse_share must be in \(0, 1\].*got 1.5"),
+        ({"collapse_logs": 0}, "collapse_logs must be >= 1.*got 0"),
+        ({"log_every_n_steps": -1}, "log_every_n_steps must be >= 0.*got -1"),
+        ({"collapse_logs": 2.5}, "collapse_logs must be a whole number, got 2.5"),
+    ],
+)
+def test_bad_health_settings_fail_clearly(bad, message):
+    with pytest.raises(ValueError, match=message):
+        HealthSettings(**bad)
 
 
 # ------------------------------------------------------------------ molex-train

@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader
 import molex
 from molex.layer.inject import routers_of
 from molex.lightning import MoLEModule, warmup_cosine
+from molex.lightning.health import HealthSettings
+from molex.training import OptimSettings
 from tests.conftest import tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -55,9 +57,8 @@ def make_module(router: str = "topk", **options) -> MoLEModule:
     return MoLEModule(
         model=lambda: tiny_llama(num_layers=2),
         mole_config=cfg,
-        learning_rate=1e-2,
-        warmup_steps=2,
-        log_routing_every_n_steps=1,
+        optim=OptimSettings(lr=1e-2, warmup_steps=2, min_lr_ratio=0.1),
+        health=HealthSettings(log_every_n_steps=1),
     )
 
 
@@ -195,7 +196,7 @@ def test_constructor_errors():
     injected = molex.inject(tiny_llama(num_layers=1), molex.MoLEConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="already has MoLE layers"):
         MoLEModule(model=injected, mole_config=molex.MoLEConfig(target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="learning_rate"):
+    with pytest.raises(ValueError, match="learning rate must be > 0, got 0"):
         MoLEModule(model=injected, learning_rate=0)
 
 

@@ -13,6 +13,7 @@ and
 * keeps the history, from which :meth:`~RoutingHealthMonitor.summary_text` writes a per-layer table and
   :meth:`~RoutingHealthMonitor.plot` a PNG of largest share and dead experts per layer against the step.
 
+:class:`HealthSettings` holds the read interval and the warning rule's thresholds, checked once;
 :class:`CollapseWatch` is the warning rule alone (no Lightning).
 """
 
@@ -35,7 +36,7 @@ from molex.layer.health import (
     routing_health,
 )
 
-__all__ = ["CollapseWatch", "RoutingHealthMonitor"]
+__all__ = ["HealthSettings", "CollapseWatch", "RoutingHealthMonitor"]
 
 log = logging.getLogger("molex.layer.health")
 _LISTED = 4  # layers named in one warning line before "and N more"
@@ -50,29 +51,60 @@ def _listing(items: list[str]) -> str:
     return ", ".join(items[:_LISTED]) + (f" and {more} more" if more > 0 else "")
 
 
+@dataclass(frozen=True, kw_only=True)
+class HealthSettings:
+    """When routing health is read and when a layer counts as collapsed.
+
+    Attributes:
+        log_every_n_steps: read (and log per-layer expert load and router entropy) every this many optimiser
+            steps; ``0`` turns both off.
+        collapse_share: a layer whose largest expert share stays above this (in ``(0, 1]``) ...
+        collapse_logs: ... for this many consecutive reads (``>= 1``) gets a one-line warning.
+
+    Each message starts with the field's name, so a config front end can prefix its own path
+    (``health.collapse_share ...``).
+    """
+
+    log_every_n_steps: int = 50
+    collapse_share: float = 0.95
+    collapse_logs: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("log_every_n_steps", "collapse_logs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        if self.log_every_n_steps < 0:
+            raise ValueError(f"log_every_n_steps must be >= 0 (0: no routing logs), got {self.log_every_n_steps}")
+        share = self.collapse_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0.0 < share <= 1.0:
+            raise ValueError(f"collapse_share must be in (0, 1] (a share of the routed weight), got {share!r}")
+        if self.collapse_logs < 1:
+            raise ValueError(f"collapse_logs must be >= 1 (consecutive logged reads), got {self.collapse_logs}")
+
+
 @dataclass
 class CollapseWatch:
     """The warning rule. :meth:`observe` takes each read and returns the warning line, or ``None``.
 
-    A layer is *collapsed* once its largest share exceeds ``collapse_share`` in ``collapse_logs`` consecutive
-    reads (warned once; a read at or below the threshold starts the count again). Dead experts are warned
-    about when a layer has more of them than at its previous read.
+    A layer is *collapsed* once its largest share exceeds ``settings.collapse_share`` in
+    ``settings.collapse_logs`` consecutive reads (warned once; a read at or below the threshold starts the
+    count again). Dead experts are warned about when a layer has more of them than at its previous read.
     """
 
-    collapse_share: float = 0.95
-    collapse_logs: int = 3
+    settings: HealthSettings = field(default_factory=HealthSettings)
     streak: dict[str, int] = field(default_factory=dict)
     dead: dict[str, int] = field(default_factory=dict)
     #: first step at which each layer was reported collapsed
     collapsed_at: dict[str, int] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if not 0.0 < self.collapse_share <= 1.0:
-            raise ValueError(
-                f"health collapse_share must be in (0, 1] (a share of the routed weight), got {self.collapse_share}"
-            )
-        if self.collapse_logs < 1:
-            raise ValueError(f"health collapse_logs must be >= 1 (consecutive logged reads), got {self.collapse_logs}")
+    @property
+    def collapse_share(self) -> float:
+        return self.settings.collapse_share
+
+    @property
+    def collapse_logs(self) -> int:
+        return self.settings.collapse_logs
 
     def observe(self, step: int, health: RoutingHealth) -> str | None:
         collapsed, dead = [], []
@@ -100,23 +132,19 @@ class RoutingHealthMonitor(L.Callback):
     """Reads, logs and watches routing health every ``every_n_steps`` optimiser steps (see the module doc).
 
     Args:
-        every_n_steps: read interval in optimiser steps (``>= 1``).
-        collapse_share, collapse_logs: the :class:`CollapseWatch` rule.
+        settings: the read interval (``settings.log_every_n_steps``, here ``>= 1``) and the
+            :class:`CollapseWatch` rule.
         margin_threshold: log-probability gap under which a token counts as undecided (``tiny_margin``).
     """
 
-    def __init__(
-        self,
-        *,
-        every_n_steps: int,
-        collapse_share: float = 0.95,
-        collapse_logs: int = 3,
-        margin_threshold: float = TINY_MARGIN,
-    ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        self.every_n_steps = every_n_steps
-        self.watch = CollapseWatch(collapse_share=collapse_share, collapse_logs=collapse_logs)
+    def __init__(self, settings: HealthSettings, *, margin_threshold: float = TINY_MARGIN) -> None:
+        if not isinstance(settings, HealthSettings):
+            raise TypeError(f"settings must be a HealthSettings, got {type(settings).__name__}")
+        if settings.log_every_n_steps < 1:
+            raise ValueError("HealthSettings(log_every_n_steps=0) turns routing health off: build no monitor for it")
+        self.settings = settings
+        self.every_n_steps = settings.log_every_n_steps
+        self.watch = CollapseWatch(settings)
         self.margin_threshold = margin_threshold
         #: ``(step, health)`` of every read
         self.history: list[tuple[int, RoutingHealth]] = []

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -13,7 +14,8 @@ from molex.layer.config import MoLEConfig
 from molex.layer.context import ROUTING_KWARGS
 from molex.layer.inject import aux_losses_by_kind, get_config, inject, is_injected, mole_layers, routers_of
 from molex.layer.io import adapter_state_dict
-from molex.lightning.health import RoutingHealthMonitor
+from molex.lightning.health import HealthSettings, RoutingHealthMonitor
+from molex.lightning.module_settings import module_settings
 from molex.lightning.resume import resume_mismatch, training_record
 from molex.lightning.rng import TrainingRNG
 from molex.lightning.sharding import is_sharded, shard_model
@@ -35,18 +37,17 @@ class MoLEModule(L.LightningModule):
         model: a causal LM (``nn.Module`` whose forward takes ``input_ids``, ``attention_mask``,
             ``labels`` and returns ``.loss``), or a zero-argument factory returning one.
         mole_config: injected into ``model`` here; leave ``None`` when ``model`` is already injected.
-        learning_rate: peak AdamW learning rate.
-        weight_decay: AdamW weight decay (on trainable parameters only).
-        warmup_steps: linear warm-up steps before the cosine decay.
-        min_lr_ratio: the cosine decays to ``learning_rate * min_lr_ratio`` at the last step.
-        betas: AdamW betas.
-        router_lr_scale: the routers' peak learning rate is ``learning_rate * router_lr_scale``.
-        log_routing_every_n_steps: how often per-layer expert load and router entropy are logged, and routing
-            health read over the steps since the last read (:class:`~molex.lightning.health.RoutingHealthMonitor`,
-            added by :meth:`configure_callbacks`; 0 disables both; each log writes values per expert of every
-            MoLE layer).
-        health_collapse_share, health_collapse_logs: a layer whose largest expert share stays above
-            ``health_collapse_share`` for ``health_collapse_logs`` consecutive health reads gets a warning.
+        optim: AdamW, warm-up/cosine schedule and the routers' learning-rate scale
+            (:class:`~molex.training.OptimSettings`; gradient clipping is the trainer's ``gradient_clip_val``,
+            so ``optim.max_grad_norm`` must stay ``None``). Default: ``lr=1e-3``, ``min_lr_ratio=0.1``.
+        health: how often per-layer expert load and router entropy are logged and routing health is read
+            over the steps since the last read (:class:`~molex.lightning.health.RoutingHealthMonitor`, added by
+            :meth:`configure_callbacks`; ``log_every_n_steps=0`` disables both), and the collapse warning's
+            thresholds (:class:`~molex.lightning.health.HealthSettings`).
+        **flat: the earlier flat keywords, still accepted and turned into the settings once:
+            ``learning_rate``, ``weight_decay``, ``warmup_steps``, ``min_lr_ratio``, ``betas``,
+            ``router_lr_scale`` (into ``optim``), ``log_routing_every_n_steps``, ``health_collapse_share``,
+            ``health_collapse_logs`` (into ``health``). They cannot be mixed with the settings they fill.
 
     Batches are dicts with ``input_ids [B, S]``, ``attention_mask [B, S]``, ``labels [B, S]``
     (-100 where no loss) and optionally ``task_ids [B]`` / ``prompt_mask [B, S]``, which reach the
@@ -66,23 +67,12 @@ class MoLEModule(L.LightningModule):
         *,
         model: nn.Module | Callable[[], nn.Module],
         mole_config: MoLEConfig | None = None,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.999),
-        router_lr_scale: float = 1.0,
-        log_routing_every_n_steps: int = 50,
-        health_collapse_share: float = 0.95,
-        health_collapse_logs: int = 3,
+        optim: OptimSettings | Mapping[str, Any] | None = None,
+        health: HealthSettings | Mapping[str, Any] | None = None,
+        **flat: Any,
     ) -> None:
         super().__init__()
-        if learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
-        # the schedule and router settings fail here, with OptimSettings' messages, not when fitting starts
-        OptimSettings(
-            lr=learning_rate, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, router_lr_scale=router_lr_scale
-        )
+        self.optim, self.health = module_settings(optim, health, flat)
         if not isinstance(model, nn.Module):
             model = model()
         if mole_config is not None:
@@ -93,17 +83,14 @@ class MoLEModule(L.LightningModule):
             raise ValueError("the model has no MoLE layers: pass mole_config=MoLEConfig(...) to inject them")
         # pretrained models load in eval mode; train mode enables the experts' dropout (the base stays frozen)
         self.model = model.train()
-        self.save_hyperparameters(ignore=["model", "mole_config"])
+        # plain dicts and numbers: checkpoints stay loadable with torch.load(weights_only=True)
+        self.save_hyperparameters({"optim": asdict(self.optim), "health": asdict(self.health)})
         # the base weights are not in our checkpoints: `on_load_checkpoint` checks the adapter keys itself
         self.strict_loading = False
         self._rng = TrainingRNG()  # what dropout and router noise draw from inside training steps
         self.health_monitor: RoutingHealthMonitor | None = None
-        if log_routing_every_n_steps:  # built now so that bad health settings fail here, not at fit time
-            self.health_monitor = RoutingHealthMonitor(
-                every_n_steps=log_routing_every_n_steps,
-                collapse_share=health_collapse_share,
-                collapse_logs=health_collapse_logs,
-            )
+        if self.health.log_every_n_steps:
+            self.health_monitor = RoutingHealthMonitor(self.health)
 
     @property
     def mole_config(self) -> MoLEConfig:
@@ -136,7 +123,7 @@ class MoLEModule(L.LightningModule):
         size = batch["input_ids"].shape[0]
         self._log_losses("train", loss, lm_loss, aux, size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=size)
-        every = self.hparams.log_routing_every_n_steps
+        every = self.health.log_every_n_steps
         if every and self.global_step % every == 0:
             self.log_dict(self.routing_metrics(), batch_size=size)
         return loss
@@ -176,21 +163,8 @@ class MoLEModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         update_balance_biases(self.model)
 
-    def optim_settings(self) -> OptimSettings:
-        """The optimizer and schedule settings of this module (gradient clipping is the trainer's
-        ``gradient_clip_val``)."""
-        hp = self.hparams
-        return OptimSettings(
-            lr=hp.learning_rate,
-            weight_decay=hp.weight_decay,
-            betas=tuple(hp.betas),
-            warmup_steps=hp.warmup_steps,
-            min_lr_ratio=hp.min_lr_ratio,
-            router_lr_scale=hp.router_lr_scale,
-        )
-
     def configure_optimizers(self) -> dict[str, Any]:
-        settings = self.optim_settings()
+        settings = self.optim
         routers = [p for router in routers_of(self.model).values() for p in router.parameters()]
         trainable = (p for p in self.model.parameters() if p.requires_grad)
         optimizer = build_optimizer(trainable, settings, router_params=routers)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,15 +19,15 @@ from torch import Tensor, nn
 __all__ = ["OptimSettings", "warmup_cosine", "build_optimizer", "build_scheduler", "clip_gradients"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OptimSettings:
-    """How trainable parameters are updated.
+    """How trainable parameters are updated; every value is checked once, here.
 
     Attributes:
         lr: peak AdamW learning rate (> 0).
-        weight_decay: AdamW weight decay.
-        betas: AdamW betas.
-        warmup_steps: linear warm-up steps before the cosine decay.
+        weight_decay: AdamW weight decay (>= 0).
+        betas: AdamW betas, two numbers in [0, 1).
+        warmup_steps: linear warm-up steps before the cosine decay (>= 0).
         min_lr_ratio: the cosine decays to ``lr * min_lr_ratio`` at the last step; ``1.0`` keeps the
             learning rate constant after the warm-up.
         max_grad_norm: clip the global gradient norm to this value before each step (``None``: no
@@ -36,6 +36,9 @@ class OptimSettings:
         router_lr_scale: the routers' learning rate is ``lr * router_lr_scale`` (warm-up and decay
             apply to both); ``1.0`` trains routers and experts at one rate. Anything else needs
             :func:`build_optimizer`'s ``router_params``.
+
+    Each message starts with the field's name, so a config front end can prefix its own path
+    (``optim.lr: ...``).
     """
 
     lr: float = 1e-3
@@ -47,20 +50,37 @@ class OptimSettings:
     router_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay", "min_lr_ratio", "router_lr_scale"):
+            _require_number(name, getattr(self, name))
         if not self.lr > 0:
-            raise ValueError(f"the learning rate must be > 0, got {self.lr}")
+            raise ValueError(f"lr: the learning rate must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(
-                f"need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1, got {self.warmup_steps}, {self.min_lr_ratio}"
-            )
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {self.max_grad_norm}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: need a whole number warmup_steps >= 0, got {self.warmup_steps!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must satisfy 0 <= min_lr_ratio <= 1, got {self.min_lr_ratio}")
+        if self.max_grad_norm is not None:
+            _require_number("max_grad_norm", self.max_grad_norm)
+            if not self.max_grad_norm > 0:
+                raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {self.max_grad_norm}")
         if not (math.isfinite(self.router_lr_scale) and self.router_lr_scale > 0):
             raise ValueError(
                 f"router_lr_scale must be a finite number > 0 (1.0: the experts' rate), got {self.router_lr_scale}"
             )
+        betas = tuple(self.betas) if isinstance(self.betas, Sequence) and not isinstance(self.betas, str) else ()
+        if len(betas) != 2 or not all(_is_number(b) and 0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        object.__setattr__(self, "betas", tuple(float(b) for b in betas))  # a config list becomes the tuple
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _require_number(name: str, value: object) -> None:
+    if not _is_number(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:

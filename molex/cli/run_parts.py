@@ -1,0 +1,160 @@
+"""What ``molex-train`` builds from its config groups before fitting: the typed settings (``optim``,
+``health``), the callbacks (``callbacks``), the loggers (``logger``) and the trainer.
+
+Every node is a ``_target_`` node; a bad value stops here with one line naming it
+(``optim.lr: the learning rate must be > 0, got 0``), before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, open_dict
+
+from molex.cli.common import CLIError, instantiate
+from molex.cli.precision import resolve_precision
+
+__all__ = [
+    "build_settings",
+    "step_checkpoints",
+    "build_callbacks",
+    "build_loggers",
+    "auto_allocation_callback",
+    "check_auto_allocation",
+    "build_trainer",
+]
+
+log = logging.getLogger("molex.train")
+
+#: what to install when a logger's package is missing
+_LOGGER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow-skinny", "tensorboard": "tensorboard"}
+
+
+def build_settings(node: DictConfig, group: str) -> Any:
+    """The settings dataclass of a ``_target_`` group node (``optim``, ``health``), checked once by its
+    ``__post_init__``. A message that starts with a field's name gets the group's path in front of it
+    (``optim.router_lr_scale must be ...``); any other error reads ``<group>: ...``."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node)
+    except (InstantiationException, ValueError, TypeError) as err:
+        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+        text = str(cause)
+        fields = [k for k in node if not str(k).startswith("_")]
+        named = any(text.startswith((f"{k} ", f"{k}:")) for k in fields)
+        raise CLIError(f"{group}.{text}" if named else f"{group}: {text}") from None
+
+
+def step_checkpoints(*, dirpath: str | Path, every_n_train_steps: int | None, save_weights_only: bool) -> Any:
+    """``checkpoints/last.ckpt`` at the end, plus ``step-<n>.ckpt`` every ``every_n_train_steps`` steps
+    (``None``: the last one only); ``save_weights_only``: adapter weights and configs, no optimizer state."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    if every_n_train_steps is not None and (isinstance(every_n_train_steps, bool) or every_n_train_steps < 1):
+        raise ValueError(
+            f"checkpoint.every_n_train_steps={every_n_train_steps!r}: need a step count >= 1, or null for "
+            "one checkpoint at the end"
+        )
+    return ModelCheckpoint(
+        dirpath=dirpath,
+        filename="step-{step}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=every_n_train_steps,
+        save_top_k=-1 if every_n_train_steps else 0,
+        save_last=True,
+        save_weights_only=save_weights_only,
+    )
+
+
+def build_callbacks(cfg: DictConfig) -> list[Any]:
+    """The callbacks of ``cfg.callbacks``, in order; an entry may give one callback or a list (``null`` entries,
+    e.g. ``callbacks.progress=null``, are left out)."""
+    callbacks: list[Any] = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        built = instantiate(node, f"callbacks.{name}")
+        callbacks.extend(built if isinstance(built, list | tuple) else [built])
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    """The loggers of ``cfg.logger``. A missing package stops the run naming what to install; only the default's
+    TensorBoard logger is left out instead (the run logs to CSV), as before the logger group existed."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    loggers: list[Any] = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None:
+            continue
+        try:
+            loggers.append(hydra_instantiate(node))
+        except (InstantiationException, ModuleNotFoundError, ImportError) as err:
+            cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+            missing = next((pkg for key, pkg in _LOGGER_PACKAGES.items() if key in str(cause).lower()), None)
+            if not isinstance(cause, ModuleNotFoundError | ImportError) or missing is None:
+                raise CLIError(f"logger.{name}: {cause}") from None
+            if name == "tensorboard":
+                log.info("tensorboard is not installed: logging to CSV only")
+                continue
+            raise CLIError(
+                f"logger.{name} needs the {missing} package, which is not installed: pip install 'molex[loggers]' "
+                "(or pick another logger: logger=tensorboard | csv | wandb | mlflow)"
+            ) from None
+        except (ValueError, TypeError) as err:
+            raise CLIError(f"logger.{name}: {err}") from None
+    return loggers
+
+
+def auto_allocation_callback(model: Any, run_dir: Path) -> Any:
+    """``allocation=auto``: the callback that decides the experts per layer after the warm-up and writes the
+    decision into ``run_dir``; ``None`` for any other allocation."""
+    from molex.allocation.auto import pending_auto_allocation
+
+    if pending_auto_allocation(model) is None:
+        return None
+    from molex.lightning.auto_allocation import AutoAllocation
+
+    return AutoAllocation(output_dir=run_dir)
+
+
+def check_auto_allocation(cfg: DictConfig, mole_config: Any) -> None:
+    """``allocation=auto`` decides after its warm-up: the run must train past it."""
+    alloc = mole_config.allocation
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if alloc is None or alloc.schedule != "auto" or alloc.per_layer is not None or max_steps is None or max_steps < 0:
+        return
+    if alloc.warmup_steps >= max_steps:
+        raise CLIError(
+            f"allocation.warmup_steps={alloc.warmup_steps} leaves no training after the automatic allocation "
+            f"(trainer.max_steps={max_steps}); lower allocation.warmup_steps or raise trainer.max_steps"
+        )
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> Any:
+    """The ``cfg.trainer`` Lightning Trainer, with ``trainer.precision=auto`` resolved for this machine (and
+    recorded in ``cfg``, so config.yaml says what ran) and checkpoints written atomically."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from molex.lightning.checkpoint_io import AtomicCheckpointIO
+
+    precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
+    if precision != cfg.trainer.get("precision"):
+        log.info("trainer.precision=auto: %s on this machine", precision)
+        with open_dict(cfg):
+            cfg.trainer.precision = precision
+    return instantiate(
+        cfg.trainer,
+        "trainer",
+        logger=loggers,
+        callbacks=callbacks,
+        default_root_dir=Path(cfg.run_dir),
+        # plain progress lines replace the bar when the output is not a terminal: Lightning must not add its own
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
+        plugins=[AtomicCheckpointIO()],  # a kill while a checkpoint is written leaves the previous one intact
+    )
