@@ -143,9 +143,11 @@ def test_multirun_sweeps_routers(tmp_path):
 
 
 def test_setup_builds_the_injected_model_and_the_data_once(tmp_path):
-    from molex.cli.train import setup
+    from molex.cli.run_parts import prepare_run
 
-    built = setup(compose_train(tmp_path))
+    run = prepare_run(compose_train(tmp_path))
+    built = run.built
+    assert run.optim.router_lr_scale == 10.0 and run.health.log_every_n_steps == 20
     assert molex.get_config(built.model) == built.mole_config  # injected here, handed to MoLEModule as it is
     assert built.mole_config.router == "topk" and built.datamodule.datasets["train"]
     assert built.datamodule.tokenizer is built.tokenizer

@@ -1,5 +1,6 @@
-"""What ``molex-train`` builds from its config groups before fitting: the typed settings (``optim``,
-``health``), the callbacks (``callbacks``), the loggers (``logger``) and the trainer.
+"""What ``molex-train`` builds from its config before fitting (:func:`prepare_run`): the typed settings
+(``optim``, ``health``), the callbacks (``callbacks``), the loggers (``logger``), the injected model and data
+(after the resume and auto-allocation checks) and the trainer.
 
 Every node is a ``_target_`` node; a bad value stops here with one line naming it
 (``optim.lr: the learning rate must be > 0, got 0``), before the model is loaded.
@@ -8,22 +9,26 @@ Every node is a ``_target_`` node; a bad value stops here with one line naming i
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
-from molex.cli.common import CLIError, instantiate
+from molex.cli.common import CLIError, TrainingObjects, build_training, check_trainer, instantiate
 from molex.cli.precision import resolve_precision
+from molex.cli.resume_checks import check_resumable, check_resume_matches, check_router_lr_scale
 
 __all__ = [
     "build_settings",
+    "progress_bar",
     "step_checkpoints",
     "build_callbacks",
     "build_loggers",
     "auto_allocation_callback",
     "check_auto_allocation",
-    "build_trainer",
+    "PreparedRun",
+    "prepare_run",
 ]
 
 log = logging.getLogger("molex.train")
@@ -32,10 +37,10 @@ log = logging.getLogger("molex.train")
 _LOGGER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow-skinny", "tensorboard": "tensorboard"}
 
 
-def build_settings(node: DictConfig, group: str) -> Any:
-    """The settings dataclass of a ``_target_`` group node (``optim``, ``health``), checked once by its
-    ``__post_init__``. A message that starts with a field's name gets the group's path in front of it
-    (``optim.router_lr_scale must be ...``); any other error reads ``<group>: ...``."""
+def _build(node: DictConfig, what: str) -> Any:
+    """``hydra.utils.instantiate`` with the user's mistake in one line. A message that starts with one of the
+    node's field names gets the node's path in front of it (``optim.router_lr_scale must be ...``); any other
+    reads ``<what>: ...``."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
 
@@ -44,9 +49,22 @@ def build_settings(node: DictConfig, group: str) -> Any:
     except (InstantiationException, ValueError, TypeError) as err:
         cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
         text = str(cause)
-        fields = [k for k in node if not str(k).startswith("_")]
-        named = any(text.startswith((f"{k} ", f"{k}:")) for k in fields)
-        raise CLIError(f"{group}.{text}" if named else f"{group}: {text}") from None
+        fields = [str(k) for k in node if not str(k).startswith("_")]
+        named = any(text.startswith((f"{k} ", f"{k}:", f"{k}=")) for k in fields)
+        raise CLIError(f"{what}.{text}" if named else f"{what}: {text}") from None
+
+
+def build_settings(node: DictConfig, group: str) -> Any:
+    """The settings dataclass of a ``_target_`` group node (``optim``, ``health``), checked once by its
+    ``__post_init__``; a bad value raises :class:`CLIError` naming ``<group>.<field>``."""
+    return _build(node, group)
+
+
+def progress_bar(*, enable_progress_bar: bool, log_every_n_steps: int) -> list[Any]:
+    """:func:`molex.cli.progress.progress_callbacks` from the two trainer options it reads."""
+    from molex.cli.progress import progress_callbacks
+
+    return progress_callbacks({"enable_progress_bar": enable_progress_bar, "log_every_n_steps": log_every_n_steps})
 
 
 def step_checkpoints(*, dirpath: str | Path, every_n_train_steps: int | None, save_weights_only: bool) -> Any:
@@ -77,7 +95,7 @@ def build_callbacks(cfg: DictConfig) -> list[Any]:
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None:
             continue
-        built = instantiate(node, f"callbacks.{name}")
+        built = _build(node, f"callbacks.{name}")
         callbacks.extend(built if isinstance(built, list | tuple) else [built])
     return callbacks
 
@@ -123,10 +141,9 @@ def auto_allocation_callback(model: Any, run_dir: Path) -> Any:
     return AutoAllocation(output_dir=run_dir)
 
 
-def check_auto_allocation(cfg: DictConfig, mole_config: Any) -> None:
-    """``allocation=auto`` decides after its warm-up: the run must train past it."""
+def check_auto_allocation(max_steps: int | None, mole_config: Any) -> None:
+    """``allocation=auto`` decides after its warm-up: the run (``trainer.max_steps``) must train past it."""
     alloc = mole_config.allocation
-    max_steps = cfg.trainer.get("max_steps", -1)
     if alloc is None or alloc.schedule != "auto" or alloc.per_layer is not None or max_steps is None or max_steps < 0:
         return
     if alloc.warmup_steps >= max_steps:
@@ -136,25 +153,54 @@ def check_auto_allocation(cfg: DictConfig, mole_config: Any) -> None:
         )
 
 
-def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> Any:
-    """The ``cfg.trainer`` Lightning Trainer, with ``trainer.precision=auto`` resolved for this machine (and
-    recorded in ``cfg``, so config.yaml says what ran) and checkpoints written atomically."""
+@dataclass(frozen=True)
+class PreparedRun:
+    """Everything ``molex-train`` fits with, built and checked from the config."""
+
+    optim: Any  # molex.training.optim.OptimSettings
+    health: Any  # molex.lightning.health.HealthSettings
+    built: TrainingObjects  # the injected model, tokenizer, MoLE config and data module
+    trainer: Any  # lightning.Trainer
+    auto: Any  # the AutoAllocation callback with allocation=auto, else None
+
+
+def prepare_run(cfg: DictConfig) -> PreparedRun:
+    """Check every option, then build the settings, callbacks, loggers, the injected model and data, and the
+    trainer. Raises :class:`CLIError` for any bad option, source or ``ckpt_path``, before anything is trained.
+
+    The groups that need no model come first (a bad ``optim.lr`` fails before the model loads); the
+    config then goes to :mod:`molex.cli.common` once, for the model, the data and the trainer.
+    """
     from lightning.pytorch.callbacks import ProgressBar
 
     from molex.lightning.checkpoint_io import AtomicCheckpointIO
 
+    run_dir = Path(cfg.run_dir)
+    optim, health = build_settings(cfg.optim, "optim"), build_settings(cfg.health, "health")
+    callbacks, loggers = build_callbacks(cfg), build_loggers(cfg)
+    checkpoint = check_resumable(cfg.ckpt_path) if cfg.ckpt_path is not None else None
     precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
     if precision != cfg.trainer.get("precision"):
         log.info("trainer.precision=auto: %s on this machine", precision)
         with open_dict(cfg):
-            cfg.trainer.precision = precision
-    return instantiate(
+            cfg.trainer.precision = precision  # config.yaml records what ran
+    check_trainer(cfg.trainer)
+    built = build_training(cfg)
+    check_auto_allocation(cfg.trainer.get("max_steps", -1), built.mole_config)
+    if checkpoint is not None:
+        check_resume_matches(cfg.ckpt_path, checkpoint, built)
+        check_router_lr_scale(cfg.ckpt_path, checkpoint, optim)
+    auto = auto_allocation_callback(built.model, run_dir)
+    if auto is not None:
+        callbacks.append(auto)
+    trainer = instantiate(
         cfg.trainer,
         "trainer",
         logger=loggers,
         callbacks=callbacks,
-        default_root_dir=Path(cfg.run_dir),
+        default_root_dir=run_dir,
         # plain progress lines replace the bar when the output is not a terminal: Lightning must not add its own
         enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
         plugins=[AtomicCheckpointIO()],  # a kill while a checkpoint is written leaves the previous one intact
     )
+    return PreparedRun(optim=optim, health=health, built=built, trainer=trainer, auto=auto)

@@ -23,8 +23,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from molex.cli.common import TrainingObjects, build_training, check_trainer, report_errors
-from molex.cli.resume_checks import check_resumable, check_resume_matches, check_router_lr_scale
+from molex.cli.common import report_errors
 from molex.cli.run_outputs import (
     checkpoint_metrics,
     evaluate,
@@ -35,40 +34,16 @@ from molex.cli.run_outputs import (
     write_health,
     write_run_start,
 )
-from molex.cli.run_parts import (
-    auto_allocation_callback,
-    build_callbacks,
-    build_loggers,
-    build_settings,
-    build_trainer,
-    check_auto_allocation,
-)
-from molex.training.optim import OptimSettings
+from molex.cli.run_parts import prepare_run
 
 log = logging.getLogger("molex.train")
-
-
-def setup(cfg: DictConfig, *, optim: OptimSettings | None = None) -> TrainingObjects:
-    """Check the training options, then build the injected model, MoLE config, data and tokenizer once.
-
-    ``optim`` is the run's checked ``cfg.optim`` (built from it when not given). Raises :class:`CLIError`
-    for any bad option or source, before anything is evaluated or trained.
-    """
-    check_trainer(cfg.trainer)
-    checkpoint = check_resumable(cfg.ckpt_path) if cfg.ckpt_path is not None else None
-    optim = optim if optim is not None else build_settings(cfg.optim, "optim")
-    built = build_training(cfg)
-    check_auto_allocation(cfg, built.mole_config)
-    if checkpoint is not None:
-        check_resume_matches(cfg.ckpt_path, checkpoint, built)
-        check_router_lr_scale(cfg.ckpt_path, checkpoint, optim)
-    return built
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job as configured; returns the metrics written to ``metrics.json``."""
     from lightning.pytorch.utilities import rank_zero_only
 
+    import molex
     from molex.lightning import MoLEModule
 
     start = time.perf_counter()
@@ -77,12 +52,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     is_main = rank_zero_only.rank == 0
-    optim, health = build_settings(cfg.optim, "optim"), build_settings(cfg.health, "health")
-    callbacks, loggers = build_callbacks(cfg), build_loggers(cfg)
-    built = setup(cfg, optim=optim)
-    model, tokenizer, dm = built.model, built.tokenizer, built.datamodule
-    auto = auto_allocation_callback(model, run_dir)  # allocation=auto: decided after the warm-up, into run_dir
-    trainer = build_trainer(cfg, [*callbacks, auto] if auto is not None else callbacks, loggers)
+    run = prepare_run(cfg)  # every check, then the settings, model, data and trainer
+    model, tokenizer, dm, trainer = run.built.model, run.built.tokenizer, run.built.datamodule, run.trainer
 
     metrics: dict[str, Any] = {"run_dir": str(run_dir)}
     if is_main and cfg.eval.before:
@@ -90,12 +61,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("evaluating the untrained model on %d test examples", len(dm.test_examples()))
         metrics["before"] = evaluate(model, tokenizer, dm, cfg)
         log.info("untrained exact-match accuracy: %.1f%%", 100 * metrics["before"]["accuracy"])
-    module = MoLEModule(model=model, optim=optim, health=health)  # model: injected by setup, trained as it is
+    module = MoLEModule(model=model, optim=run.optim, health=run.health)  # injected once, trained as it is
     table = write_run_start(cfg, run_dir, module.model) if is_main else ""
 
     fit_start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
-    metrics.update(fit_metrics(trainer, time.perf_counter() - fit_start, auto))
+    metrics.update(fit_metrics(trainer, time.perf_counter() - fit_start, run.auto))
     model = trained_model(cfg, module, trainer)
     if model is None:  # FSDP: the other ranks are done once the adapter is gathered
         return metrics
@@ -104,8 +75,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["checkpoint"] = sizes
     if cfg.eval.after:
         metrics["after"] = evaluate(model, tokenizer, dm, cfg)
-    import molex
-
     molex.save_adapter(model, run_dir / "adapter")
     write_health(run_dir, table, module.health_monitor)
     if (routing := routing_analysis(cfg, model, dm, trainer, run_dir)) is not None:
