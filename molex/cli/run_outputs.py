@@ -28,6 +28,7 @@ __all__ = [
     "write_health",
     "routing_analysis",
     "finish",
+    "close_trackers",
 ]
 
 log = logging.getLogger("molex.train")
@@ -168,3 +169,11 @@ def finish(metrics: dict[str, Any], run_dir: Path, start: float, task_names: Any
     if "val_lm_loss" in metrics:
         print(f"validation LM loss: {metrics['val_lm_loss']:.4f} (auxiliary losses not included)")
     print(f"run directory: {run_dir}  (wall time {metrics['wall_seconds']:.0f} s)")
+
+
+def close_trackers(loggers: Any) -> None:
+    """End the W&B run the loggers opened, so its local files are complete when ``train`` returns and the next
+    run in this process (``-m`` sweeps) opens its own instead of logging into this one."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()

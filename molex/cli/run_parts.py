@@ -9,6 +9,7 @@ Every node is a ``_target_`` node; a bad value stops here with one line naming i
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ __all__ = [
     "step_checkpoints",
     "build_callbacks",
     "build_loggers",
+    "mlflow_logger",
     "auto_allocation_callback",
     "check_auto_allocation",
     "PreparedRun",
@@ -114,7 +116,9 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
             loggers.append(hydra_instantiate(node))
         except (InstantiationException, ModuleNotFoundError, ImportError) as err:
             cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
-            missing = next((pkg for key, pkg in _LOGGER_PACKAGES.items() if key in str(cause).lower()), None)
+            # Lightning's own message may not name the package: the entry's name and target do
+            named = f"{name} {node.get('_target_', '')} {cause}".lower()
+            missing = next((pkg for key, pkg in _LOGGER_PACKAGES.items() if key in named), None)
             if not isinstance(cause, ModuleNotFoundError | ImportError) or missing is None:
                 raise CLIError(f"logger.{name}: {cause}") from None
             if name == "tensorboard":
@@ -127,6 +131,17 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
         except (ValueError, TypeError) as err:
             raise CLIError(f"logger.{name}: {err}") from None
     return loggers
+
+
+def mlflow_logger(*, tracking_uri: str, **options: Any) -> Any:
+    """Lightning's ``MLFlowLogger``. MLflow 3 refuses a ``file:`` store unless ``MLFLOW_ALLOW_FILE_STORE`` is set;
+    the offline default (a file store in the run directory) is chosen on purpose, so it is allowed here, for
+    ``file:`` URIs only and unless the variable is already set."""
+    if tracking_uri.startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return MLFlowLogger(tracking_uri=tracking_uri, **options)
 
 
 def auto_allocation_callback(model: Any, run_dir: Path) -> Any:

@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from molex.cli.common import report_errors
 from molex.cli.run_outputs import (
     checkpoint_metrics,
+    close_trackers,
     evaluate,
     finish,
     fit_metrics,
@@ -69,6 +70,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics.update(fit_metrics(trainer, time.perf_counter() - fit_start, run.auto))
     model = trained_model(cfg, module, trainer)
     if model is None:  # FSDP: the other ranks are done once the adapter is gathered
+        close_trackers(trainer.loggers)
         return metrics
 
     if (sizes := checkpoint_metrics(run_dir, model)) is not None:
@@ -80,6 +82,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if (routing := routing_analysis(cfg, model, dm, trainer, run_dir)) is not None:
         metrics["routing"] = routing
     finish(metrics, run_dir, start, dm.task_names)
+    close_trackers(trainer.loggers)
     return metrics
 
 
