@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "adapter": str(adapter),
         "model": args.model,
-        "router": molex.get_config(model).router,
+        "router": molex.get_config(model).router_name,
         "test_examples": routed["num_examples"],
         "calibration_batches": args.calibration_batches,
         "rows": rows,

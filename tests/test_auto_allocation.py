@@ -318,5 +318,5 @@ def test_the_study_variant_shares_the_2468_total():
     assert VARIANTS["mola_auto"].mixture
     config = mole_config_of(compose_config(variant_overrides("mola_auto")))
     alloc = config.allocation
-    assert config.router == "topk" and alloc.schedule == "auto" and alloc.total_experts is None
+    assert config.router_name == "topk" and alloc.schedule == "auto" and alloc.total_experts is None
     assert alloc.budget_schedule == "mola-increasing" and alloc.min_experts == 2

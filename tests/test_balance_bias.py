@@ -261,5 +261,5 @@ def test_the_study_variant_selects_bias_balancing():
     from benchmarks.study_variants import variant_overrides
 
     config = mole_config_of(compose_config(variant_overrides("mola_bias")))
-    assert config.router == "topk" and config.allocation.schedule == "mola-increasing"
+    assert config.router_name == "topk" and config.allocation.schedule == "mola-increasing"
     assert config.router_options["balance"] == "bias" and config.router_options["balance_gamma"] == 1e-3

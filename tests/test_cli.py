@@ -61,7 +61,7 @@ def test_train_end_to_end_writes_the_run_directory(tmp_path):
 
     model, _ = load_model("tiny-llama")
     loaded = molex.load_adapter(model, run / "adapter")
-    assert molex.get_config(loaded).router == "topk"
+    assert molex.get_config(loaded).router_name == "topk"
     csv = (run / "logs" / "metrics.csv").read_text()
     assert "train/loss" in csv and "routing/" in csv
 
@@ -139,7 +139,7 @@ def test_multirun_sweeps_routers(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for router in ("topk", "soft"):
         config = json.loads((tmp_path / router / "adapter" / "adapter_config.json").read_text())
-        assert config["mole_config"]["router"] == router
+        assert config["mole_config"]["router"]["name"] == router
 
 
 def test_setup_builds_the_injected_model_and_the_data_once(tmp_path):
@@ -149,7 +149,7 @@ def test_setup_builds_the_injected_model_and_the_data_once(tmp_path):
     built = run.built
     assert run.optim.router_lr_scale == 10.0 and run.health.log_every_n_steps == 20
     assert molex.get_config(built.model) == built.mole_config  # injected here, handed to MoLEModule as it is
-    assert built.mole_config.router == "topk" and built.datamodule.datasets["train"]
+    assert built.mole_config.router_name == "topk" and built.datamodule.datasets["train"]
     assert built.datamodule.tokenizer is built.tokenizer
     from molex.lightning import MoLEModule
 

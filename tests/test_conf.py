@@ -47,7 +47,7 @@ def test_router_confs_instantiate(router):
         pytest.skip(f"router {router!r} is not registered in this build")
     config = instantiate(cfg.router)
     assert isinstance(config, molex.routers.get_router_class(router).config_class)
-    assert build_mole_config(cfg).router == router
+    assert build_mole_config(cfg).router_name == router
 
 
 @pytest.mark.parametrize("allocation", options("allocation"))

@@ -32,7 +32,7 @@ def test_round_trip_is_exact(tmp_path):
     model = trained()
     molex.save_adapter(model, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert cfg["mole_config"]["router"] == "topk" and cfg["molex_version"] == molex.__version__
+    assert cfg["mole_config"]["router"]["name"] == "topk" and cfg["molex_version"] == molex.__version__
     assert [layer["num_experts"] for layer in cfg["layers"]][::2] == [2, 4, 6, 8]
     weights = load_file(tmp_path / "adapter.safetensors")
     assert weights and all(("experts" in k or "router" in k) for k in weights)  # MoLE weights only

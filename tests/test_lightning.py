@@ -153,7 +153,7 @@ def test_checkpoint_holds_only_adapter_and_config(tmp_path):
     tr.save_checkpoint(tmp_path / "a.ckpt")
     ckpt = torch.load(tmp_path / "a.ckpt", weights_only=True)
     assert set(ckpt["state_dict"]) == {f"model.{k}" for k in molex.adapter_state_dict(module.model)}
-    assert ckpt["molex"]["mole_config"]["router"] == "topk"
+    assert ckpt["molex"]["mole_config"]["router"]["name"] == "topk"
     assert not any("base_layer" in k or "embed" in k for k in ckpt["state_dict"])
 
 

@@ -23,9 +23,9 @@ from molex.evaluation.analysis import RoutingReport
 def test_every_variant_composes_into_a_valid_mole_config(name):
     config = mole_config_of(compose_config(variant_overrides(name, matched_rank=44, num_tasks=8)))
     if VARIANTS[name].mixture:
-        assert config.router != "fixed"
+        assert config.router_name != "fixed"
     else:
-        assert config.router == "fixed" and config.num_experts == 1
+        assert config.router_name == "fixed" and config.num_experts == 1
         assert config.alpha == 2 * config.rank  # the experts' alpha / rank
     if name == "lora_matched":
         assert config.rank == 44
@@ -33,7 +33,7 @@ def test_every_variant_composes_into_a_valid_mole_config(name):
         assert config.num_experts == 8 and config.router_options["task_loss_coef"] > 0
     expected_router = {"adamix": "stochastic", "flix_task": "features", "mtl": "mtl", "hydra_top2": "topk"}
     if name in expected_router:
-        assert config.router == expected_router[name]
+        assert config.router_name == expected_router[name]
     if name == "flix_task":
         assert config.router_options["features"] == {"task": 8}
     if name == "mtl":

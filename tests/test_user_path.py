@@ -119,7 +119,7 @@ def test_fuse_through_the_console_script_with_train_s_config_groups(scripts, hub
     assert "| add |" in proc.stdout and "routing accuracy (dlp)" in proc.stdout
     assert json.loads((tmp_path / "out" / "results.json").read_text())["router"] == "dlp"
     loaded = molex.load_adapter(load_model("tiny-llama")[0], tmp_path / "out" / "fused")
-    assert molex.adapter_names(loaded) == ["add", "parity"] and molex.get_config(loaded).router == "dlp"
+    assert molex.adapter_names(loaded) == ["add", "parity"] and molex.get_config(loaded).router_name == "dlp"
 
 
 @pytest.mark.parametrize("script", ["molex-fuse", "molex-train"])

@@ -119,12 +119,7 @@ def build_mole_config(cfg: DictConfig) -> MoLEConfig:
     allocation = instantiate(cfg.allocation, "allocation")
     mole = OmegaConf.to_container(cfg.mole, resolve=True)
     try:
-        return MoLEConfig(
-            **mole,
-            router=cfg.router.name,
-            router_options=dataclasses.asdict(router_config),
-            allocation=allocation,
-        )
+        return MoLEConfig(**mole, router=router_config, allocation=allocation)
     except (ValueError, TypeError) as err:
         raise CLIError(f"mole: {err}") from None
 

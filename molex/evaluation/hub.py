@@ -106,7 +106,7 @@ def fit_router(
     ``task_loss_coef`` * cross-entropy to the example's adapter (MeteoRA-style supervision).
     """
     names = adapter_names(model)
-    fit_texts = get_text_fitter(get_config(model).router)
+    fit_texts = get_text_fitter(get_config(model).router_name)
     if fit_texts is not None:
         resolved = resolve_template(tokenizer, template)
         texts = [format_prompt(tokenizer, ex, resolved) for ex in examples]

@@ -162,7 +162,7 @@ def export_routes(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "base_model_name_or_path": config.base_model_name_or_path,
-        "router": config.router,
+        "router": config.router_name,
         "routes": entries,
         "by_name": by_name,
     }

@@ -27,7 +27,7 @@ from molex.hub.peft_format import PeftLoraAdapter, read_peft_adapter
 from molex.layer.inject import get_config, inject, is_injected, mole_layers
 from molex.layer.linear import is_supported_linear, linear_dims
 from molex.core.model_argument import takes_model
-from molex.routers.base import get_router_class
+from molex.routers.base import Scope, get_router_class
 
 __all__ = [
     "fuse_adapters",
@@ -113,12 +113,12 @@ def _fused_config(
     experts = {n: [i for i, a in enumerate(adapters) if n in a.modules] for n in names}
     ranks = {n: max(adapters[i].modules[n].rank for i in experts[n]) for n in names}
     scope = get_router_class(router).scope
-    if scope == "block":
+    if scope is Scope.BLOCK:
         raise ValueError(
             f"router {router!r} chooses among the modules of a decoder block, not among adapters; "
             "use a per-layer router (gate, soft, topk, fixed) or a per-sequence one (dlp)"
         )
-    if scope == "model":
+    if scope is Scope.MODEL:
         # one decision over adapters for every layer: each layer holds every adapter (slot == adapter
         # index); an adapter that does not target a module is a zero expert there, which adds nothing
         experts = {n: list(range(len(adapters))) for n in names}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import logging
@@ -11,17 +12,17 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from molex.core.refs import get_unregistered, pop_unregistered, set_unregistered
 from molex.allocation.plan import LayerPlan, plan_allocation
+from molex.core.model_argument import takes_model
+from molex.core.refs import get_unregistered, pop_unregistered, set_unregistered
 from molex.layer.config import MoLEConfig
 from molex.layer.context import install_context, remove_context
 from molex.layer.experts import LoRAExperts
 from molex.layer.linear import MoLELinear, is_supported_linear, linear_dims
-from molex.core.model_argument import takes_model
 from molex.layer.placement import place, remove
-from molex.quant import needs_dense_backward, quantized_kind
-from molex.routers.base import Router, get_router_class
 from molex.layer.routing_checks import declare_readers
+from molex.quant import needs_dense_backward, quantized_kind
+from molex.routers.base import Router, RouterConfig, Scope
 
 __all__ = [
     "inject",
@@ -100,8 +101,15 @@ def _adapter_dtype(base: nn.Module, config: MoLEConfig) -> torch.dtype:
 
 
 def _build_layer(
-    base: nn.Module, plan: LayerPlan, config: MoLEConfig, router_view: nn.Module | None = None
+    base: nn.Module,
+    plan: LayerPlan,
+    config: MoLEConfig,
+    router_cls: type[Router],
+    router_config: RouterConfig,
+    router_view: nn.Module | None = None,
 ) -> MoLELinear:
+    """One MoLE layer around ``base``: its own ``router_cls`` router (built with the shared, already
+    validated ``router_config``) or, for a block / model router, ``router_view``."""
     in_features, out_features = linear_dims(base)
     device = base.weight.device
     experts = LoRAExperts(
@@ -112,13 +120,12 @@ def _build_layer(
         scaling=config.scaling_for(plan.rank),
         dtype=_adapter_dtype(base, config),
         device=device,
-        share_A=config.share_A or get_router_class(config.router).needs_shared_a,
+        share_A=config.share_A or router_cls.needs_shared_a,
     )
     router = None
     if router_view is None:
-        router_cls = get_router_class(config.router)
         try:
-            router = router_cls(in_features=in_features, num_experts=plan.num_experts, config=config.router_config())
+            router = router_cls(in_features=in_features, num_experts=plan.num_experts, config=router_config)
         except ValueError as err:
             raise ValueError(f"layer {plan.name!r} ({plan.num_experts} experts): {err}") from None
         router.to(device=device, dtype=torch.float32)
@@ -132,16 +139,18 @@ def _build_layer(
     )
 
 
-def _router_fixed_experts(plans: list[LayerPlan], config: MoLEConfig) -> list[LayerPlan]:
+def _router_fixed_experts(
+    plans: list[LayerPlan], router_cls: type[Router], router_config: RouterConfig
+) -> list[LayerPlan]:
     """The plans with the expert count the router's rule fixes, when it fixes one (see ``Router.fixed_num_experts``)."""
-    fixed = get_router_class(config.router).fixed_num_experts(config.router_config())
+    fixed = router_cls.fixed_num_experts(router_config)
     if fixed is None:
         return plans
     differ = sorted({plan.num_experts for plan in plans if plan.num_experts != fixed})
     if differ:
         logger.warning(
             "router %r fixes %d experts per layer; the allocation's expert counts %s are not used",
-            config.router, fixed, differ,
+            router_cls.name, fixed, differ,
         )  # fmt: skip
     return [dataclasses.replace(plan, num_experts=fixed) for plan in plans]
 
@@ -152,6 +161,9 @@ def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
 
     Returns ``model``. The base weights are kept (as ``<name>.base_layer``) and frozen; only the
     experts and routers train. A fresh injection leaves outputs unchanged (``B = 0``).
+    ``config`` is not changed: the model keeps a copy (with ``base_model_name_or_path`` filled in from
+    the model when unset), which :func:`get_config` returns. The router class is looked up once and every
+    router is built from the one config dataclass ``config.router``.
     Quantized linears (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, torchao weight-only) are wrapped
     as they are; their experts are float32 (or the base's compute dtype with ``autocast_adapter_dtype=False``).
     """
@@ -159,9 +171,14 @@ def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
         raise TypeError(f"inject needs a molex.MoLEConfig, got {type(config).__name__}")
     if is_injected(model):
         raise ValueError("model already has MoLE layers; call molex.unload(model) before injecting again")
-    router_cls = get_router_class(config.router)
-    if router_cls.scope not in ("linear", "block", "model"):
-        raise ValueError(f"router {config.router!r} has scope {router_cls.scope!r}, which inject cannot place")
+    router_cls = config.router_class()  # the one registry lookup of this inject
+    recorded = copy.deepcopy(config)  # the model's copy; the caller's config stays as given
+    router_config = recorded.router  # every router is built from this one object (get_config(model).router)
+    if not isinstance(router_cls.scope, Scope):  # set on the class after it was created
+        raise ValueError(
+            f"router {router_cls.name!r} has scope {router_cls.scope!r}, which inject cannot place; "
+            "declare scope = Scope.LINEAR, Scope.BLOCK or Scope.MODEL (molex.routers.base.Scope)"
+        )
     names = find_target_modules(model, config)
     no_backward = [name for name, module in model.named_modules() if needs_dense_backward(module)]
     if no_backward:
@@ -171,17 +188,21 @@ def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
             "before inject (load_model(..., quantization='torchao-int4') already does)",
             len(no_backward), no_backward[0],
         )  # fmt: skip
-    plans = _router_fixed_experts(plan_allocation(names, config, num_layers=decoder_layers(model)), config)
+    plans = plan_allocation(names, config, num_layers=decoder_layers(model))
+    plans = _router_fixed_experts(plans, router_cls, router_config)
     modules = dict(model.named_modules())
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     context = install_context(model)
     placement = None
     try:
-        if router_cls.scope != "linear":  # one router shared by several layers, seen through views
+        if router_cls.scope is not Scope.LINEAR:  # one router shared by several layers, seen through views
             dims = {plan.name: linear_dims(modules[plan.name])[0] for plan in plans}
-            placement = place(model, router_cls, plans, config.router_config(), dims, context)
+            placement = place(model, router_cls, plans, router_config, dims, context)
         views = placement.views if placement is not None else {}
-        new_layers = {plan.name: _build_layer(modules[plan.name], plan, config, views.get(plan.name)) for plan in plans}
+        new_layers = {
+            plan.name: _build_layer(modules[plan.name], plan, config, router_cls, router_config, views.get(plan.name))
+            for plan in plans
+        }
     except Exception:
         if placement is not None:
             remove(placement)
@@ -201,9 +222,9 @@ def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
     for layer in new_layers.values():
         layer.train(model.training)
     declare_readers(context, routers_of(model).values())  # which routing inputs to check at each call
-    if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    state = {"config": config, "plans": plans, "requires_grad": requires_grad, "placement": placement}
+    if recorded.base_model_name_or_path is None:
+        recorded.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    state = {"config": recorded, "plans": plans, "requires_grad": requires_grad, "placement": placement}
     set_unregistered(model, _STATE_ATTR, state)  # bookkeeping, not part of the model (see molex.core.refs)
     return model
 
@@ -214,6 +235,7 @@ def is_injected(model: nn.Module) -> bool:
 
 @takes_model
 def get_config(model: nn.Module) -> MoLEConfig:
+    """The model's copy of the :class:`MoLEConfig` it was injected with (``base_model_name_or_path`` filled in)."""
     if not is_injected(model):
         raise ValueError("this model has no MoLE layers; call molex.inject(model, config) first")
     return get_unregistered(model, _STATE_ATTR)["config"]

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from molex.allocation.plan import LayerPlan
-from molex.layer.config import MoLEConfig
+from molex.layer.config import MoLEConfig, migrate_mole_dict
 from molex.layer.experts import LoRAExperts
 from molex.core.files import (
     check_dir_target,
@@ -41,7 +41,9 @@ __all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "CONFIG_NAME", 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 FORMAT = "molex-adapter"
-FORMAT_VERSION = 1
+#: 1: ``mole_config`` holds ``router: "<name>"``, ``router_options`` and ``top_k`` (molex 0.1);
+#: 2: ``mole_config.router`` is ``{"name": <router name>, "options": {every router option}}``
+FORMAT_VERSION = 2
 
 
 @takes_model
@@ -115,7 +117,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, overwrite: b
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``adapter_config.json`` of a molex adapter folder; ``ValueError`` if it is not one."""
+    """The parsed ``adapter_config.json`` of a molex adapter folder; ``ValueError`` if it is not one.
+
+    A config of an older format version comes back in the current one (its ``mole_config`` migrated).
+    """
     path = require_file(
         Path(directory) / CONFIG_NAME,
         f"no {CONFIG_NAME} in {directory}: is this a directory written by molex.save_adapter?",
@@ -125,6 +130,8 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not a molex adapter config (missing format={FORMAT!r})")
     if data.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} has format version {data['format_version']}; upgrade molex to read it")
+    if data.get("format_version", 0) < 2 and isinstance(data.get("mole_config"), dict):
+        data = {**data, "format_version": FORMAT_VERSION, "mole_config": migrate_mole_dict(data["mole_config"])}
     return data
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from molex.routers.base import RouterConfig
+from molex.routers.base import RouterConfig, Scope
 from molex.routers.sequence import ROUTER_ATTR, SharedRouter, SharedRouterView
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def place(
     injected), register them and their hooks, and return each layer's view."""
     modules = dict(model.named_modules())
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if router_cls.scope == "model":
+    if router_cls.scope is Scope.MODEL:
         counts = sorted({plan.num_experts for plan in plans})
         if len(counts) != 1:
             raise ValueError(
@@ -115,12 +115,12 @@ def place(
         router.context = context
         owner.add_module(ROUTER_ATTR, router)
         placement.owners.append(owner)
-        if router_cls.scope == "block":
+        if router_cls.scope is Scope.BLOCK:
             placement.hooks.append(owner.register_forward_pre_hook(_block_input_hook(router), with_kwargs=True))
         for i, name in enumerate(names):
             placement.views[name] = SharedRouterView(
                 router,
-                module_index=i if router_cls.scope == "block" else None,
+                module_index=i if router_cls.scope is Scope.BLOCK else None,
                 num_experts=num_experts[name],
                 report_losses=i == 0,
             )

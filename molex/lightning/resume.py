@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from molex.layer.config import flat_router_dict
 from molex.layer.inject import get_config, get_plans
 from molex.routers.base import get_router_class
 
@@ -83,7 +84,8 @@ def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | Non
         saved: the ``molex`` record of the checkpoint (at least its ``mole_config``).
         current: :func:`training_record` of the model that would resume.
     """
-    old, new = _plain(saved.get("mole_config", {})), _plain(current["mole_config"])
+    # either router form (a checkpoint of molex 0.1 holds the flat one): compare the router setting by setting
+    old, new = flat_router_dict(_plain(saved.get("mole_config", {}))), flat_router_dict(_plain(current["mole_config"]))
     if old.get("router") == new.get("router"):  # another router: its name is the difference to report
         _defaults_agree(old, new)
     diffs = [d for field in RESUME_FIELDS for d in _differences(field, old.get(field), new.get(field))]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import enum
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -27,6 +28,7 @@ __all__ = [
     "RoutingDecision",
     "Router",
     "RouterConfig",
+    "Scope",
     "ContrastiveOptions",
     "register_router",
     "build_router",
@@ -67,24 +69,54 @@ class ContrastiveOptions(RouterConfig):
             raise ValueError(f"contrastive_temperature must be > 0, got {self.contrastive_temperature}")
 
 
+class Scope(str, enum.Enum):
+    """Where a router lives (see :class:`Router`); a ``str`` so that reports and JSON show ``"linear"`` etc."""
+
+    LINEAR = "linear"
+    BLOCK = "block"
+    MODEL = "model"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _coerce_scope(cls: type) -> None:
+    """A router class that declares ``scope`` as a string (written before :class:`Scope`) gets the member."""
+    declared = cls.__dict__.get("scope")
+    if declared is None or isinstance(declared, Scope):
+        return
+    try:
+        cls.scope = Scope(declared)
+    except ValueError:
+        raise ValueError(
+            f"router {cls.__qualname__} declares scope={declared!r}; use one of "
+            f"{', '.join(f'Scope.{s.name}' for s in Scope)} (molex.routers.base.Scope)"
+        ) from None
+
+
 class Router(nn.Module, abc.ABC):
     """Base class. Subclasses set ``name``, ``config_class`` and implement :meth:`forward`.
 
-    ``scope`` says where the router lives: ``"linear"`` routers sit on each MoLE layer and
-    choose among that layer's experts; ``"block"`` routers sit on a decoder block and choose
-    among the block's MoLE layers (MiLoRA); ``"model"`` routers sit on the root model and make
-    one decision that every MoLE layer applies to its own experts (DLP-LoRA).
+    ``scope`` (a :class:`Scope`) says where the router lives: ``Scope.LINEAR`` routers sit on each MoLE
+    layer and choose among that layer's experts; ``Scope.BLOCK`` routers sit on a decoder block and
+    choose among the block's MoLE layers (MiLoRA); ``Scope.MODEL`` routers sit on the root model and
+    make one decision that every MoLE layer applies to its own experts (DLP-LoRA). A subclass that
+    still declares the string (``"block"``) gets the member when the class is created.
     ``emits`` names the auxiliary losses the router can put in ``RoutingDecision.aux_losses``: the
     keys a training log or a loss weighting may expect from it (tests hold every router to it).
     """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[RouterConfig]] = RouterConfig
-    scope: ClassVar[str] = "linear"
+    scope: ClassVar[Scope] = Scope.LINEAR
     #: names of the auxiliary losses this router may emit (keys of ``RoutingDecision.aux_losses``)
     emits: ClassVar[tuple[str, ...]] = ()
     #: the rule needs a pool whose experts share one down-projection (``lora_A [1, r, in]``, MTL-LoRA)
     needs_shared_a: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _coerce_scope(cls)
 
     @classmethod
     def fixed_num_experts(cls, config: RouterConfig) -> int | None:
@@ -122,7 +154,7 @@ class Router(nn.Module, abc.ABC):
                 f"router {self.name!r} takes inputs [tokens, {self.input_width}], got {shape}; flatten the tokens "
                 f"to 2-D, or build the router with in_features equal to your inputs' last dimension"
             )
-        if self.scope != "linear" and x.shape[0] == 0:
+        if self.scope is not Scope.LINEAR and x.shape[0] == 0:
             raise ValueError(
                 f"router {self.name!r} decides from each sequence's tokens but got none (x of shape {tuple(x.shape)}); "
                 "pass at least one token"

@@ -3,7 +3,7 @@
 A mini-MLP over a sentence embedding gives probabilities over the ``E`` experts (one expert per
 task adapter, the same ``E`` in every MoLE layer). The top-p set is kept **including** the expert
 whose cumulative probability crosses ``top_p``, and the kept experts are weighted by the softmax of
-their probabilities. One router serves the whole model (``scope = "model"``): the classifier runs
+their probabilities. One router serves the whole model (``scope = Scope.MODEL``): the classifier runs
 once per generation, at prefill, and every layer applies its decision (see
 :mod:`molex.routers.sequence`). Different sequences of a batch may take different experts.
 
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from molex.core.refs import set_unregistered
 from molex.layer.context import RoutingContext
 from molex.core.losses import gate_cross_entropy, masked_mean
-from molex.routers.base import RouterConfig, RoutingDecision, register_router
+from molex.routers.base import RouterConfig, RoutingDecision, Scope, register_router
 from molex.routers.dlp_encoder import SentenceEncoder, default_encoder_path, encoder_hidden_size
 from molex.routers.sequence import SharedRouter, pool_sequences, sequence_layout
 from molex.routers.top_p import top_p_inclusive
@@ -92,7 +92,7 @@ class DLPRouter(SharedRouter):
 
     name = "dlp"
     config_class = DLPConfig
-    scope = "model"
+    scope = Scope.MODEL
     emits = ("task_ce",)
     _embedding: nn.Module | None  # the model's input embeddings: an unregistered reference
 

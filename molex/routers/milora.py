@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from molex.layer.context import RoutingContext
 from molex.core.losses import load_balance_loss, slot_fractions
-from molex.routers.base import RouterConfig, RoutingDecision, float32_logits, register_router
+from molex.routers.base import RouterConfig, RoutingDecision, Scope, float32_logits, register_router
 from molex.routers.sequence import SharedRouter, pool_sequences, sequence_layout
 
 
@@ -51,7 +51,7 @@ class MiLoRARouter(SharedRouter):
 
     name = "milora"
     config_class = MiLoRAConfig
-    scope = "block"
+    scope = Scope.BLOCK
     emits = ("load_balance",)
 
     def __init__(self, *, in_features: int, num_experts: int, config: MiLoRAConfig) -> None:

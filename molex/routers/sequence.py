@@ -2,10 +2,10 @@
 
 A shared router is one module with one decision per input sequence:
 
-* ``scope = "block"`` (MiLoRA): one router per decoder block, registered on the block as
+* ``scope = Scope.BLOCK`` (MiLoRA): one router per decoder block, registered on the block as
   ``mole_router``; its experts are the block's MoLE layers. A forward pre-hook on the block shows
   it the block input, from which it decides at prefill.
-* ``scope = "model"`` (DLP-LoRA): one router for the whole model, registered on the root as
+* ``scope = Scope.MODEL`` (DLP-LoRA): one router for the whole model, registered on the root as
   ``mole_router``; every MoLE layer applies the same decision to its own experts.
 
 The decision is computed once per generation (``RoutingContext.generation``, incremented at each
@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from molex.core.refs import set_unregistered
 from molex.core.losses import masked_mean
-from molex.routers.base import Router, RouterConfig, RoutingDecision
+from molex.core.refs import set_unregistered
+from molex.routers.base import Router, RouterConfig, RoutingDecision, Scope
 
 if TYPE_CHECKING:
     from molex.layer.context import RoutingContext
@@ -80,7 +80,7 @@ class SharedRouter(Router):
 
     def store(self, context: RoutingContext, decision: RoutingDecision) -> None:
         gates = None
-        if self.scope == "block":  # [B, M]: gate of every module, gathered once per generation
+        if self.scope is Scope.BLOCK:  # [B, M]: gate of every module, gathered once per generation
             gates = decision.weights.new_zeros(decision.indices.shape[0], self.num_experts)
             gates = gates.scatter_add(1, decision.indices, decision.weights)
         self._cache = (context.generation, decision, gates)
