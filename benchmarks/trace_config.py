@@ -138,7 +138,9 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"molex at {result['molex']}: {result['calls']} calls with a config argument")
     print(f"distinct molex modules: {result['modules']}; returns to a module already left: {result['returns']}")
-    print(f"(nodes of the composed config only: {result['rooted_modules']} modules, {result['rooted_returns']} returns)")
+    print(
+        f"(nodes of the composed config only: {result['rooted_modules']} modules, {result['rooted_returns']} returns)"
+    )
     print("sequence: " + " -> ".join(m.removeprefix("molex.") for m in result["module_sequence"]))
     print(f"written: {path}")
 
