@@ -162,6 +162,7 @@ def fuse_adapters(
     *,
     train_experts: bool = False,
     kernel_backend: str = "auto",
+    general_adapters: Mapping[str, AdapterSource] | None = None,
     **router_options: Any,
 ) -> nn.Module:
     """Load PEFT LoRA adapters into ``model`` as experts of MoLE layers; returns ``model``.
@@ -177,6 +178,9 @@ def fuse_adapters(
             targeting any module.
         train_experts: also train the LoRA factors (default: only the router trains).
         kernel_backend: expert op backend, or ``"auto"``.
+        general_adapters: GenKnowSub (with ``router="arrow"``): ``{name: PEFT adapter directory}`` of
+            general-knowledge adapters whose mean ``A`` and mean ``B`` are subtracted from every adapter's
+            factors per module before the prototypes are computed, as PEFT's Arrow does. They are not experts.
 
     Everything is validated before the model changes; a bad adapter raises naming the adapter and module.
     """
@@ -184,6 +188,10 @@ def fuse_adapters(
         raise ValueError("model already has MoLE layers; call molex.unload(model) first")
     loaded = load_adapters(adapters)
     _validate(model, loaded)
+    if general_adapters:
+        general = load_adapters(general_adapters)
+        _validate(model, general)
+        loaded = subtract_general_knowledge(loaded, general)
     options = dict(router_options)
     adapter_weights = options.pop("weights", None) if router == "fixed" else None
     if adapter_weights is not None and len(adapter_weights) != len(loaded):
@@ -196,6 +204,38 @@ def fuse_adapters(
     if adapter_weights is not None:
         set_adapter_weights(model, adapter_weights)
     return model
+
+
+def subtract_general_knowledge(
+    adapters: Sequence[PeftLoraAdapter], general: Sequence[PeftLoraAdapter]
+) -> list[PeftLoraAdapter]:
+    """GenKnowSub: per module, ``A_e - mean_g A_g`` and ``B_e - mean_g B_g`` (new adapters; inputs unchanged).
+
+    Every general adapter must target each module the adapters target, with the same rank (PEFT's rule).
+    """
+    result = []
+    for adapter in adapters:
+        modules = {}
+        for name, factors in adapter.modules.items():
+            missing = [g.name for g in general if name not in g.modules]
+            if missing:
+                raise ValueError(
+                    f"general adapter(s) {missing} do not target module {name!r}, which adapter {adapter.name!r} "
+                    "targets; GenKnowSub needs every general adapter on every adapted module"
+                )
+            ranks = {g.name: g.modules[name].rank for g in general if g.modules[name].rank != factors.rank}
+            if ranks:
+                raise ValueError(
+                    f"GenKnowSub needs equal ranks: adapter {adapter.name!r} has rank {factors.rank} on {name!r}, "
+                    f"general adapter(s) {ranks}; use general adapters of the same rank"
+                )
+            mean_A = torch.stack([g.modules[name].A.float() for g in general]).mean(0)
+            mean_B = torch.stack([g.modules[name].B.float() for g in general]).mean(0)
+            modules[name] = dataclasses.replace(
+                factors, A=factors.A.float() - mean_A, B=factors.B.float() - mean_B
+            )
+        result.append(dataclasses.replace(adapter, modules=modules))
+    return result
 
 
 @torch.no_grad()

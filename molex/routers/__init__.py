@@ -1,6 +1,7 @@
 """Routers: one file per router, registered by name. See :mod:`molex.routers.base` for the contract."""
 
 from molex.routers import (  # noqa: F401 - registration side effect
+    arrow,
     dlp,
     dynmole,
     features,
