@@ -150,7 +150,7 @@ def test_resume_mismatch_names_each_setting_with_both_values():
     rank = resume_mismatch(record(router="topk", top_k=2), record(router="topk", top_k=1, alpha=8.0))
     assert rank == "top_k: checkpoint 2, requested 1; alpha: checkpoint 16.0, requested 8.0"
     options = resume_mismatch(topk, record(router="topk", router_options={"jitter_noise": 0.1}))
-    assert options == "router_options.jitter_noise: checkpoint None, requested 0.1"
+    assert options == "router_options.jitter_noise: checkpoint 0.0, requested 0.1"
 
 
 # ------------------------------------------------------------------ crash-safe checkpoint files

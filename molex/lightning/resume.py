@@ -86,9 +86,12 @@ def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | Non
     """
     # either router form (a checkpoint of molex 0.1 holds the flat one): compare the router setting by setting
     old, new = flat_router_dict(_plain(saved.get("mole_config", {}))), flat_router_dict(_plain(current["mole_config"]))
-    if old.get("router") == new.get("router"):  # another router: its name is the difference to report
+    fields = RESUME_FIELDS
+    if old.get("router") == new.get("router"):
         _defaults_agree(old, new)
-    diffs = [d for field in RESUME_FIELDS for d in _differences(field, old.get(field), new.get(field))]
+    else:  # another router: its name is the difference to report, not each of its options
+        fields = tuple(f for f in RESUME_FIELDS if f not in ("router_options", "top_k"))
+    diffs = [d for field in fields for d in _differences(field, old.get(field), new.get(field))]
     if not diffs and "layers" in saved and _plain(saved["layers"]) != _plain(current["layers"]):
         # the same settings on another base model (other layer names or sizes)
         changed = [
