@@ -38,6 +38,7 @@ from molex.layer.inject import (
     trainable_parameters,
     unload,
 )
+from molex.layer.masking import mask_experts, masked_experts, unmask_experts
 from molex.layer.io import adapter_state_dict, load_adapter, save_adapter
 from molex.kernels import mole_delta
 from molex.layer.linear import MoLELinear
@@ -94,4 +95,7 @@ __all__ = [
     "RoutingHealth",
     "LayerHealth",
     "update_balance_biases",
+    "mask_experts",
+    "unmask_experts",
+    "masked_experts",
 ]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from molex.core.refs import set_unregistered
 from molex.core.decision import RoutingDecision
 from molex.layer.experts import LoRAExperts
+from molex.layer.masking import apply_expert_mask
 from molex.kernels import mole_delta
 from molex.routers.base import Router
 
@@ -92,14 +93,19 @@ class MoLELinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.context: RoutingContext | None = None  # set by molex.inject
         self.last_decision: RoutingDecision | None = None
+        self.expert_mask: Tensor | None = None  # bool [E], set by molex.mask_experts
 
     @property
     def active_router(self) -> nn.Module:
         return self.router if self.router is not None else self._router_view
 
     def route(self, x: Tensor) -> RoutingDecision:
-        """Routing decision for flattened inputs ``x [T, in]``."""
-        return self.active_router(x, self.context)
+        """Routing decision for flattened inputs ``x [T, in]`` (without the experts of :func:`molex.mask_experts`)."""
+        router = self.active_router
+        decision = router(x, self.context)
+        if self.expert_mask is not None and not getattr(router, "applies_expert_mask", False):
+            decision = apply_expert_mask(decision, self.expert_mask, router.name)
+        return decision
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)

@@ -97,6 +97,8 @@ class ArrowRouter(Router):
 
     name = "arrow"
     config_class = ArrowConfig
+    #: masked experts score -inf before the top-k (``molex.mask_experts`` sets ``expert_mask``)
+    applies_expert_mask = True
 
     def __init__(self, *, in_features: int, num_experts: int, config: ArrowConfig) -> None:
         super().__init__(in_features=in_features, num_experts=num_experts, config=config)
@@ -104,6 +106,7 @@ class ArrowRouter(Router):
         set_unregistered(self, "_pool", None)
         self._cache_key: tuple | None = None
         self._prototypes: Tensor | None = None
+        self.expert_mask: Tensor | None = None
 
     def bind_pool(self, experts: nn.Module) -> None:
         set_unregistered(self, "_pool", experts)
@@ -136,7 +139,7 @@ class ArrowRouter(Router):
 
     def mask_scores(self, scores: Tensor) -> Tensor:
         """Masked experts (:func:`molex.mask_experts`) score ``-inf``: never chosen while another is left."""
-        masked = getattr(self, "expert_mask", None)
+        masked = self.expert_mask
         if masked is None:
             return scores
         return scores.masked_fill(masked.to(scores.device), float("-inf"))

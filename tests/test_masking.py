@@ -1,0 +1,86 @@
+"""``molex.mask_experts``: masked experts get no weight, the rest renormalise, unmasking is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import molex
+
+
+def tiny_llama(num_layers: int = 2, seed: int = 0):
+    """The tiny random llama of the test suite (built from a config, no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("hub")
+    adapters = {}
+    for i, name in enumerate(["math", "code", "chat"]):
+        model = tiny_llama()
+        torch.manual_seed(20 + i)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(model, config).save_pretrained(str(root / name))
+        adapters[name] = str(root / name)
+    return adapters
+
+
+IDS = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(("router", "options"), [("gate", {"top_k": 2}), ("arrow", {"top_k": 2}), ("dlp", {})])
+def test_masked_expert_gets_zero_weight_and_unmask_is_exact(hub, router, options):
+    model = molex.fuse_adapters(tiny_llama(), hub, router=router, **options).eval()
+    with torch.no_grad():
+        before = model(input_ids=IDS).logits
+        dense_before = {n: layer.last_decision.to_dense(3) for n, layer in molex.mole_layers(model).items()}
+        with molex.masked_experts(model, ["code"]):
+            masked = model(input_ids=IDS).logits
+            for name, layer in molex.mole_layers(model).items():
+                dense = layer.last_decision.to_dense(3)
+                assert torch.all(dense[:, 1] == 0), name
+                torch.testing.assert_close(dense.sum(-1), dense_before[name].sum(-1))
+        after = model(input_ids=IDS).logits
+    assert not torch.equal(masked, before)
+    assert torch.equal(after, before)
+
+
+def test_token_level_masks_before_top_k(hub):
+    """With top_k=1, a token whose first choice is masked gets its second choice at full weight."""
+    model = molex.fuse_adapters(tiny_llama(), hub, router="gate", top_k=1).eval()
+    layer = next(iter(molex.mole_layers(model).values()))
+    with torch.no_grad():
+        model(input_ids=IDS)
+        probs = layer.last_decision.probs
+        molex.mask_experts(model, [0])
+        model(input_ids=IDS)
+    decision = layer.last_decision
+    expected = probs[:, 1:].argmax(-1) + 1
+    assert torch.equal(decision.indices[:, 0], expected)
+    assert torch.allclose(decision.weights, torch.ones_like(decision.weights))
+
+
+def test_bad_masks_fail_clearly(hub):
+    model = molex.fuse_adapters(tiny_llama(), hub, router="gate", top_k=2)
+    with pytest.raises(ValueError, match="'poetry': not a fused adapter"):
+        molex.mask_experts(model, ["poetry"])
+    with pytest.raises(ValueError, match="cannot mask expert 7"):
+        molex.mask_experts(model, [7])
+    with pytest.raises(ValueError, match="leaves layer"):
+        molex.mask_experts(model, ["math", "code", "chat"])
