@@ -59,6 +59,8 @@ def test_dataclass_and_name_forms_agree():
         by_class.router_options["normalize"] = True
     by_class.router.top_k = 2
     assert by_class.top_k == 2 and by_class.router_kwargs()["top_k"] == 2
+    # dataclasses.replace passes the views back: they agree with the dataclass, so that is accepted
+    assert dataclasses.replace(by_class, rank=4).router == by_class.router
     soft = molex.MoLEConfig(target_modules=TARGETS, router=SoftConfig())
     assert soft.top_k is None and soft.router_name == "soft"
 
@@ -128,8 +130,9 @@ def test_scope_is_an_enum_and_string_scopes_are_coerced():
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
-        (dict(router=TopKConfig(), router_options={"normalize": False}), ("router_options", "TopKConfig(...)")),
-        (dict(router=TopKConfig(), top_k=3), ("top_k=3", "TopKConfig(...)")),
+        (dict(router=TopKConfig(), router_options={"normalize": False}), ("'normalize': False", "TopKConfig(...)")),
+        (dict(router=TopKConfig(), top_k=3), ("'top_k': 3", "TopKConfig(...)")),
+        (dict(router=SoftConfig(), router_options={"nope": 1}), ("'nope': 1", "SoftConfig(...)")),
         (dict(router="topk", top_k=2, router_options={"top_k": 3}), ("top_k=2", "top_k=3", "disagree")),
         (dict(router="soft", top_k=2), ("'soft'", "no top_k")),
         (dict(router=3), ("router must be", "TopKConfig")),

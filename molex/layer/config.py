@@ -132,6 +132,20 @@ def _router_from_name(name: Any, top_k: int | None, options: Mapping[str, Any] |
     return make_router_config(name, options)
 
 
+def _check_agrees(router: RouterConfig, top_k: int | None, options: Mapping[str, Any] | None) -> None:
+    """Beside a router config dataclass, ``top_k`` / ``router_options`` may only repeat what it holds (as
+    ``dataclasses.replace`` passes them back from the views); anything else would be silently lost."""
+    held = dataclasses.asdict(router)
+    given = {**dict(options or {}), **({} if top_k is None else {"top_k": top_k})}
+    differ = {k: v for k, v in given.items() if k not in held or held[k] != v}
+    if differ:
+        kind = type(router).__name__
+        raise ValueError(
+            f"router={kind}(...) already holds the router's options, so {differ} (top_k / router_options) cannot "
+            f"be added; put them in {kind}(...), or pass router='<name>' with top_k / router_options"
+        )
+
+
 def migrate_mole_dict(data: Mapping[str, Any]) -> dict[str, Any]:
     """A :meth:`MoLEConfig.to_dict` mapping in the current form: the flat router form of molex 0.1
     (``router: "<name>"``, ``router_options: {...}``, ``top_k``) becomes ``router: {"name", "options"}``.
@@ -234,13 +248,7 @@ class MoLEConfig:
             raise ValueError(f"unknown kernel_backend {self.kernel_backend!r}; use 'auto' or one of {backends}")
         # the router setting becomes its config dataclass here, once; everything after reads that
         if isinstance(self.router, RouterConfig):
-            given = [f"{n}={v!r}" for n, v in (("top_k", top_k), ("router_options", router_options)) if v]
-            if given:
-                kind = type(self.router).__name__
-                raise ValueError(
-                    f"router={kind}(...) already holds the router's options, so {', '.join(given)} cannot be added; "
-                    f"put them in {kind}(...), or pass router='<name>' with top_k / router_options"
-                )
+            _check_agrees(self.router, top_k, router_options)
             self._router_name = _declaring_router(self.router)
             cls = get_router_class(self._router_name)
             make_router_config(self._router_name, dataclasses.asdict(self.router))  # the checks the name form gets
