@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -84,3 +86,34 @@ def test_bad_masks_fail_clearly(hub):
         molex.mask_experts(model, [7])
     with pytest.raises(ValueError, match="leaves layer"):
         molex.mask_experts(model, ["math", "code", "chat"])
+
+
+def test_fuse_cli_arrow_with_mask(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from peft import LoraConfig, get_peft_model
+
+    from molex.cli.fuse import fuse
+    from molex.models import load_model
+
+    for seed, task in enumerate(["add", "parity"]):
+        model, _ = load_model("tiny-llama")
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(model, lora).save_pretrained(str(tmp_path / "hub" / task))
+    conf = str(Path(molex.__file__).resolve().parent / "conf")
+    overrides = [
+        f"adapters={tmp_path / 'hub'}",
+        "model.name_or_path=tiny-llama",
+        "router=arrow",
+        "mask=[parity]",
+        "data.num_per_task=2",
+        "data.eval_per_task=2",
+        "eval.max_new_tokens=2",
+        f"output_dir={tmp_path / 'out'}",
+    ]
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose(config_name="fuse", overrides=overrides)
+    results = fuse(cfg)
+    assert results["mask"] == ["parity"]
+    # every sequence is routed to "add" alone: half the labels (those of "parity") are missed
+    assert results["fused"]["routing_accuracy"] == pytest.approx(0.5)

@@ -17,7 +17,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from molex.cli.common import build_datamodule, build_eval_model, check_sources, report_errors, write_json
+from molex.cli.common import CLIError, build_datamodule, build_eval_model, check_sources, report_errors, write_json
 
 log = logging.getLogger("molex.evaluation.generation")
 
@@ -36,6 +36,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer = build_eval_model(cfg.model, adapter)
+    mask = list(cfg.get("mask") or [])
+    if mask:
+        import molex
+
+        if adapter is None:
+            raise CLIError(f"mask={mask} removes experts of an adapter: give adapter=<folder> too")
+        try:
+            molex.mask_experts(model, mask)
+        except (ValueError, TypeError) as err:
+            raise CLIError(f"mask={mask}: {err}") from None
     dm = build_datamodule(cfg.data, tokenizer, "test")
     result = evaluate_generation(
         model,
@@ -52,6 +62,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.loss:
         result["loss"] = round(evaluate_loss(model, dm.test_dataloader()), 5)
     result["adapter"] = adapter
+    result["mask"] = mask
     write_json(run_dir / "eval.json", result)
     width = max(len("overall"), *(len(t) for t in result["per_task"]))
     for task in [t for t in dm.task_names if t in result["per_task"]] + ["overall"]:

@@ -149,11 +149,13 @@ def fuse(cfg: DictConfig) -> dict[str, Any]:
     singles = {}
     if cfg.eval.enabled:
         singles = evaluate_single_adapters(model, tokenizer, adapters, test, **eval_options)
+    general = resolve_adapters(cfg.general_adapters) if cfg.get("general_adapters") else None
     try:
-        fused = molex.fuse_adapters(model, adapters, router=cfg.router.name, **options)
+        fused = molex.fuse_adapters(model, adapters, router=cfg.router.name, general_adapters=general, **options)
     except (ValueError, TypeError, KeyError) as err:  # unknown router, bad option, top_k above the adapters
         raise CLIError(f"router={cfg.router.name}, router.options={options}: {err}") from None
-    history = fit_router(
+    trains = bool(molex.trainable_parameters(fused)) or cfg.router.name == "dlp"
+    history = [float("nan")] if not trains else fit_router(
         fused,
         tokenizer,
         train,
@@ -165,11 +167,18 @@ def fuse(cfg: DictConfig) -> dict[str, Any]:
         batch_size=cfg.train.batch_size,
         seed=cfg.seed,
     )
-    evaluation = evaluate_fused(fused, tokenizer, test, generation=cfg.eval.enabled, **eval_options)
     molex.save_adapter(fused, out / "fused")
+    mask = list(cfg.get("mask") or [])
+    if mask:
+        try:
+            molex.mask_experts(fused, mask)
+        except (ValueError, TypeError) as err:
+            raise CLIError(f"mask={mask}: {err}") from None
+    evaluation = evaluate_fused(fused, tokenizer, test, generation=cfg.eval.enabled, **eval_options)
     results = {
         "adapters": {name: str(path) for name, path in adapters.items()},
         "router": cfg.router.name,
+        "mask": mask,
         "router_loss": [history[0], history[-1]],
         "single": singles,
         "fused": evaluation,
