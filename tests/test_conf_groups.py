@@ -4,6 +4,7 @@ fails (one line naming it, before the model is loaded)."""
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
@@ -142,7 +143,9 @@ def test_wandb_offline_writes_a_local_run_with_the_logged_losses(tmp_path, monke
     train(compose_train(tmp_path, *QUICK, "trainer.log_every_n_steps=1", "logger=wandb"))
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
     (records,) = run.glob("run-*.wandb")
-    data = records.read_bytes()
+    deadline = time.monotonic() + 60  # wandb's writer process closes the file just after finish() returns
+    while b"train/lm_loss" not in (data := records.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert b"train/lm_loss" in data and b"train/lr" in data
 
 
