@@ -1,0 +1,1 @@
+"""Optional integrations with other training stacks (import the submodule you need: ``molex.integrations.hf``)."""
