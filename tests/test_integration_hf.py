@@ -8,7 +8,7 @@ import torch
 import molex
 
 pytest.importorskip("transformers")
-from molex.integrations.hf import MoLEDataCollator, MoLETrainer, sft_trainer_class  # noqa: E402
+from molex.integrations.hf import MoLEDataCollator, MoLETrainer, sft_trainer_class
 
 
 def tiny_llama(num_layers: int = 2, seed: int = 0):
