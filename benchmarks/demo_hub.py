@@ -11,6 +11,7 @@ Usage::
 
     python benchmarks/demo_hub.py --fast                  # tiny random Llama, about a minute
     python benchmarks/demo_hub.py                          # SmolLM2-135M-Instruct (CPU: tens of minutes)
+    python benchmarks/demo_hub.py --fast --routers arrow dlp gate --results benchmarks/results/demo_hub_arrow.json
 """
 
 from __future__ import annotations
@@ -128,17 +129,23 @@ def fuse_and_evaluate(model, tokenizer, adapters: dict[str, Path], router: str, 
     fused = molex.fuse_adapters(model, adapters, router=router)
     try:
         train = make_builtin_dataset("train", settings.train_per_task, settings.seed + 1, tasks=settings.tasks)
-        history = fit_router(
-            fused,
-            tokenizer,
-            train,
-            template=settings.template,
-            steps=settings.router_steps,
-            lr=settings.router_lr,
-            task_loss_coef=settings.task_loss_coef,
-            dlp_epochs=settings.dlp_epochs,
-            batch_size=settings.batch_size,
-            seed=settings.seed,
+        # a training-free router (arrow) has nothing to fit
+        fit = fit_router if molex.trainable_parameters(fused) or router == "dlp" else None
+        history = (
+            [float("nan")]
+            if fit is None
+            else fit(
+                fused,
+                tokenizer,
+                train,
+                template=settings.template,
+                steps=settings.router_steps,
+                lr=settings.router_lr,
+                task_loss_coef=settings.task_loss_coef,
+                dlp_epochs=settings.dlp_epochs,
+                batch_size=settings.batch_size,
+                seed=settings.seed,
+            )
         )
         test = make_builtin_dataset("test", settings.test_per_task, settings.seed, tasks=settings.tasks)
         evaluation = evaluate_fused(
@@ -195,6 +202,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     parser.add_argument("--tasks", nargs="*", help=f"subset of the built-in tasks (default: all of {TASKS})")
     parser.add_argument("--routers", nargs="*", help="routers to fuse with (default: gate and dlp when available)")
+    parser.add_argument("--results", type=Path, default=None, help="also write the summary (with machine details) here")
     for name, default in vars(HubSettings()).items():
         if isinstance(default, (int, float, str)) and not isinstance(default, bool):
             parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=None)
@@ -213,7 +221,35 @@ def main() -> None:
     print(result["table"])
     summary = {k: v for k, v in result.items() if k != "singles"}
     summary["singles"] = {t: {"accuracy": s["accuracy"]} for t, s in result["singles"].items()}
+    summary["machine"] = machine_details(args.threads, time.perf_counter() - start)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    if args.results is not None:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def machine_details(threads: int, seconds: float) -> dict[str, Any]:
+    """CPU, torch version, threads, precision, commit and date of a run (for committed result files)."""
+    import datetime
+    import platform
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "torch": torch.__version__,
+        "threads": threads,
+        "precision": "float32",
+        "commit": commit.stdout.strip() or None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(seconds, 1),
+    }
 
 
 if __name__ == "__main__":

@@ -156,3 +156,30 @@ def test_aux_loss_is_in_the_training_loss(tmp_path):
     aux = molex.total_aux_loss(model)
     assert aux is not None and float(aux.detach()) > 0
     torch.testing.assert_close(loss, lm_loss + aux)
+
+
+def readme_blocks(section: str) -> list[str]:
+    """The ```python blocks of one README section."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in body.split("```python\n")[1:]]
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_readme_examples_run(tmp_path, monkeypatch):
+    pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from molex.models import load_model
+
+    trainer_block, sft_block = readme_blocks("Hugging Face Trainer and TRL")
+    monkeypatch.chdir(tmp_path)
+    exec(trainer_block, {"molex": molex, "model": tiny_llama(), "rows": examples()})
+    assert (tmp_path / "out" / "checkpoint-8" / "adapter.safetensors").is_file()
+    model, tokenizer = load_model("tiny-llama")
+    namespace = {"molex": molex, "model": model, "tokenizer": tokenizer, "dataset": Dataset.from_list(examples())}
+    # SFTConfig defaults to bf16 on an accelerator; this CPU-only run says so (the example's one change)
+    exec(sft_block.replace("report_to=[])", "report_to=[], use_cpu=True)"), namespace)
+    assert molex.mole_layers(namespace["model"])

@@ -117,3 +117,17 @@ def test_fuse_cli_arrow_with_mask(tmp_path):
     assert results["mask"] == ["parity"]
     # every sequence is routed to "add" alone: half the labels (those of "parity") are missed
     assert results["fused"]["routing_accuracy"] == pytest.approx(0.5)
+
+
+def test_readme_example_runs(hub, tmp_path, monkeypatch):
+    import shutil
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Fusing LoRA hubs\n", 1)[1].split("\n## ", 1)[0]
+    block = next(b.split("```", 1)[0] for b in section.split("```python\n")[1:] if "masked_experts" in b)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(hub["chat"], tmp_path / "adapters" / "general")
+    readme_hub = {"add": hub["math"], "capital": hub["code"], "parity": hub["chat"]}
+    namespace = {"molex": molex, "model": tiny_llama(), "hub": readme_hub, "batch": {"input_ids": IDS}}
+    exec(block, namespace)
+    assert namespace["logits"].shape == (2, 6, 128)
