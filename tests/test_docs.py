@@ -66,7 +66,7 @@ def tiny_default_model(monkeypatch, tmp_path):
 
     monkeypatch.setattr(molex.models, "load_model", load_tiny)
     # a page may register its own router: keep it out of the registry the other tests see
-    monkeypatch.setattr(router_base, "_REGISTRY", dict(router_base._REGISTRY))
+    monkeypatch.setattr(router_base.ROUTERS, "_entries", dict(router_base.ROUTERS._entries))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

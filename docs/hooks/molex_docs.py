@@ -67,7 +67,10 @@ def router_options(name: str) -> list[tuple[str, str, str, str]]:
             if field not in docs or declared_here:
                 docs[field] = text
     rows = []
-    for field in dataclasses.fields(config_class):
+    # the router's own options first, then the shared ones it inherits (contrastive loss, balancing)
+    own = inspect.get_annotations(config_class)
+    fields = sorted(dataclasses.fields(config_class), key=lambda f: f.name not in own)
+    for field in fields:
         kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
         rows.append((field.name, str(kind), _default_text(field), _markdown(docs.get(field.name, ""))))
     return rows
