@@ -19,7 +19,7 @@ import inspect
 import re
 from pathlib import Path
 
-MARKER = re.compile(r"^<!--\s*molex:([a-z-]+)\s*([\w-]*)\s*-->\s*$", re.MULTILINE)
+MARKER = re.compile(r"^<!--[ \t]*molex:([a-z-]+)[ \t]*([\w-]*)[ \t]*-->[ \t]*$", re.MULTILINE)
 CONF_DIR = Path(__file__).resolve().parents[2] / "molex" / "conf"
 
 
