@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from molex.kernels import ENV_VAR, available_backends, estimate_cost, mole_delta, resolve_backend
-from molex.kernels.grouped import run_grouped, sort_slots
+from molex.kernels.backends.grouped import run_grouped, sort_slots
 from molex.kernels.grouped_ops import (
     grouped_expand,
     grouped_expand_backward,
@@ -236,7 +236,7 @@ def test_unavailable_backends_explain_themselves(monkeypatch):
 def test_megablocks_import_error_names_the_extra(monkeypatch):
     import builtins
 
-    from molex.kernels import megablocks
+    from molex.kernels.backends import megablocks
 
     real_import = builtins.__import__
 

@@ -8,7 +8,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import molex
-from molex.routers import train_dlp_classifier
+from molex.training import train_dlp_classifier
 from molex.training import (
     OptimSettings,
     build_optimizer,
@@ -154,5 +154,5 @@ def test_text_fitters_are_looked_up_by_router_name():
     assert get_text_fitter("dlp") is train_dlp_classifier
     assert get_text_fitter("gate") is None
     register_text_fitter("dlp", train_dlp_classifier)  # the same fitter again is fine
-    with pytest.raises(ValueError, match="already has a text fitter"):
+    with pytest.raises(ValueError, match="text fitter named .dlp. is already registered"):
         register_text_fitter("dlp", lambda *args, **kwargs: [])

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from molex.allocation.budget import apportion
+from molex.core.registry import Registry
 
 if TYPE_CHECKING:
     from molex.layer.config import MoLEConfig
@@ -50,25 +51,18 @@ _INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 Schedule = Callable[[int, int, "AllocationConfig", int], int]
 
 #: registered schedules by name (use :func:`register_schedule` to add one)
-SCHEDULES: dict[str, Schedule] = {}
+SCHEDULES: Registry[Schedule] = Registry(
+    "allocation schedule", how_to_register="Register your own with molex.allocation.plan.register_schedule."
+)
 
 
-def register_schedule(name: str, schedule: Schedule) -> Schedule:
+def register_schedule(name: str, schedule: Schedule, *, replace: bool = False) -> Schedule:
     """Make ``schedule`` available as ``AllocationConfig(schedule=name)``."""
-    if name in SCHEDULES and SCHEDULES[name] is not schedule:
-        raise ValueError(f"an allocation schedule named {name!r} is already registered")
-    SCHEDULES[name] = schedule
-    return schedule
+    return SCHEDULES.register(name, schedule, replace=replace)
 
 
 def get_schedule(name: str) -> Schedule:
-    try:
-        return SCHEDULES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown allocation schedule {name!r}; known: {sorted(SCHEDULES)} "
-            "(register your own with molex.allocation.plan.register_schedule)"
-        ) from None
+    return SCHEDULES.get_or_raise(name)
 
 
 def group_of_layer(index: int, num_layers: int, num_groups: int) -> int:

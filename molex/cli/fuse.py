@@ -31,6 +31,7 @@ from molex.cli.common import (
     report_errors,
     write_json,
 )
+from molex.cli.plugins import store_registered_routers
 from molex.hub.peft_format import PEFT_CONFIG_NAME
 
 __all__ = ["resolve_adapters", "fuse", "main"]
@@ -108,7 +109,7 @@ def _examples(cfg: DictConfig, names: list[str]) -> tuple[list[dict[str, Any]], 
 
 
 def _result(per_task: Mapping[str, float], counts: Mapping[str, int]) -> dict[str, Any]:
-    """``per_task`` accuracies as a :func:`molex.evaluation.generation.evaluate_generation`-shaped result (for the table)."""
+    """``per_task`` accuracies shaped like :func:`molex.evaluation.generation.evaluate_generation`'s result."""
     total = sum(counts[task] for task in per_task)
     overall = sum(per_task[task] * counts[task] for task in per_task) / total if total else None
     return {"per_task": dict(per_task), "counts": dict(counts), "accuracy": overall, "num_examples": total}
@@ -198,6 +199,9 @@ def fuse(cfg: DictConfig) -> dict[str, Any]:
     print(f"routing accuracy ({cfg.router.name}): {evaluation['routing_accuracy']:.3f}")
     print(f"fused model written to {out / 'fused'}")
     return results
+
+
+store_registered_routers()  # routers without a conf file (plug-ins) join the router= group
 
 
 @hydra.main(config_path="../conf", config_name="fuse", version_base="1.3")

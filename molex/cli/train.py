@@ -24,6 +24,7 @@ import hydra
 from omegaconf import DictConfig
 
 from molex.cli.common import report_errors
+from molex.cli.plugins import store_registered_routers
 from molex.cli.run_outputs import (
     checkpoint_metrics,
     close_trackers,
@@ -84,6 +85,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     finish(metrics, run_dir, start, dm.task_names)
     close_trackers(trainer.loggers)
     return metrics
+
+
+store_registered_routers()  # routers without a conf file (plug-ins) join the router= group
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

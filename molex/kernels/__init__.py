@@ -15,8 +15,9 @@ loop); they differ only in speed:
 * ``triton``: the grouped algorithm with Triton kernels (CUDA; ``TRITON_INTERPRET=1`` on CPU);
 * ``megablocks``: megablocks / grouped_gemm kernels (CUDA with ``pip install molex[gpu]``).
 
-Each backend is one module that registers its function, cost (:mod:`molex.kernels.cost`) and
-availability with :func:`register_backend`; :mod:`molex.kernels.select` only compares costs.
+Each backend is one module of ``molex/kernels/backends/`` that registers its function, cost
+(:mod:`molex.kernels.cost`) and availability with :func:`register_backend`; :mod:`molex.kernels.select` only
+compares costs.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from torch import Tensor
 
 from molex.core.decision import RoutingDecision
 
-# each backend module registers itself (function, cost and availability) when imported
-from molex.kernels import dense, grouped, megablocks, per_seq, reference, triton_grouped  # noqa: F401
+# every module of molex/kernels/backends/ registers one backend (function, cost and availability) on import
+from molex.kernels import backends  # noqa: F401
 from molex.kernels.registry import (
     Backend,
     available_backends,

@@ -1,6 +1,6 @@
 """Grouped shrink / expand as ``torch.library`` custom ops with autograd and fake implementations.
 
-The ``T * k`` (token, expert) slots are sorted by expert once (:func:`molex.kernels.grouped.sort_slots`):
+The ``T * k`` (token, expert) slots are sorted by expert once (:func:`molex.kernels.backends.grouped.sort_slots`):
 
 * ``order [N]`` (``N = T * k``): the flat slot id ``t * k + j`` of each sorted slot, so the
   slot reads token row ``order // k`` and its result belongs to row ``order`` of a ``[T * k, ...]``
@@ -22,17 +22,22 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from molex.core.registry import Registry
+
 __all__ = ["grouped_shrink", "grouped_expand", "grouped_shrink_backward", "grouped_expand_backward", "IMPLS"]
 
-#: implementation name -> module defining shrink, expand, shrink_backward, expand_backward
-IMPLS = {"torch": "molex.kernels.grouped_torch", "triton": "molex.kernels.triton_kernels"}
+#: implementation name -> the module (imported on first use) defining shrink, expand and their backwards
+IMPLS: Registry[str] = Registry("grouped implementation")
+IMPLS.register("torch", "molex.kernels.grouped_torch")
+IMPLS.register("triton", "molex.kernels.triton_kernels")
 
 
 def _impl(name: str) -> ModuleType:
     try:
-        return importlib.import_module(IMPLS[name])
+        module = IMPLS[name]
     except KeyError:
-        raise ValueError(f"unknown grouped implementation {name!r}; known: {sorted(IMPLS)}") from None
+        raise ValueError(f"unknown grouped implementation {name!r}; known: {IMPLS.names()}") from None
+    return importlib.import_module(module)
 
 
 @torch.library.custom_op("molex::grouped_shrink", mutates_args=())

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from molex.core.decision import RoutingDecision
+from molex.core.registry import Registry
 from molex.kernels.cost import Workload
 
 __all__ = [
@@ -67,7 +68,8 @@ class Backend:
     shared_a: bool = False
 
 
-_BACKENDS: dict[str, Backend] = {}
+#: every backend by name; installed packages add theirs through the ``molex.kernels`` entry-point group
+BACKENDS: Registry[Backend] = Registry("kernel backend", entry_point_group="molex.kernels")
 _ENV_VARS: list[str] = []  # every backend's env_vars: the key of the candidate cache
 
 
@@ -77,26 +79,32 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def register_backend(backend: Backend) -> Backend:
-    """Make ``backend`` available by its name (replacing one of the same name)."""
-    _BACKENDS[backend.name] = backend
-    _ENV_VARS.extend(v for v in backend.env_vars if v not in _ENV_VARS)
-    _auto_candidates.cache_clear()  # a new backend becomes an automatic candidate
+def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
+    """Make ``backend`` available by its name (``replace=True`` to replace a registered one of that name)."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"register_backend takes a molex.kernels.Backend, got {type(backend).__name__}")
+    BACKENDS.register(backend.name, backend, replace=replace)
     return backend
+
+
+def _backends_changed() -> None:
+    # a new backend (registered here or by a plug-in) becomes an automatic candidate, keyed on its env vars
+    _ENV_VARS.extend(v for b in BACKENDS._entries.values() for v in b.env_vars if v not in _ENV_VARS)
+    _auto_candidates.cache_clear()
 
 
 def find_backend(name: str) -> Backend | None:
     """The registered backend ``name``, available here or not (``None`` if unknown)."""
-    return _BACKENDS.get(name)
+    return BACKENDS.get(name)
 
 
 def get_backend(name: str) -> Backend:
     """The backend ``name``; a clear error if it is unknown or cannot run here."""
     try:
-        backend = _BACKENDS[name]
+        backend = BACKENDS[name]
     except KeyError:
         raise ValueError(
-            f"unknown kernel backend {name!r}; known backends: {', '.join(sorted(_BACKENDS))} (or 'auto')"
+            f"unknown kernel backend {name!r}; known backends: {', '.join(BACKENDS.names())} (or 'auto')"
         ) from None
     if not backend.is_available():
         raise RuntimeError(f"kernel backend {name!r} is not available here: {backend.unavailable_reason}")
@@ -104,12 +112,15 @@ def get_backend(name: str) -> Backend:
 
 
 def registered_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    return sorted(BACKENDS)
 
 
 def available_backends() -> list[str]:
     """Backends that can run on this machine."""
-    return sorted(name for name, b in _BACKENDS.items() if b.is_available())
+    return sorted(name for name, b in BACKENDS.items() if b.is_available())
+
+
+BACKENDS.on_change(_backends_changed)
 
 
 def auto_candidates() -> tuple[str, ...]:
@@ -120,4 +131,4 @@ def auto_candidates() -> tuple[str, ...]:
 @functools.lru_cache(maxsize=8)
 def _auto_candidates(environment: tuple[str | None, ...]) -> tuple[str, ...]:
     # availability only changes with the declared environment variables (the key) within a process
-    return tuple(b for b in available_backends() if _BACKENDS[b].auto) or ("reference",)
+    return tuple(b for b in available_backends() if BACKENDS[b].auto) or ("reference",)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from molex.core.registry import Registry
+
 __all__ = [
     "QuantScheme",
     "QuantizedKind",
@@ -69,15 +71,14 @@ class QuantizedKind:
         return self.describe(module) if self.describe is not None else self.name
 
 
-_SCHEMES: dict[str, QuantScheme] = {}
+#: quantization schemes of a frozen base by name (``load_model(quantization=name)``)
+SCHEMES: Registry[QuantScheme] = Registry("quantization")
 _KINDS: list[QuantizedKind] = []
 
 
-def register_scheme(scheme: QuantScheme) -> QuantScheme:
-    if scheme.name in _SCHEMES and _SCHEMES[scheme.name] is not scheme:
-        raise ValueError(f"a quantization named {scheme.name!r} is already registered")
-    _SCHEMES[scheme.name] = scheme
-    return scheme
+def register_scheme(scheme: QuantScheme, *, replace: bool = False) -> QuantScheme:
+    """Make ``scheme`` available as ``load_model(quantization=scheme.name)``."""
+    return SCHEMES.register(scheme.name, scheme, replace=replace)
 
 
 def register_kind(kind: QuantizedKind) -> QuantizedKind:
@@ -87,14 +88,14 @@ def register_kind(kind: QuantizedKind) -> QuantizedKind:
 
 def available_quantizations() -> list[str]:
     """Every registered scheme name (installed or not), sorted."""
-    return sorted(_SCHEMES)
+    return sorted(SCHEMES)
 
 
 def check_quantization(value: object) -> str | None:
     """``value`` if it names a registered scheme (``None`` stays ``None``); otherwise one clear error."""
     if value is None:
         return None
-    if not isinstance(value, str) or value not in _SCHEMES:
+    if not isinstance(value, str) or value not in SCHEMES:
         raise ValueError(
             f"quantization={value!r} is not a known quantization; use one of {available_quantizations()} "
             "or None (a float base)"
@@ -104,7 +105,7 @@ def check_quantization(value: object) -> str | None:
 
 def get_scheme(name: str) -> QuantScheme:
     """The scheme ``name``; an error naming the missing package when it is not installed."""
-    scheme = _SCHEMES[check_quantization(name)]
+    scheme = SCHEMES[check_quantization(name)]
     if not scheme.is_available():
         raise ImportError(
             f"quantization={name!r} needs the {scheme.package} package: pip install 'molex[quant]' "

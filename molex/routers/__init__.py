@@ -1,19 +1,12 @@
-"""Routers: one file per router, registered by name. See :mod:`molex.routers.base` for the contract."""
+"""Routers: one file per router, registered by name. See :mod:`molex.routers.base` for the contract.
 
-from molex.routers import (  # noqa: F401 - registration side effect
-    arrow,
-    dlp,
-    dynmole,
-    features,
-    fixed,
-    gate,
-    milora,
-    mtl,
-    soft,
-    stochastic,
-    switch,
-    topk,
-)
+Every module of this folder is imported with the package (a new router is a new file); routers from other
+packages arrive through the ``molex.routers`` entry-point group.
+"""
+
+from typing import Any
+
+from molex.core.registry import import_submodules
 from molex.routers.balance import BalanceOptions, BiasBalancedRouter, update_balance_biases
 from molex.routers.base import (
     ContrastiveOptions,
@@ -27,7 +20,6 @@ from molex.routers.base import (
     register_router,
 )
 from molex.routers.dlp import DLPConfig, DLPRouter
-from molex.routers.dlp_training import train_dlp_classifier
 from molex.routers.dynmole import DynMoLEConfig, DynMoLERouter
 from molex.routers.features import FeaturesConfig, FeaturesRouter
 from molex.routers.fixed import FixedConfig, FixedRouter
@@ -55,7 +47,6 @@ __all__ = [
     "register_router",
     "DLPConfig",
     "DLPRouter",
-    "train_dlp_classifier",
     "DynMoLEConfig",
     "DynMoLERouter",
     "FeaturesConfig",
@@ -80,3 +71,15 @@ __all__ = [
     "TopKConfig",
     "TopKRouter",
 ]
+
+# the rest of the folder's routers (arrow, fixed, ...) register on import too
+import_submodules(__name__, __path__)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "train_dlp_classifier":  # moved: fitting is a training service, above the routers
+        raise AttributeError(
+            "molex.routers.train_dlp_classifier moved to molex.training.train_dlp_classifier: "
+            "use `from molex.training import train_dlp_classifier`"
+        )
+    raise AttributeError(f"module 'molex.routers' has no attribute {name!r}")

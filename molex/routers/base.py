@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from molex.core.decision import RoutingDecision
+from molex.core.registry import Registry
 from molex.core.losses import contrastive_loss, expert_outputs
 
 if TYPE_CHECKING:
@@ -210,32 +211,32 @@ class Router(nn.Module, abc.ABC):
         return f"in_features={self.in_features}, num_experts={self.num_experts}, {opts}"
 
 
-_REGISTRY: dict[str, type[Router]] = {}
+#: every router by name; installed packages add theirs through the ``molex.routers`` entry-point group
+ROUTERS: Registry[type[Router]] = Registry(
+    "router", entry_point_group="molex.routers", how_to_register="Register your own with molex.routers.register_router."
+)
 
 
-def register_router(cls: type[Router]) -> type[Router]:
-    """Class decorator: make a router available by its ``name``."""
+def register_router(cls: type[Router] | None = None, *, replace: bool = False) -> Any:
+    """Class decorator: make a router available by its ``name`` (``@register_router`` or
+    ``@register_router(replace=True)`` to replace a registered router of the same name)."""
+    if cls is None:
+        return lambda target: register_router(target, replace=replace)
+    if not (isinstance(cls, type) and issubclass(cls, Router)):
+        raise TypeError(f"register_router takes a molex.routers.Router subclass, got {cls!r}")
     if not cls.name:
         raise ValueError(f"{cls.__qualname__} must set a non-empty `name` to be registered")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"a router named {cls.name!r} is already registered ({_REGISTRY[cls.name].__qualname__})")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return ROUTERS.register(cls.name, cls, replace=replace)
 
 
 def available_routers() -> list[str]:
-    """Names of the registered routers, sorted."""
-    return sorted(_REGISTRY)
+    """Names of the registered routers (plug-ins included), sorted."""
+    return ROUTERS.names()
 
 
 def get_router_class(name: str) -> type[Router]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown router {name!r}; known routers: {', '.join(available_routers())}. "
-            "Register your own with molex.routers.register_router."
-        ) from None
+    """The router class registered as ``name``; a ``ValueError`` listing the known routers if none."""
+    return ROUTERS.get_or_raise(name)
 
 
 def make_router_config(name: str, options: dict[str, Any]) -> RouterConfig:

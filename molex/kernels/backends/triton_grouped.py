@@ -1,6 +1,6 @@
 """Triton backend: the grouped algorithm with Triton shrink / expand kernels and backward kernels.
 
-Same sort-and-offset step and custom ops as :mod:`molex.kernels.grouped` (so
+Same sort-and-offset step and custom ops as :mod:`molex.kernels.backends.grouped` (so
 ``torch.compile(fullgraph=True)`` traces it), with ``impl="triton"``: the kernels in
 :mod:`molex.kernels.triton_kernels` read token rows in place through the sorted index and apply
 the routing weight in the expand epilogue. Runs on CUDA, or on CPU tensors under
@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from molex.core.decision import RoutingDecision
+from molex.kernels.backends.grouped import run_grouped
 from molex.kernels.cost import Workload
-from molex.kernels.grouped import run_grouped
 from molex.kernels.registry import Backend, installed, register_backend
 
 
