@@ -120,3 +120,67 @@ def test_the_lowest_layer_imports_nothing_of_molex():
     graph = _graph()
     for name in ("molex.core.files", "molex.core.sources", "molex.core.losses", "molex.core.decision", "molex.core.registry"):
         assert graph[name] == set(), f"{name} imports {sorted(graph[name])}"
+
+
+#: module prefix -> layer, most specific first: a module may import only from its own layer or below.
+#: The README's "Architecture" section prints this table in full (checked below).
+LAYERS: list[tuple[str, int]] = [
+    ("molex.core", 1),
+    ("molex.kernels", 2),
+    ("molex.quant", 2),
+    ("molex.allocation.auto", 4),
+    ("molex.allocation", 3),
+    ("molex.layer", 3),
+    ("molex.routers", 3),
+    ("molex.data.datamodule", 5),
+    ("molex.data", 4),
+    ("molex.evaluation", 4),
+    ("molex.export", 4),
+    ("molex.hub", 4),
+    ("molex.models", 4),
+    ("molex.training", 4),
+    ("molex.cli", 5),
+    ("molex.conf", 5),
+    ("molex.integrations", 5),
+    ("molex.lightning", 5),
+]
+
+
+def _layer(module: str) -> int | None:
+    for prefix, layer in LAYERS:
+        if module == prefix or module.startswith(f"{prefix}."):
+            return layer
+    return None
+
+
+def test_every_module_has_a_layer():
+    missing = sorted(name for name in MODULES if name != "molex" and _layer(name) is None)
+    assert not missing, f"no layer for {missing}: add a rule to LAYERS in tests/test_architecture.py and the README"
+
+
+def test_modules_import_only_from_their_layer_or_below():
+    upward = [
+        f"{name} (layer {_layer(name)}) imports {target} (layer {_layer(target)})"
+        for name, targets in sorted(_graph().items())
+        if name != "molex"
+        for target in sorted(targets)
+        if target != "molex" and (_layer(target) or 0) > (_layer(name) or 0)
+    ]
+    assert not upward, "imports that point up the layers:\n" + "\n".join(upward)
+
+
+def test_the_layer_finder_sees_an_upward_import():
+    assert _layer("molex.routers.topk") == 3 and _layer("molex.training.dlp") == 4
+    assert _layer("molex.allocation.auto") == 4 and _layer("molex.allocation.plan") == 3
+    assert _layer("molex.data.datamodule") == 5 and _layer("molex.data.collate") == 4
+
+
+def test_the_readme_prints_the_layer_table_in_full():
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    rows = {
+        (cells[1].strip("` "), int(cells[2].strip()))
+        for line in section.splitlines()
+        if line.startswith("| `molex") and len(cells := line.split("|")) > 3
+    }
+    assert rows == set(LAYERS), f"README rows differ from LAYERS: {sorted(rows ^ set(LAYERS))}"

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from molex.core.refs import set_unregistered
 from molex.core.decision import RoutingDecision
-from molex.layer.experts import LoRAExperts
-from molex.layer.masking import apply_expert_mask
+from molex.core.refs import set_unregistered
 from molex.kernels import mole_delta
+from molex.layer.expert_mask import apply_expert_mask
+from molex.layer.experts import LoRAExperts
 from molex.routers.base import Router
 
 if TYPE_CHECKING:

@@ -16,14 +16,13 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from molex.core.decision import RoutingDecision
 from molex.core.model_argument import takes_model
+from molex.layer.expert_mask import apply_expert_mask
 
 __all__ = ["mask_experts", "unmask_experts", "masked_experts", "apply_expert_mask"]
 
 
 def _layer_masks(model: nn.Module, names_or_indices: Sequence[str | int]) -> dict[str, Tensor]:
-    from molex.hub.fuse import adapter_names, expert_slots
     from molex.layer.inject import get_config, mole_layers
 
     layers = mole_layers(model)
@@ -33,8 +32,9 @@ def _layer_masks(model: nn.Module, names_or_indices: Sequence[str | int]) -> dic
     if not chosen:
         raise ValueError("no experts to mask: pass adapter names or expert indices, e.g. mask_experts(model, [0])")
     hub = get_config(model).hub
-    names = adapter_names(model) if hub else []
-    slots = expert_slots(model) if hub else {}
+    # a fused hub's record (molex.fuse_adapters): adapter names, and each module's adapter index per expert
+    names = list(hub["adapters"]) if hub else []
+    slots = {module: list(indices) for module, indices in hub["experts"].items()} if hub else {}
     masks = {}
     for layer_name, layer in layers.items():
         num_experts = layer.experts.num_experts
@@ -98,33 +98,3 @@ def masked_experts(model: nn.Module, names_or_indices: Sequence[str | int]) -> I
         yield model
     finally:
         unmask_experts(model)
-
-
-def apply_expert_mask(decision: RoutingDecision, mask: Tensor, router_name: str) -> RoutingDecision:
-    """The decision the router would make without the experts in ``mask [E]``.
-
-    From the router's distribution ``probs [rows, E]``: masked experts get 0, the rest are
-    renormalised, then the same number of experts is kept (top-k) and, when the router's kept
-    weights summed to one, renormalised again: for a softmax-then-top-k router this equals
-    masking its logits before the top-k.
-    """
-    probs = decision.probs
-    if probs is None or probs.shape[-1] != mask.shape[0]:
-        raise ValueError(
-            f"router {router_name!r} gives no distribution over this layer's {mask.shape[0]} experts, so its "
-            "experts cannot be masked; mask a fused model with a gate, soft, topk, dlp, milora or arrow router"
-        )
-    kept = probs.masked_fill(mask.to(probs.device), 0.0)
-    kept = kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)
-    weights, indices = kept.topk(decision.top_k, dim=-1)
-    sums = decision.weights.float().sum(-1)
-    if torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
-    return RoutingDecision(
-        indices,
-        weights.to(decision.weights.dtype),
-        decision.aux_losses,
-        tokens_per_sequence=decision.tokens_per_sequence,
-        probs=kept,
-        token_mask=decision.token_mask,
-    )
