@@ -9,8 +9,8 @@ import torch
 
 import molex
 from molex.evaluation.analysis import RoutingReport, collect_routing, log_routing_report, plot_routing
-from tests.conftest import tiny_llama
-from tests.test_lightning import synthetic_batches
+from tests.helpers.lightning import synthetic_batches
+from tests.helpers.models import tiny_llama
 
 
 def batches(num: int = 8, batch_size: int = 4):

@@ -184,3 +184,22 @@ def test_the_readme_prints_the_layer_table_in_full():
         if line.startswith("| `molex") and len(cells := line.split("|")) > 3
     }
     assert rows == set(LAYERS), f"README rows differ from LAYERS: {sorted(rows ^ set(LAYERS))}"
+
+
+def test_no_test_module_imports_another():
+    tests = Path(__file__).resolve().parent
+    # a test module, conftest, or any other module of tests/ reached by its bare name (pytest's rootdir import)
+    local = {p.stem for p in tests.glob("*.py")}
+    offenders = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [
+                f"{path.relative_to(tests)} imports {name}"
+                for name in names
+                if (name.startswith("tests") and not (name == "tests.helpers" or name.startswith("tests.helpers.")))
+                or name.split(".")[0] in local
+            ]
+    assert not offenders, "shared helpers go to tests/helpers/:\n" + "\n".join(offenders)

@@ -10,13 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import molex
-from molex.allocation.plan import AllocationConfig, plan_allocation
-from molex.allocation.budget import apportion
 from molex.allocation.auto import decide_allocation, reallocate, snapshot_experts
+from molex.allocation.budget import apportion
+from molex.allocation.plan import AllocationConfig, plan_allocation
 from molex.layer.health import has_routing_reads
 from molex.training import OptimSettings
-from tests.conftest import tiny_llama
-from tests.test_cli import compose_train
+from tests.helpers.cli import compose_train
+from tests.helpers.models import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import molex
-from tests.conftest import tiny_llama
-from tests.test_lightning import loader, make_module, trainer
+from tests.helpers.lightning import loader, make_module, trainer
+from tests.helpers.models import tiny_llama
 
 
 def _uniform_topk(num_layers: int, **options) -> torch.nn.Module:

@@ -29,7 +29,7 @@ import molex
 from molex.data.datamodule import InstructionDataModule
 from molex.data.readers import read_source
 from molex.models import load_model
-from tests.conftest import tiny_llama
+from tests.helpers.models import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

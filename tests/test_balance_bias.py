@@ -12,7 +12,7 @@ import molex
 from molex.layer.experts import LoRAExperts
 from molex.layer.linear import MoLELinear
 from molex.training import OptimSettings, train_steps
-from tests.conftest import tiny_llama
+from tests.helpers.models import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -66,7 +66,7 @@ def test_bad_balance_option_from_the_command_line_config():
     from hydra import compose, initialize_config_dir
 
     from molex.cli.common import CLIError, build_mole_config
-    from tests.test_conf import CONF
+    from tests.helpers.cli import CONF
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["router.options.balance=foo"])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from hub_helpers import one_thread  # noqa: F401 - fixture
+
+from tests.helpers.hub import one_thread  # noqa: F401 - fixture
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")

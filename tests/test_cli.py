@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
 import molex
 from molex.cli.common import CLIError
 from molex.cli.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = Path(molex.__file__).parent / "conf"
-SMOKE = ["experiment=smoke", "data.num_per_task=8", "data.eval_per_task=2", "eval.max_new_tokens=4"]
-
-
-def run_cli(module: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def compose_train(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=[*SMOKE, f"run_dir={tmp_path}", *overrides])
+from tests.helpers.cli import SMOKE, compose_train, run_cli
 
 
 def test_train_end_to_end_writes_the_run_directory(tmp_path):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_helpers import one_thread  # noqa: F401 - fixture
 
 import molex
+from tests.helpers.hub import one_thread  # noqa: F401 - fixture
 
 pytest.importorskip("peft")
 pytest.importorskip("hydra")

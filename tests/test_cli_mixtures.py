@@ -7,7 +7,7 @@ import json
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tests.test_cli import CONF, SMOKE
+from tests.helpers.cli import CONF, SMOKE
 
 DESIGNS = {
     "stochastic": ["router=stochastic", "router.options.consistency_coef=0.1"],

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
 
 import molex
 from molex.core import files
 from molex.hub.peft_format import read_peft_adapter, write_peft_adapter
+from tests.helpers.models import tiny_llama
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="needs fork and SIGKILL")
 

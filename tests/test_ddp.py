@@ -7,7 +7,7 @@ import json
 import torch
 
 import molex
-from tests.test_cli import SMOKE, run_cli
+from tests.helpers.cli import SMOKE, run_cli
 
 
 def test_two_process_ddp_trains_and_rank_zero_saves(tmp_path):

@@ -10,7 +10,13 @@ import molex
 from molex.data.builtin import TASKS, make_builtin_dataset
 from molex.data.collate import pad_collate
 from molex.data.templates import encode_example
-from molex.evaluation.generation import evaluate_generation, evaluate_loss, format_table, normalize_answer, score_multiple_choice
+from molex.evaluation.generation import (
+    evaluate_generation,
+    evaluate_loss,
+    format_table,
+    normalize_answer,
+    score_multiple_choice,
+)
 from molex.models import load_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: threads only contend

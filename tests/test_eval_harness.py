@@ -21,7 +21,7 @@ from molex.data.templates import format_prompt
 from molex.evaluation.generation import score_multiple_choice
 from molex.evaluation.harness import LMEvalRequestError, run_lm_eval
 from molex.models import load_model
-from tests.test_cli import CONF
+from tests.helpers.cli import CONF
 
 TASK = "molex_local_mc"
 

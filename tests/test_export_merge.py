@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
-from hub_helpers import one_thread  # noqa: F401 - fixture
 
 import molex
 from molex.export import RoutePrompts, save_merged
+from tests.helpers.hub import one_thread  # noqa: F401 - fixture
+from tests.helpers.models import tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

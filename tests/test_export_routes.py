@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
-from hub_helpers import make_peft_adapter, one_thread  # noqa: F401 - fixture
 
 import molex
 from molex.export import RoutePrompts
+from tests.helpers.hub import make_peft_adapter, one_thread  # noqa: F401 - fixture
+from tests.helpers.models import tiny_llama
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import molex
-from tests.test_cli import ROOT, SMOKE
+from tests.helpers.cli import ROOT, SMOKE
 
 pytestmark = pytest.mark.slow  # every test starts two training processes: minutes on a busy CPU
 
@@ -73,7 +73,7 @@ def _single_process_adapter(tmp_path: Path) -> dict[str, torch.Tensor]:
     from molex.cli.common import build_training
     from molex.data.sampling import ResumableSampler
     from molex.lightning import MoLEModule
-    from tests.test_cli import compose_train
+    from tests.helpers.cli import compose_train
 
     cfg = compose_train(tmp_path, *RUN[len(SMOKE) :])
     built = build_training(cfg)  # seeded as molex-train seeds it: the same initial experts

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import molex
 from molex.layer.health import LayerHealth, RoutingHealth
 from molex.lightning.health import CollapseWatch, HealthSettings
-from tests.conftest import tiny_llama
+from tests.helpers.models import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -292,7 +292,7 @@ def test_molex_train_logs_health_warns_and_writes_summary_and_plot(tmp_path, cap
     from hydra import compose, initialize_config_dir
 
     from molex.cli.train import train
-    from tests.test_cli import CONF, SMOKE
+    from tests.helpers.cli import CONF, SMOKE
 
     overrides = [
         *SMOKE,

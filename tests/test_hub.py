@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from hub_helpers import make_peft_adapter, one_thread  # noqa: F401 - one_thread is a fixture
 
 import molex
 from molex.hub import adapter_gates, expert_slots
-from tests.conftest import tiny_gpt2, tiny_llama
+from tests.helpers.hub import make_peft_adapter, one_thread  # noqa: F401 - one_thread is a fixture
+from tests.helpers.models import tiny_gpt2, tiny_llama
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")

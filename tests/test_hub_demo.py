@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hub_helpers import one_thread  # noqa: F401 - fixture
 
 import molex
+from tests.helpers.hub import one_thread  # noqa: F401 - fixture
 
 pytest.importorskip("peft")
 

@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen2
 
 import molex
+from tests.helpers.models import tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen2
 
 FAMILIES = {
     "llama": (tiny_llama, ["q_proj", "v_proj", "down_proj"]),

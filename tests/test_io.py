@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 
 import molex
 from molex.hub.peft_format import read_peft_adapter
+from tests.helpers.models import tiny_gpt2, tiny_llama
 
 CFG = dict(target_modules=["q_proj", "v_proj"], rank=4, top_k=2, allocation={"schedule": "mola-increasing"})
 
@@ -131,7 +131,7 @@ def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 def test_save_refuses_another_tools_adapter_unless_overwrite(tmp_path):
-    from hub_helpers import make_peft_adapter
+    from tests.helpers.hub import make_peft_adapter
 
     pytest.importorskip("peft")
     folder = tmp_path / "add"

@@ -16,8 +16,8 @@ from molex.kernels.grouped_ops import (
     grouped_shrink_backward,
 )
 from molex.routers.base import RoutingDecision
-from tests.conftest import assert_close
-from tests.kernel_cases import check_all, expected, make_problem, run_with_grads
+from tests.helpers.kernels import check_all, expected, make_problem, run_with_grads
+from tests.helpers.models import assert_close
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

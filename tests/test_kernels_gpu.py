@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from molex.kernels import available_backends, mole_delta
-from tests.kernel_cases import check_all, expected, make_problem, run_with_grads
+from tests.helpers.kernels import check_all, expected, make_problem, run_with_grads
 
 pytestmark = pytest.mark.gpu
 

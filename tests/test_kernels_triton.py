@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from molex.kernels import available_backends, mole_delta
-from molex.kernels.grouped import sort_slots
+from molex.kernels.backends.grouped import sort_slots
 from molex.kernels.grouped_ops import (
     grouped_expand,
     grouped_expand_backward,
     grouped_shrink,
     grouped_shrink_backward,
 )
-from tests.kernel_cases import check_all, expected, make_problem, run_with_grads
+from tests.helpers.kernels import check_all, expected, make_problem, run_with_grads
 
 pytest.importorskip("triton")
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hub_helpers import make_peft_adapter, one_thread  # noqa: F401 - one_thread is a fixture
 
 import molex
 from molex.hub.merge import merged_factors
 from molex.hub.peft_format import read_peft_adapter
-from tests.conftest import tiny_llama
+from tests.helpers.hub import make_peft_adapter, one_thread  # noqa: F401 - one_thread is a fixture
+from tests.helpers.models import tiny_llama
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")

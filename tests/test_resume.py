@@ -138,7 +138,7 @@ def test_training_rng_is_not_shifted_by_draws_between_steps():
 
 def test_resume_mismatch_names_each_setting_with_both_values():
     from molex.lightning.resume import resume_mismatch, training_record
-    from tests.conftest import tiny_llama
+    from tests.helpers.models import tiny_llama
 
     def record(**kw):
         cfg = molex.MoLEConfig(target_modules=["q_proj", "v_proj"], rank=4, num_experts=4, **kw)
@@ -267,7 +267,7 @@ def test_sigkill_mid_epoch_then_at_epoch_boundary_resumes_bit_identical(tmp_path
 def test_cli_refuses_to_resume_under_other_settings_before_training(tmp_path):
     from molex.cli.common import CLIError
     from molex.cli.train import train
-    from tests.test_cli import compose_train
+    from tests.helpers.cli import compose_train
 
     quick = ["trainer.max_steps=1", "eval.before=false", "eval.after=false", "analysis.enabled=false"]
     train(compose_train(tmp_path / "a", *quick, "checkpoint.save_weights_only=false"))

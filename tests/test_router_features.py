@@ -15,7 +15,7 @@ from molex.layer.context import RoutingContext
 from molex.layer.experts import LoRAExperts
 from molex.layer.linear import MoLELinear
 from molex.routers import build_router
-from tests.conftest import tiny_llama
+from tests.helpers.models import tiny_llama
 
 FEATURES = {"task": 3, "lang": 2}  # experts 0-2: tasks, 3-4: languages
 

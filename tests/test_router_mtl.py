@@ -11,7 +11,7 @@ from molex.layer.context import RoutingContext
 from molex.layer.experts import LoRAExperts
 from molex.layer.linear import MoLELinear
 from molex.routers import build_router
-from tests.conftest import tiny_llama
+from tests.helpers.models import tiny_llama
 
 NUM_TASKS, NUM_EXPERTS, RANK, D_IN, D_OUT = 4, 3, 2, 6, 5
 

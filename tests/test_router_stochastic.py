@@ -8,14 +8,14 @@ import torch
 from torch import nn
 
 import molex
+from molex.hub import export_average_adapter
 from molex.layer.context import RoutingContext
 from molex.layer.experts import LoRAExperts
-from molex.hub import export_average_adapter
 from molex.layer.linear import MoLELinear
 from molex.routers import average_experts, build_router
 from molex.training.consistency import symmetric_kl
 from molex.training.objective import mole_objective
-from tests.conftest import tiny_llama
+from tests.helpers.models import tiny_llama
 
 #: chi-square critical value for 3 degrees of freedom at p = 0.001
 CHI2_3DOF_P001 = 16.27

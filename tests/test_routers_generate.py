@@ -11,8 +11,9 @@ import torch
 
 import molex
 from molex.layer.inject import routers_of
-from molex.routers import DLPRouter, MiLoRARouter, train_dlp_classifier
-from tests.conftest import assert_close, tiny_llama
+from molex.routers import DLPRouter, MiLoRARouter
+from molex.training import train_dlp_classifier
+from tests.helpers.models import assert_close, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -294,7 +295,7 @@ def test_shared_routers_save_load_and_unload(tmp_path, router, num_experts):
 
 
 def test_milora_block_called_with_keyword_hidden_states():
-    from tests.conftest import tiny_qwen2
+    from tests.helpers.models import tiny_qwen2
 
     model = tiny_qwen2()  # attention modules receive hidden_states= as a keyword
     molex.inject(model, molex.MoLEConfig(target_modules=["q_proj", "v_proj", "o_proj"], num_experts=1, router="milora"))

@@ -130,7 +130,7 @@ def test_gradients_reach_the_gate(name):
 
 @pytest.mark.parametrize("name", ["topk", "dynmole", "gate", "switch"])
 def test_contrastive_loss_in_the_layer_path(name):
-    from tests.conftest import tiny_llama
+    from tests.helpers.models import tiny_llama
 
     model = tiny_llama(num_layers=1)
     options = {"contrastive_coef": 0.5}

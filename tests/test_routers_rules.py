@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from molex.layer.context import RoutingContext
 from molex.core.losses import contrastive_loss, expert_outputs, gate_cross_entropy, tsallis_entropy
+from molex.layer.context import RoutingContext
 from molex.routers import SwitchRouter, build_router
 from molex.routers.dlp import top_p_inclusive
 

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 
 import molex
 from molex.training.objective import mole_objective
-from tests.conftest import tiny_llama
+from tests.helpers.models import tiny_llama
 
 pytestmark = pytest.mark.slow  # six pairs of forked processes: about 25 s each on a busy 2-core machine
 

@@ -7,9 +7,9 @@ import torch
 
 import molex
 from molex.core.decision import RoutingDecision
-from molex.layer.experts import LoRAExperts
 from molex.kernels import available_backends, estimate_cost, mole_delta
-from tests.conftest import assert_close, tiny_llama
+from molex.layer.experts import LoRAExperts
+from tests.helpers.models import assert_close, tiny_llama
 
 CPU_BACKENDS = [b for b in available_backends() if b not in ("megablocks",)]
 

@@ -8,18 +8,18 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import molex
-from molex.training import train_dlp_classifier
 from molex.training import (
     OptimSettings,
     build_optimizer,
     build_scheduler,
     get_text_fitter,
     register_text_fitter,
+    train_dlp_classifier,
     train_steps,
     warmup_cosine,
 )
 from molex.training.objective import mole_objective
-from tests.conftest import tiny_llama
+from tests.helpers.models import tiny_llama
 
 
 @pytest.mark.parametrize(

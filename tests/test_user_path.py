@@ -97,9 +97,8 @@ def test_train_then_eval_through_the_console_scripts(scripts, tmp_path):
 def hub(tmp_path_factory) -> Path:
     """Two PEFT LoRA adapters on the tiny Llama, named after built-in tasks."""
     pytest.importorskip("peft")
-    from hub_helpers import make_peft_adapter
-
     from molex.models import load_model
+    from tests.helpers.hub import make_peft_adapter
 
     root = tmp_path_factory.mktemp("hub")
     for seed, task in enumerate(["add", "parity"]):

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from molex.routers.base import RoutingDecision
-from tests.conftest import assert_close
+from tests.helpers.models import assert_close
 
 
 def per_token_delta(x: Tensor, A: Tensor, B: Tensor, indices: Tensor, weights: Tensor, scaling) -> Tensor:
