@@ -92,17 +92,32 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     start = time.perf_counter()
     routed = evaluate(model, tokenizer, dm, routed=True, args=args)
-    rows.append({"variant": "routed (molex)", "rank": None, "accuracy": routed["accuracy"],
-                 "per_task": routed["per_task"], "mean_error": None, "seconds": time.perf_counter() - start})
+    rows.append(
+        {
+            "variant": "routed (molex)",
+            "rank": None,
+            "accuracy": routed["accuracy"],
+            "per_task": routed["per_task"],
+            "mean_error": None,
+            "seconds": time.perf_counter() - start,
+        }
+    )
     for rank in args.ranks:
         start = time.perf_counter()
         batches = [b for i, b in zip(range(args.calibration_batches), dm.val_dataloader(), strict=False)]
         exported = molex.export_single(model, work / f"rank{rank}", batches, rank=rank)
         peft_model = PeftModel.from_pretrained(copy.deepcopy(pristine), str(exported.path)).eval()
         scored = evaluate(peft_model, tokenizer, dm, routed=False, args=args)
-        rows.append({"variant": "export_single (PEFT)", "rank": rank, "accuracy": scored["accuracy"],
-                     "per_task": scored["per_task"], "mean_error": exported.mean_error,
-                     "seconds": time.perf_counter() - start})
+        rows.append(
+            {
+                "variant": "export_single (PEFT)",
+                "rank": rank,
+                "accuracy": scored["accuracy"],
+                "per_task": scored["per_task"],
+                "mean_error": exported.mean_error,
+                "seconds": time.perf_counter() - start,
+            }
+        )
     return {
         "adapter": str(adapter),
         "model": args.model,
@@ -139,7 +154,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help=f"JSON output (default {DEFAULT_OUT}; a temp file with --quick)")
-    parser.add_argument("--quick", action="store_true", help="tiny random adapter, two tasks, ranks 1 2: a wiring check")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny random adapter, two tasks, ranks 1 2: a wiring check"
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     args.model = args.model or ("tiny-llama" if quick else "smollm2-135m")
@@ -157,7 +174,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     result = run(args)
-    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp()) / "export_single.json" if args.quick else DEFAULT_OUT)
+    out = (
+        Path(args.out) if args.out else (Path(tempfile.mkdtemp()) / "export_single.json" if args.quick else DEFAULT_OUT)
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     print(table(result))

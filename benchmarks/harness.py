@@ -6,7 +6,6 @@ on a shared machine hits them all alike; compare ratios from one run, not absolu
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -16,9 +15,9 @@ from typing import Any
 
 import torch
 
-from molex.core.files import atomic_write
+from molex.core import files
 
-__all__ = ["environment", "time_candidates", "ratio", "write_json", "fwd_bwd"]
+__all__ = ["environment", "fwd_bwd", "ratio", "time_candidates", "write_json"]
 
 
 def environment() -> dict[str, Any]:
@@ -99,8 +98,5 @@ def fwd_bwd(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, gra
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2)
-
-    atomic_write(path, write)
+    """A benchmark's result file, keys in reading order (:func:`molex.core.files.write_json`)."""
+    files.write_json(path, payload, sort_keys=False)

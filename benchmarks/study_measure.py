@@ -29,12 +29,12 @@ from molex.layer.health import expert_shares
 
 __all__ = [
     "compose_config",
-    "mole_config_of",
+    "count_trainable",
     "load_base",
     "make_datamodule",
-    "count_trainable",
     "matched_rank",
     "measure_run",
+    "mole_config_of",
     "routing_health",
 ]
 

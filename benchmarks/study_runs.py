@@ -19,7 +19,7 @@ from typing import Any
 
 import molex
 
-__all__ = ["train_run", "run_all"]
+__all__ = ["run_all", "train_run"]
 
 
 def train_run(overrides: list[str], run_dir: Path, timeout: float, threads: int | None = None) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Variant", "VARIANTS", "DEFAULT_VARIANTS", "QUICK_VARIANTS", "REFERENCE", "variant_overrides"]
+__all__ = ["DEFAULT_VARIANTS", "QUICK_VARIANTS", "REFERENCE", "VARIANTS", "Variant", "variant_overrides"]
 
 #: the variant every other one is compared with (paired by seed)
 REFERENCE = "lora_r16"

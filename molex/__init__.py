@@ -4,19 +4,9 @@
 """
 
 from molex import kernels, routers
-from molex.allocation.plan import LayerPlan, plan_allocation
 from molex.allocation.auto import AllocationDecision, auto_allocate
-from molex.layer.config import AllocationConfig, MoLEConfig
-from molex.layer.context import RoutingContext, generate, routing_inputs
-from molex.layer.experts import LoRAExperts
+from molex.allocation.plan import LayerPlan, plan_allocation
 from molex.export import export_routes, export_single, merge_route
-from molex.layer.health import (
-    LayerHealth,
-    RoutingHealth,
-    disable_routing_health,
-    enable_routing_health,
-    routing_health,
-)
 from molex.hub import (
     adapter_names,
     fuse_adapters,
@@ -25,6 +15,17 @@ from molex.hub import (
     routing_accuracy,
     set_adapter_weights,
     train_router,
+)
+from molex.kernels import mole_delta
+from molex.layer.config import AllocationConfig, MoLEConfig
+from molex.layer.context import RoutingContext, generate, routing_inputs
+from molex.layer.experts import LoRAExperts
+from molex.layer.health import (
+    LayerHealth,
+    RoutingHealth,
+    disable_routing_health,
+    enable_routing_health,
+    routing_health,
 )
 from molex.layer.inject import (
     aux_losses,
@@ -38,64 +39,63 @@ from molex.layer.inject import (
     trainable_parameters,
     unload,
 )
-from molex.layer.masking import mask_experts, masked_experts, unmask_experts
 from molex.layer.io import adapter_state_dict, load_adapter, save_adapter
-from molex.kernels import mole_delta
 from molex.layer.linear import MoLELinear
+from molex.layer.masking import mask_experts, masked_experts, unmask_experts
 from molex.routers import RoutingDecision, available_routers, build_router, register_router, update_balance_biases
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__",
-    "kernels",
-    "routers",
-    "MoLEConfig",
     "AllocationConfig",
-    "LayerPlan",
-    "plan_allocation",
-    "auto_allocate",
     "AllocationDecision",
-    "RoutingContext",
-    "routing_inputs",
-    "generate",
+    "LayerHealth",
+    "LayerPlan",
     "LoRAExperts",
+    "MoLEConfig",
     "MoLELinear",
+    "RoutingContext",
     "RoutingDecision",
-    "available_routers",
-    "build_router",
-    "register_router",
-    "inject",
-    "unload",
-    "find_target_modules",
-    "get_config",
-    "mole_layers",
-    "summary",
+    "RoutingHealth",
+    "__version__",
+    "adapter_names",
+    "adapter_state_dict",
+    "auto_allocate",
     "aux_losses",
     "aux_losses_by_kind",
-    "total_aux_loss",
-    "trainable_parameters",
-    "mole_delta",
-    "save_adapter",
-    "load_adapter",
-    "adapter_state_dict",
-    "fuse_adapters",
-    "adapter_names",
-    "set_adapter_weights",
-    "routing_accuracy",
-    "train_router",
-    "merge_adapters",
-    "lorahub_search",
+    "available_routers",
+    "build_router",
+    "disable_routing_health",
+    "enable_routing_health",
     "export_routes",
     "export_single",
-    "merge_route",
-    "routing_health",
-    "enable_routing_health",
-    "disable_routing_health",
-    "RoutingHealth",
-    "LayerHealth",
-    "update_balance_biases",
+    "find_target_modules",
+    "fuse_adapters",
+    "generate",
+    "get_config",
+    "inject",
+    "kernels",
+    "load_adapter",
+    "lorahub_search",
     "mask_experts",
-    "unmask_experts",
     "masked_experts",
+    "merge_adapters",
+    "merge_route",
+    "mole_delta",
+    "mole_layers",
+    "plan_allocation",
+    "register_router",
+    "routers",
+    "routing_accuracy",
+    "routing_health",
+    "routing_inputs",
+    "save_adapter",
+    "set_adapter_weights",
+    "summary",
+    "total_aux_loss",
+    "train_router",
+    "trainable_parameters",
+    "unload",
+    "unmask_experts",
+    "update_balance_biases",
 ]

@@ -29,10 +29,10 @@ from urllib.parse import urlsplit
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from molex.quant import check_quantization, get_scheme
 from molex.core.sources import looks_like_path
+from molex.quant import check_quantization, get_scheme
 
-__all__ = ["MODEL_PRESETS", "load_model", "molex_cache_dir", "ensure_pad_token", "resolve_dtype", "smollm2_gguf_path"]
+__all__ = ["MODEL_PRESETS", "ensure_pad_token", "load_model", "molex_cache_dir", "resolve_dtype", "smollm2_gguf_path"]
 
 logger = logging.getLogger(__name__)
 

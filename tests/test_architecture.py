@@ -118,7 +118,13 @@ def test_kernels_see_only_decisions_and_tensors():
 
 def test_the_lowest_layer_imports_nothing_of_molex():
     graph = _graph()
-    for name in ("molex.core.files", "molex.core.sources", "molex.core.losses", "molex.core.decision", "molex.core.registry"):
+    for name in (
+        "molex.core.files",
+        "molex.core.sources",
+        "molex.core.losses",
+        "molex.core.decision",
+        "molex.core.registry",
+    ):
         assert graph[name] == set(), f"{name} imports {sorted(graph[name])}"
 
 

@@ -73,8 +73,15 @@ def test_routes_from_a_prompt_file_and_merged(monkeypatch, tmp_path, adapters):
 
 
 def test_single_from_validation_batches(monkeypatch, tmp_path, adapters):
-    run(monkeypatch, tmp_path, f"adapter={adapters['topk']}", "mode=single", "out=single", "rank=1",
-        "calibration_batches=1")
+    run(
+        monkeypatch,
+        tmp_path,
+        f"adapter={adapters['topk']}",
+        "mode=single",
+        "out=single",
+        "rank=1",
+        "calibration_batches=1",
+    )
     report = json.loads((tmp_path / "single" / "export_report.json").read_text())
     assert report["rank"] == 1 and set(report["ranks"].values()) == {1}
     assert 0 < report["mean_relative_frobenius_error"] < 1

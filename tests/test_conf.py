@@ -84,7 +84,15 @@ def test_7b_recipes_compose_to_what_their_headers_say():
     fsdp = compose_train("experiment=llama7b_fsdp")
     assert fsdp.trainer.strategy._target_.endswith("FullyShardedStrategy") and fsdp.trainer.devices == 4
     for cfg in (qlora, fsdp):
-        assert list(build_mole_config(cfg).target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        assert list(build_mole_config(cfg).target_modules) == [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
         check_trainer(cfg.trainer)
 
 

@@ -20,7 +20,10 @@ IDS = [4, 8, 15, 16, 23, 42]
 def dlp_model():
     model = tiny_llama()
     cfg = molex.MoLEConfig(
-        target_modules=["q_proj", "v_proj", "down_proj"], num_experts=3, rank=2, router="dlp",
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        num_experts=3,
+        rank=2,
+        router="dlp",
         router_options={"top_p": 1.0, "classifier_hidden": 8, "dropout": 0.0},
         allocation=molex.AllocationConfig(rank_overrides={r"down_proj": 4}),
     )
@@ -62,8 +65,16 @@ def test_merged_prompt_route_round_trips_through_save_pretrained(tmp_path):
 
 def test_merged_weights_on_gpt2_conv1d():
     model = tiny_gpt2()
-    molex.inject(model, molex.MoLEConfig(target_modules=["c_attn", "c_fc"], num_experts=2, rank=2, router="fixed",
-                                         router_options={"weights": [0.3, 0.9]}))
+    molex.inject(
+        model,
+        molex.MoLEConfig(
+            target_modules=["c_attn", "c_fc"],
+            num_experts=2,
+            rank=2,
+            router="fixed",
+            router_options={"weights": [0.3, 0.9]},
+        ),
+    )
     torch.manual_seed(1)
     with torch.no_grad():
         for layer in molex.mole_layers(model).values():

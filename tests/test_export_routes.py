@@ -56,21 +56,28 @@ def adapter_ranks(folder):
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / "adapter_model.safetensors"))
-    return {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): v.shape[0]
-            for k, v in tensors.items() if k.endswith("lora_A.weight")}
+    return {
+        k.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): v.shape[0]
+        for k, v in tensors.items()
+        if k.endswith("lora_A.weight")
+    }
 
 
 def test_dlp_routes_exact_with_mixed_ranks(tmp_path):
     model = tiny_llama()
     cfg = molex.MoLEConfig(
-        target_modules=["q_proj", "v_proj", "down_proj"], num_experts=3, rank=4, router="dlp",
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        num_experts=3,
+        rank=4,
+        router="dlp",
         router_options={"top_p": 0.9, "classifier_hidden": 8, "dropout": 0.0},
         allocation=molex.AllocationConfig(rank_overrides={r"layers\.0\.": 2, r"down_proj": 6}),
     )
     molex.inject(model, cfg)
     randomise(model)
-    exported = molex.export_routes(model, tmp_path / "out", {"a": RoutePrompts(token_ids=PROMPTS[:3]),
-                                                             "b": RoutePrompts(token_ids=PROMPTS[3:])})
+    exported = molex.export_routes(
+        model, tmp_path / "out", {"a": RoutePrompts(token_ids=PROMPTS[:3]), "b": RoutePrompts(token_ids=PROMPTS[3:])}
+    )
     check_exact(model, exported)
     index = json.loads((tmp_path / "out" / "routes.json").read_text())
     assert index["format"] == "molex-routes" and index["router"] == "dlp"
@@ -83,7 +90,10 @@ def test_dlp_routes_exact_with_mixed_ranks(tmp_path):
 def test_milora_routes_exact_with_per_layer_experts(tmp_path):
     model = tiny_llama()
     cfg = molex.MoLEConfig(
-        target_modules=["q_proj", "v_proj", "up_proj"], num_experts=2, rank=3, router="milora",
+        target_modules=["q_proj", "v_proj", "up_proj"],
+        num_experts=2,
+        rank=3,
+        router="milora",
         router_options={"top_k": 2},
         allocation=molex.AllocationConfig(per_layer=[1, 2, 3, 2], rank_overrides={r"up_proj": 5}),
     )
@@ -121,7 +131,10 @@ def test_fixed_route_of_a_fused_hub_with_mixed_ranks(tmp_path):
 def test_single_expert_route_has_that_experts_rank(tmp_path):
     model = tiny_llama()
     cfg = molex.MoLEConfig(
-        target_modules=["q_proj", "v_proj"], num_experts=3, rank=4, router="dlp",
+        target_modules=["q_proj", "v_proj"],
+        num_experts=3,
+        rank=4,
+        router="dlp",
         router_options={"top_p": 1e-6, "classifier_hidden": 8, "dropout": 0.0},  # top-1: one expert per prompt
         allocation=molex.AllocationConfig(rank_overrides={r"v_proj": 2}),
     )
@@ -176,8 +189,12 @@ def test_bad_routes_and_foreign_folders(tmp_path):
 
 def test_mtl_routes_by_task_are_exact(tmp_path):
     model = tiny_llama()  # the base peft_logits loads
-    molex.inject(model, molex.MoLEConfig(target_modules=["q_proj", "v_proj"], num_experts=3, rank=2, router="mtl",
-                                         router_options={"num_tasks": 2}))
+    molex.inject(
+        model,
+        molex.MoLEConfig(
+            target_modules=["q_proj", "v_proj"], num_experts=3, rank=2, router="mtl", router_options={"num_tasks": 2}
+        ),
+    )
     randomise(model, seed=4)
     routes = {f"task{t}": RoutePrompts(token_ids=PROMPTS[:2], task_ids=t) for t in range(2)}
     exported = molex.export_routes(model, tmp_path / "out", routes)

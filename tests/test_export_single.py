@@ -41,7 +41,8 @@ def model_with(router: str, seed: int = 0, **options):
 def expected_update(layer, mean_gate):
     experts = layer.experts
     return sum(
-        mean_gate[e] * experts.scaling[e] * experts.lora_B[e].t() @ experts.lora_A[e] for e in range(experts.num_experts)
+        mean_gate[e] * experts.scaling[e] * experts.lora_B[e].t() @ experts.lora_A[e]
+        for e in range(experts.num_experts)
     ).double()
 
 

@@ -140,9 +140,7 @@ def test_sigkilled_sharded_run_resumes_to_the_uninterrupted_adapter(sharded_run:
     target = killed / "checkpoints" / "step-2.ckpt"
     log_path = tmp_path / "killed.log"
     with open(log_path, "w") as log:  # a new session: the kill reaches both ranks at once
-        proc = subprocess.Popen(
-            _cmd(killed), cwd=ROOT, env=_env(), stdout=log, stderr=log, start_new_session=True
-        )
+        proc = subprocess.Popen(_cmd(killed), cwd=ROOT, env=_env(), stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + 1200
     while not target.exists():
         assert proc.poll() is None, f"training ended before step 2: {log_path.read_text()[-3000:]}"

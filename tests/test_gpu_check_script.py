@@ -23,7 +23,9 @@ def test_roofline_point_is_compute_bound_by_the_base_gemms():
     flops = layer_flops(**point, top_k=2)
     # two 4096^3 base GEMMs (forward, grad-x) are 2 * 2 * 4096^3 = 274.9 GFLOP of the total
     assert flops == pytest.approx(2 * 2 * 4096**3 + 3 * 2 * 4096 * 4096 * 8 + 3 * 2 * 4096 * 2 * 8 * 8192)
-    assert layer_bytes(**point, element_size=2) == pytest.approx(2 * (5 * 4096**2 + 2 * 4096**2 + 4 * (8 * 8 * 8192 + 4096 * 8)))
+    assert layer_bytes(**point, element_size=2) == pytest.approx(
+        2 * (5 * 4096**2 + 2 * 4096**2 + 4 * (8 * 8 * 8192 + 4096 * 8))
+    )
     roof = roofline(**point, top_k=2, element_size=2)
     assert roof["floor_s"] == roof["compute_s"] == pytest.approx(flops / 790e12)
     assert roof["memory_s"] < roof["compute_s"]

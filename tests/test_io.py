@@ -137,7 +137,9 @@ def test_save_refuses_another_tools_adapter_unless_overwrite(tmp_path):
     folder = tmp_path / "add"
     make_peft_adapter(tiny_llama, folder, seed=0)
     config = (folder / "adapter_config.json").read_bytes()
-    with pytest.raises(FileExistsError, match=r"add holds adapter_config.json that molex did not write.*overwrite=True"):
+    with pytest.raises(
+        FileExistsError, match=r"add holds adapter_config.json that molex did not write.*overwrite=True"
+    ):
         molex.save_adapter(trained(), folder)
     assert (folder / "adapter_config.json").read_bytes() == config  # still a readable PEFT adapter
     read_peft_adapter(folder)

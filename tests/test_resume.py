@@ -84,7 +84,9 @@ def test_datamodule_records_and_restores_the_training_position():
         current_epoch=1,
         world_size=1,
         global_rank=0,
-        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(ready=2)))),
+        fit_loop=SimpleNamespace(
+            epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(ready=2)))
+        ),
     )
     state = dm.state_dict()
     assert state["train_position"] == {"epoch": 1, "batches": 2, "batch_size": 3, "examples": 8}
@@ -260,7 +262,9 @@ def test_sigkill_mid_epoch_then_at_epoch_boundary_resumes_bit_identical(tmp_path
     resumed = load_file(last / "adapter" / "adapter.safetensors")
     assert expected.keys() == resumed.keys()
     different = [k for k in expected if not torch.equal(expected[k], resumed[k])]
-    assert not different, f"killed after step {mid} and {boundary}: {len(different)} tensors differ, e.g. {different[:3]}"
+    assert not different, (
+        f"killed after step {mid} and {boundary}: {len(different)} tensors differ, e.g. {different[:3]}"
+    )
     assert any(v.abs().max() > 0 for k, v in expected.items() if "lora_B" in k)  # it did train
 
 

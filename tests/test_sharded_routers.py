@@ -64,8 +64,14 @@ def _batches() -> list[dict[str, torch.Tensor]]:
         mask[3, 5:] = 0
         prompt = torch.zeros(4, 10, dtype=torch.long)
         prompt[:, :4] = 1
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100),
-                    "prompt_mask": prompt})
+        out.append(
+            {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "labels": ids.masked_fill(mask == 0, -100),
+                "prompt_mask": prompt,
+            }
+        )
     return out
 
 

@@ -74,7 +74,9 @@ def test_router_lr_scale_needs_the_routers_named_and_a_routerless_model_keeps_on
     with pytest.raises(ValueError, match=r"router_lr_scale=3.0 needs router_params"):
         build_optimizer([nn.Parameter(torch.zeros(1))], OptimSettings(router_lr_scale=3.0))
     # a one-expert `fixed` router has no parameters: its LoRA trains at lr whatever the scale
-    optimizer = build_optimizer([nn.Parameter(torch.zeros(1))], OptimSettings(lr=0.1, router_lr_scale=3.0), router_params=[])
+    optimizer = build_optimizer(
+        [nn.Parameter(torch.zeros(1))], OptimSettings(lr=0.1, router_lr_scale=3.0), router_params=[]
+    )
     assert [g["lr"] for g in optimizer.param_groups] == [0.1]
 
 

@@ -156,7 +156,9 @@ def test_readme_commands_compose_as_written():
             sweeps = [[*s, f"{key}={v}"] for s in sweeps for v in values]
         for overrides in sweeps:
             with initialize_config_dir(config_dir=conf, version_base="1.3"):
-                cfg = compose(config_name=command[0].removeprefix("molex-"), overrides=overrides, return_hydra_config=True)
+                cfg = compose(
+                    config_name=command[0].removeprefix("molex-"), overrides=overrides, return_hydra_config=True
+                )
             if "router" in cfg:  # the router is picked by its group, never by router.name alone
                 assert cfg.router.name == cfg.hydra.runtime.choices.router, command
 
@@ -198,7 +200,9 @@ def test_a_wheel_installed_into_a_bare_folder_ships_every_config(tmp_path):
     work.mkdir()
     env = {"PYTHONPATH": str(target)}
     where = run(sys.executable, "-c", "import molex; print(molex.__file__)", cwd=work, **env)
-    assert Path(where.stdout.strip()).is_relative_to(target), where.stdout + where.stderr  # the wheel's, not the checkout's
+    assert Path(where.stdout.strip()).is_relative_to(target), (
+        where.stdout + where.stderr
+    )  # the wheel's, not the checkout's
     for name in SCRIPTS:
         proc = run(target / "bin" / name, "--help", cwd=work, timeout=120, **env)
         assert proc.returncode == 0, f"{name}: {proc.stderr[-2000:]}"

@@ -32,14 +32,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from molex.allocation.plan import AllocationConfig, auto_bounds, layers_spanned
 from molex.allocation.budget import apportion
+from molex.allocation.plan import AllocationConfig, auto_bounds, layers_spanned
 from molex.core.files import atomic_write
+from molex.core.model_argument import takes_model
+from molex.core.tables import format_rows
 from molex.layer.health import enable_routing_health, routing_health_settings
 from molex.layer.inject import decoder_layers, get_config, get_plans, inject, mole_layers, unload
 from molex.layer.io import adapter_state_dict
-from molex.core.model_argument import takes_model
-from molex.core.tables import format_rows
 from molex.training import OptimSettings, train_steps
 from molex.training.objective import mole_objective
 
@@ -47,11 +47,11 @@ __all__ = [
     "AllocationDecision",
     "auto_allocate",
     "decide_allocation",
-    "reallocate",
-    "snapshot_experts",
     "layer_signals",
     "pending_auto_allocation",
     "plot_allocation",
+    "reallocate",
+    "snapshot_experts",
 ]
 
 #: ``{MoLE layer name: (lora_A, lora_B)}`` copies taken when the warm-up starts

@@ -25,20 +25,20 @@ if TYPE_CHECKING:
     from molex.layer.config import MoLEConfig
 
 __all__ = [
+    "AUTO_WARMUP_STEPS",
+    "SCHEDULES",
     "AllocationConfig",
     "LayerPlan",
-    "SCHEDULES",
     "Schedule",
-    "register_schedule",
-    "get_schedule",
-    "group_schedule",
-    "layer_index",
-    "plan_allocation",
-    "layers_spanned",
-    "group_of_layer",
-    "AUTO_WARMUP_STEPS",
     "auto_bounds",
     "auto_total",
+    "get_schedule",
+    "group_of_layer",
+    "group_schedule",
+    "layer_index",
+    "layers_spanned",
+    "plan_allocation",
+    "register_schedule",
 ]
 
 #: warm-up steps of ``schedule="auto"`` when ``warmup_steps`` is not given
@@ -236,8 +236,6 @@ class AllocationConfig:
                 )
             if min(counts) < low or (high is not None and max(counts) > high):
                 raise ValueError(f"allocation per_layer {counts} leaves the bounds [{low}, {high}]")
-
-
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,23 +19,23 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from molex.layer.config import MoLEConfig
-from molex.core.files import atomic_write
+from molex.core import files
 from molex.core.sources import looks_like_path
+from molex.layer.config import MoLEConfig
 
 __all__ = [
     "CLIError",
-    "report_errors",
-    "build_mole_config",
-    "build_model",
-    "build_eval_model",
-    "build_datamodule",
-    "build_training",
     "TrainingObjects",
-    "check_trainer",
-    "check_sources",
+    "build_datamodule",
+    "build_eval_model",
+    "build_model",
+    "build_mole_config",
+    "build_training",
     "check_router_choice",
+    "check_sources",
+    "check_trainer",
     "instantiate",
+    "report_errors",
     "write_json",
 ]
 
@@ -219,11 +218,5 @@ def build_training(cfg: DictConfig) -> TrainingObjects:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomically write ``data`` as indented JSON."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-
-    atomic_write(path, write)
+    """A run's JSON report (``metrics.json``, ``routing.json``, ...): keys in reading order, atomically."""
+    files.write_json(path, data, sort_keys=False, default=str)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from molex.cli.common import CLIError, build_datamodule, build_model, check_sources, report_errors
 
-__all__ = ["export", "main", "MODES"]
+__all__ = ["MODES", "export", "main"]
 
 MODES = ("routes", "single", "merged")
 
@@ -140,15 +140,19 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             for name, entry in result.index["routes"].items():
                 ranks = entry["rank"].values()
                 summary["routes"][name] = {"covers": entry["covers"], "prompts": len(entry["prompts"])}
-                print(f"{name}: {len(entry['prompts'])} prompt(s) of {', '.join(entry['covers'])}; "
-                      f"rank {min(ranks)}-{max(ranks)} over {len(entry['rank'])} layers")
+                print(
+                    f"{name}: {len(entry['prompts'])} prompt(s) of {', '.join(entry['covers'])}; "
+                    f"rank {min(ranks)}-{max(ranks)} over {len(entry['rank'])} layers"
+                )
         elif cfg.mode == "single":
             dm = build_datamodule(cfg.data, tokenizer, "fit")
             batches = itertools.islice(dm.val_dataloader(), parsed["calibration_batches"])
             result = molex.export_single(model, out, batches, rank=parsed["rank"], overwrite=cfg.overwrite)
             summary = {"mode": "single", "out": str(result.path), **result.report()}
-            print(f"rank {parsed['rank']}: mean relative Frobenius error {result.mean_error:.4f} over "
-                  f"{len(result.errors)} layers ({result.calibration_tokens} calibration tokens)")
+            print(
+                f"rank {parsed['rank']}: mean relative Frobenius error {result.mean_error:.4f} over "
+                f"{len(result.errors)} layers ({result.calibration_tokens} calibration tokens)"
+            )
         else:
             spec = _routes(cfg, model, tokenizer, parsed)
             if isinstance(spec, dict) and len(spec) == 1:

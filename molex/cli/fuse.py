@@ -34,7 +34,7 @@ from molex.cli.common import (
 from molex.cli.plugins import store_registered_routers
 from molex.hub.peft_format import PEFT_CONFIG_NAME
 
-__all__ = ["resolve_adapters", "fuse", "main"]
+__all__ = ["fuse", "main", "resolve_adapters"]
 
 
 def resolve_adapters(spec: Any) -> dict[str, Path]:
@@ -156,17 +156,21 @@ def fuse(cfg: DictConfig) -> dict[str, Any]:
     except (ValueError, TypeError, KeyError) as err:  # unknown router, bad option, top_k above the adapters
         raise CLIError(f"router={cfg.router.name}, router.options={options}: {err}") from None
     trains = bool(molex.trainable_parameters(fused)) or cfg.router.name == "dlp"
-    history = [float("nan")] if not trains else fit_router(
-        fused,
-        tokenizer,
-        train,
-        template=cfg.data.template,
-        steps=cfg.train.steps,
-        lr=cfg.train.lr,
-        task_loss_coef=cfg.train.task_loss_coef,
-        dlp_epochs=cfg.train.dlp_epochs,
-        batch_size=cfg.train.batch_size,
-        seed=cfg.seed,
+    history = (
+        [float("nan")]
+        if not trains
+        else fit_router(
+            fused,
+            tokenizer,
+            train,
+            template=cfg.data.template,
+            steps=cfg.train.steps,
+            lr=cfg.train.lr,
+            task_loss_coef=cfg.train.task_loss_coef,
+            dlp_epochs=cfg.train.dlp_epochs,
+            batch_size=cfg.train.batch_size,
+            seed=cfg.seed,
+        )
     )
     molex.save_adapter(fused, out / "fused")
     mask = list(cfg.get("mask") or [])

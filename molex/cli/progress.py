@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 from molex.cli.common import CLIError
 
-__all__ = ["StepProgressBar", "LineProgress", "progress_callbacks"]
+__all__ = ["LineProgress", "StepProgressBar", "progress_callbacks"]
 
 #: Lightning's default ``log_every_n_steps``, used when a trainer config does not set it
 _LIGHTNING_LOG_EVERY = 50

@@ -12,7 +12,7 @@ from typing import Any
 from molex.cli.common import CLIError, TrainingObjects
 from molex.training.optim import OptimSettings
 
-__all__ = ["check_resumable", "check_resume_matches", "trained_router_lr_scale", "check_router_lr_scale"]
+__all__ = ["check_resumable", "check_resume_matches", "check_router_lr_scale", "trained_router_lr_scale"]
 
 
 def check_resumable(path: str) -> dict[str, Any]:

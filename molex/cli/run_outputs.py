@@ -20,15 +20,15 @@ from molex.cli.common import write_json
 from molex.core.files import atomic_write
 
 __all__ = [
-    "evaluate",
-    "write_run_start",
-    "fit_metrics",
-    "trained_model",
     "checkpoint_metrics",
-    "write_health",
-    "routing_analysis",
-    "finish",
     "close_trackers",
+    "evaluate",
+    "finish",
+    "fit_metrics",
+    "routing_analysis",
+    "trained_model",
+    "write_health",
+    "write_run_start",
 ]
 
 log = logging.getLogger("molex.train")

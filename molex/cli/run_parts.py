@@ -21,16 +21,16 @@ from molex.cli.precision import resolve_precision
 from molex.cli.resume_checks import check_resumable, check_resume_matches, check_router_lr_scale
 
 __all__ = [
-    "build_settings",
-    "progress_bar",
-    "step_checkpoints",
+    "PreparedRun",
+    "auto_allocation_callback",
     "build_callbacks",
     "build_loggers",
-    "mlflow_logger",
-    "auto_allocation_callback",
+    "build_settings",
     "check_auto_allocation",
-    "PreparedRun",
+    "mlflow_logger",
     "prepare_run",
+    "progress_bar",
+    "step_checkpoints",
 ]
 
 log = logging.getLogger("molex.train")

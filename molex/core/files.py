@@ -23,15 +23,15 @@ from typing import Any
 
 __all__ = [
     "atomic_write",
-    "write_json",
+    "check_dir_target",
     "read_json",
-    "sha256_file",
+    "readable_dir",
+    "refuse_foreign",
+    "replace_dir",
     "require_dir",
     "require_file",
-    "replace_dir",
-    "readable_dir",
-    "check_dir_target",
-    "refuse_foreign",
+    "sha256_file",
+    "write_json",
 ]
 
 
@@ -67,12 +67,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as indented JSON with sorted keys and a final newline, atomically."""
+def write_json(
+    path: str | os.PathLike, data: Any, *, sort_keys: bool = True, default: Callable[[Any], Any] | None = None
+) -> None:
+    """Write ``data`` as indented JSON and a final newline, atomically. Keys are sorted unless ``sort_keys=False``
+    (reports whose key order is their reading order); ``default`` converts values JSON does not know."""
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
+            json.dump(data, f, indent=2, sort_keys=sort_keys, default=default)
             f.write("\n")
 
     atomic_write(path, write)

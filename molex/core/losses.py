@@ -11,14 +11,14 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "masked_mean",
+    "contrastive_loss",
+    "expert_outputs",
+    "gate_cross_entropy",
     "load_balance_loss",
-    "z_loss",
+    "masked_mean",
     "slot_fractions",
     "tsallis_entropy",
-    "gate_cross_entropy",
-    "expert_outputs",
-    "contrastive_loss",
+    "z_loss",
 ]
 
 #: ``|q - 1|`` below which the Tsallis entropy is computed as its limit, the Shannon entropy

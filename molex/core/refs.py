@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["set_unregistered", "get_unregistered", "pop_unregistered"]
+__all__ = ["get_unregistered", "pop_unregistered", "set_unregistered"]
 
 
 def set_unregistered(owner: nn.Module, name: str, value: Any) -> None:

@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["format_table", "format_rows"]
+__all__ = ["format_rows", "format_table"]
 
 
 def format_table(

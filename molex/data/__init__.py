@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["InstructionDataModule", "TASKS", "make_builtin_dataset"]
+__all__ = ["TASKS", "InstructionDataModule", "make_builtin_dataset"]
 
 _LAZY = {
     "InstructionDataModule": "molex.data.datamodule",

@@ -30,7 +30,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["TASKS", "BUILTIN_TASKS", "SPLITS", "BuiltinTask", "make_builtin_dataset", "split_of"]
+__all__ = ["BUILTIN_TASKS", "SPLITS", "TASKS", "BuiltinTask", "make_builtin_dataset", "split_of"]
 
 SPLITS = ("train", "validation", "test")
 

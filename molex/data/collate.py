@@ -27,7 +27,7 @@ from torch import Tensor
 
 from molex.data.templates import IGNORE_INDEX
 
-__all__ = ["pad_collate", "pack_features", "packed_collate"]
+__all__ = ["pack_features", "packed_collate", "pad_collate"]
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int, length: int, left: bool) -> Tensor:

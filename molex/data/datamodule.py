@@ -40,7 +40,7 @@ from molex.data.readers import (
 from molex.data.sampling import ResumableSampler, TrainPositionMixin
 from molex.data.templates import encode_example, resolve_template
 
-__all__ = ["InstructionDataModule", "FIELDS", "FILE_FORMATS"]
+__all__ = ["FIELDS", "FILE_FORMATS", "InstructionDataModule"]
 
 logger = logging.getLogger(__name__)
 

@@ -31,20 +31,20 @@ from molex.core.sources import looks_like_path
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_TASK",
     "FIELDS",
+    "FILE_FORMATS",
     "REQUIRED_FIELDS",
     "TEXT_FIELDS",
-    "DEFAULT_TASK",
-    "FILE_FORMATS",
-    "split_name",
-    "fingerprint",
     "check_columns",
-    "read_source",
+    "drop_empty_outputs",
+    "fingerprint",
+    "normalise",
     "read_file",
     "read_folder",
     "read_hub",
-    "normalise",
-    "drop_empty_outputs",
+    "read_source",
+    "split_name",
 ]
 
 #: the fields of a normalised example; instruction and output are required

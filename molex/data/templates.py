@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "TEMPLATES",
     "IGNORE_INDEX",
+    "TEMPLATES",
     "EncodedExample",
-    "resolve_template",
-    "format_prompt",
-    "encode_prompt",
     "encode_answer",
     "encode_example",
+    "encode_prompt",
+    "format_prompt",
+    "resolve_template",
 ]
 
 logger = logging.getLogger(__name__)

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from molex.layer.context import ROUTING_KWARGS
-from molex.evaluation.generation import eval_autocast
 from molex.core.files import atomic_write
+from molex.evaluation.generation import eval_autocast
+from molex.layer.context import ROUTING_KWARGS
 from molex.layer.inject import mole_layers
 
-__all__ = ["RoutingReport", "collect_routing", "plot_routing", "log_routing_report"]
+__all__ = ["RoutingReport", "collect_routing", "log_routing_report", "plot_routing"]
 
 _FORWARD_KEYS = ("input_ids", "attention_mask", *ROUTING_KWARGS)
 
@@ -142,7 +142,8 @@ def collect_routing(
     once every task of ``task_names`` has them, so a sample covers every task even when the data is
     grouped by task (a task missing from ``batches`` ends the pass with the data). ``max_batches`` caps
     the batches used either way. ``precision``: ``"float32"`` or ``"bf16"`` (autocast, see
-    :func:`molex.evaluation.generation.eval_autocast`). The model is put in eval mode for the pass and restored afterwards.
+    :func:`molex.evaluation.generation.eval_autocast`). The model is put in eval mode for the pass and
+    restored afterwards.
     """
     if per_task is not None:
         if per_task < 1:

@@ -16,20 +16,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from molex.layer.context import ROUTING_KWARGS, find_context
-from molex.layer.context import routing_inputs as pin_routing_inputs
+from molex.core.tables import format_table
 from molex.data.collate import pad_collate
 from molex.data.templates import IGNORE_INDEX, encode_answer, encode_prompt, resolve_template
-from molex.core.tables import format_table
+from molex.layer.context import ROUTING_KWARGS
+from molex.layer.context import routing_inputs as pin_routing_inputs
+from molex.layer.inject import is_injected
 
 __all__ = [
+    "PRECISIONS",
+    "eval_autocast",
     "evaluate_generation",
     "evaluate_loss",
-    "score_multiple_choice",
     "format_table",
     "normalize_answer",
-    "eval_autocast",
-    "PRECISIONS",
+    "score_multiple_choice",
 ]
 
 #: evaluation precisions: float32 as the model is, or bfloat16 autocast (weights stay as they are)
@@ -39,10 +40,6 @@ PRECISIONS = ("float32", "bf16")
 def normalize_answer(text: str) -> str:
     """Exact-match normalisation: lowercase, surrounding whitespace stripped, inner whitespace collapsed."""
     return " ".join(str(text).lower().split())
-
-
-def _is_injected(model: nn.Module) -> bool:
-    return find_context(model) is not None
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -144,7 +141,7 @@ def evaluate_generation(
         raise ValueError("evaluate_generation got no examples")
     autocast = eval_autocast(model, precision)  # checks the value before any work
     template = resolve_template(tokenizer, template)
-    use_routing = _is_injected(model) if routing_inputs is None else routing_inputs
+    use_routing = is_injected(model) if routing_inputs is None else routing_inputs
     device = _device(model)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -202,7 +199,7 @@ def evaluate_generation(
 def _model_kwargs(model: nn.Module, batch: Mapping[str, Any], device: torch.device) -> dict[str, Tensor]:
     """Model inputs of a collated batch; molex routing inputs only for an injected model."""
     keep = {"input_ids", "attention_mask", "position_ids"}
-    if _is_injected(model):
+    if is_injected(model):
         keep |= set(ROUTING_KWARGS)
     return {k: v.to(device) for k, v in batch.items() if k in keep}
 
@@ -280,7 +277,7 @@ def score_multiple_choice(
     template = resolve_template(tokenizer, template)
     device = _device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    injected = _is_injected(model)
+    injected = is_injected(model)
     features, owners, answers = [], [], []
     for i, ex in enumerate(examples_with_choices):
         choices = [str(c) for c in ex.get("choices") or []]

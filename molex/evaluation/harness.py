@@ -20,11 +20,11 @@ from typing import Any
 
 from torch import nn
 
-from molex.layer.context import find_context
 from molex.core.files import atomic_write
+from molex.layer.context import find_context
 from molex.routers.base import Router
 
-__all__ = ["run_lm_eval", "lm_eval_table", "write_lm_eval", "require_lm_eval", "LMEvalRequestError", "INSTALL_HINT"]
+__all__ = ["INSTALL_HINT", "LMEvalRequestError", "lm_eval_table", "require_lm_eval", "run_lm_eval", "write_lm_eval"]
 
 INSTALL_HINT = "pip install 'molex[eval]' (or: pip install 'lm-eval>=0.4.2')"
 

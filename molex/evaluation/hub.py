@@ -22,7 +22,7 @@ from molex.hub.train import train_router
 from molex.layer.inject import get_config, unload
 from molex.training import get_text_fitter
 
-__all__ = ["task_batches", "prompt_batches", "fit_router", "evaluate_single_adapters", "evaluate_fused"]
+__all__ = ["evaluate_fused", "evaluate_single_adapters", "fit_router", "prompt_batches", "task_batches"]
 
 
 def _task_index(example: Mapping[str, Any], names: Sequence[str]) -> int:

@@ -15,16 +15,16 @@ from molex.export.routes import ROUTES_INDEX, ExportedRoutes, export_routes
 from molex.export.single import REPORT_NAME, SingleExport, export_single
 
 __all__ = [
-    "export_routes",
-    "ExportedRoutes",
-    "ROUTES_INDEX",
-    "export_single",
-    "SingleExport",
     "REPORT_NAME",
-    "merge_route",
-    "save_merged",
+    "ROUTES_INDEX",
+    "ExportedRoutes",
     "Route",
     "RoutePrompts",
-    "resolve_routes",
+    "SingleExport",
     "check_per_sequence",
+    "export_routes",
+    "export_single",
+    "merge_route",
+    "resolve_routes",
+    "save_merged",
 ]

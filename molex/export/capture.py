@@ -26,12 +26,12 @@ from molex.routers.base import Router
 __all__ = [
     "LayerFactors",
     "LayerGates",
-    "layer_router",
-    "pool_factors",
     "capture_gates",
-    "lora_of_gate",
-    "is_conv1d",
     "eval_mode",
+    "is_conv1d",
+    "layer_router",
+    "lora_of_gate",
+    "pool_factors",
 ]
 
 

@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from molex.core.files import check_dir_target, read_json, refuse_foreign, replace_dir, write_json
+from molex.core.model_argument import takes_model
 from molex.export.capture import is_conv1d
 from molex.export.resolve import RouteSpec, resolve_routes
-from molex.core.files import check_dir_target, read_json, refuse_foreign, replace_dir, write_json
 from molex.layer.inject import mole_layers
 from molex.layer.io import adapter_state_dict
-from molex.core.model_argument import takes_model
 from molex.quant import quantized_kind
 
-__all__ = ["merge_route", "save_merged", "MERGED_MARKER"]
+__all__ = ["MERGED_MARKER", "merge_route", "save_merged"]
 
 #: written beside the model files: the route and the files molex wrote (a later save may replace them)
 MERGED_MARKER = "molex_merged.json"
@@ -46,7 +46,7 @@ def _base_state(model: nn.Module) -> dict[str, Tensor]:
         for name in layer_names:
             prefix = f"{name}.base_layer."
             if key.startswith(prefix):
-                key = f"{name}.{key[len(prefix):]}"
+                key = f"{name}.{key[len(prefix) :]}"
                 break
         state[key] = value
     return state

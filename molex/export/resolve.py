@@ -27,7 +27,7 @@ from molex.export.capture import (
 )
 from molex.layer.inject import mole_layers
 
-__all__ = ["RoutePrompts", "Route", "RouteSpec", "resolve_routes", "check_per_sequence", "SAME_DECISION_ATOL"]
+__all__ = ["SAME_DECISION_ATOL", "Route", "RoutePrompts", "RouteSpec", "check_per_sequence", "resolve_routes"]
 
 #: two prompts reach the same decision when every gate agrees within this (batching moves the last bits)
 SAME_DECISION_ATOL = 1e-6
@@ -89,9 +89,7 @@ class Route:
         return out
 
     def same_decision(self, gates: Mapping[str, Tensor]) -> bool:
-        return all(
-            (self.gates[name] - gate).abs().max().item() <= SAME_DECISION_ATOL for name, gate in gates.items()
-        )
+        return all((self.gates[name] - gate).abs().max().item() <= SAME_DECISION_ATOL for name, gate in gates.items())
 
 
 def check_per_sequence(model: nn.Module, what: str) -> None:
@@ -108,9 +106,7 @@ def check_per_sequence(model: nn.Module, what: str) -> None:
 
 def _per_sequence(model: nn.Module) -> set[str]:
     return {
-        layer_router(layer).name
-        for layer in mole_layers(model).values()
-        if layer_router(layer).decides_per_sequence()
+        layer_router(layer).name for layer in mole_layers(model).values() if layer_router(layer).decides_per_sequence()
     }
 
 

@@ -22,14 +22,14 @@ from typing import Any
 
 from torch import nn
 
+from molex.core.files import check_dir_target, read_json, replace_dir, write_json
+from molex.core.model_argument import takes_model
 from molex.export.capture import is_conv1d
 from molex.export.resolve import Route, RoutePrompts, RouteSpec, resolve_routes
-from molex.core.files import check_dir_target, read_json, replace_dir, write_json
 from molex.hub.peft_format import peft_adapter_files, write_adapter_files
 from molex.layer.inject import get_config, mole_layers
-from molex.core.model_argument import takes_model
 
-__all__ = ["export_routes", "ExportedRoutes", "ROUTES_INDEX", "route_folder_names"]
+__all__ = ["ROUTES_INDEX", "ExportedRoutes", "export_routes", "route_folder_names"]
 
 ROUTES_INDEX = "routes.json"
 FORMAT = "molex-routes"

@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from molex.core.model_argument import takes_model
 from molex.export.capture import LayerFactors, capture_gates, eval_mode, is_conv1d
 from molex.hub.peft_format import check_output_dir, write_peft_adapter
 from molex.layer.inject import get_config, mole_layers
-from molex.core.model_argument import takes_model
 
-__all__ = ["export_single", "SingleExport", "expected_update_svd", "REPORT_NAME"]
+__all__ = ["REPORT_NAME", "SingleExport", "expected_update_svd", "export_single"]
 
 REPORT_NAME = "export_report.json"
 

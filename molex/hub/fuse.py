@@ -21,22 +21,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from molex.core.model_argument import takes_model
+from molex.hub.peft_format import PeftLoraAdapter, read_peft_adapter
 from molex.layer.config import AllocationConfig, MoLEConfig
 from molex.layer.context import get_context
-from molex.hub.peft_format import PeftLoraAdapter, read_peft_adapter
 from molex.layer.inject import get_config, inject, is_injected, mole_layers
 from molex.layer.linear import is_supported_linear, linear_dims
-from molex.core.model_argument import takes_model
 from molex.routers.base import Scope, get_router_class
 
 __all__ = [
-    "fuse_adapters",
-    "load_adapters",
+    "adapter_gates",
     "adapter_names",
     "expert_slots",
-    "set_adapter_weights",
-    "adapter_gates",
+    "fuse_adapters",
+    "load_adapters",
     "routing_accuracy",
+    "set_adapter_weights",
 ]
 
 AdapterSource = str | os.PathLike | PeftLoraAdapter
@@ -231,9 +231,7 @@ def subtract_general_knowledge(
                 )
             mean_A = torch.stack([g.modules[name].A.float() for g in general]).mean(0)
             mean_B = torch.stack([g.modules[name].B.float() for g in general]).mean(0)
-            modules[name] = dataclasses.replace(
-                factors, A=factors.A.float() - mean_A, B=factors.B.float() - mean_B
-            )
+            modules[name] = dataclasses.replace(factors, A=factors.A.float() - mean_A, B=factors.B.float() - mean_B)
         result.append(dataclasses.replace(adapter, modules=modules))
     return result
 

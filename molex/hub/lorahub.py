@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from molex.core.model_argument import takes_model
 from molex.hub.fuse import AdapterSource, fuse_adapters, load_adapters, set_adapter_weights
 from molex.hub.merge import check_merge_output, merge_adapters
 from molex.layer.inject import unload
-from molex.core.model_argument import takes_model
 
-__all__ = ["lorahub_search", "LoraHubResult"]
+__all__ = ["LoraHubResult", "lorahub_search"]
 
 
 @dataclass

@@ -24,7 +24,7 @@ from torch import Tensor
 from molex.hub.fuse import AdapterSource, load_adapters
 from molex.hub.peft_format import PeftLoraAdapter, check_output_dir, write_peft_adapter
 
-__all__ = ["merge_adapters", "merged_factors", "COMBINATIONS"]
+__all__ = ["COMBINATIONS", "merge_adapters", "merged_factors"]
 
 COMBINATIONS = ("cat", "linear", "svd")
 

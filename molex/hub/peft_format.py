@@ -39,17 +39,16 @@ from molex.core.files import (
 )
 
 __all__ = [
-    "LoraFactors",
-    "PeftLoraAdapter",
-    "read_peft_adapter",
-    "write_peft_adapter",
-    "peft_adapter_files",
-    "write_adapter_files",
-    "is_molex_peft_adapter",
-    "check_output_dir",
+    "PEFT_BIN_NAME",
     "PEFT_CONFIG_NAME",
     "PEFT_SAFETENSORS_NAME",
-    "PEFT_BIN_NAME",
+    "LoraFactors",
+    "PeftLoraAdapter",
+    "check_output_dir",
+    "peft_adapter_files",
+    "read_peft_adapter",
+    "write_adapter_files",
+    "write_peft_adapter",
 ]
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -285,11 +284,6 @@ def write_adapter_files(folder: Path, tensors: Mapping[str, Tensor], config: Map
     :func:`~molex.core.files.replace_dir` publishes the folder it writes in). The weights carry molex's marker."""
     save_file(dict(tensors), folder / PEFT_SAFETENSORS_NAME, metadata=_MARKER)
     write_json(folder / PEFT_CONFIG_NAME, dict(config))
-
-
-def is_molex_peft_adapter(directory: Path) -> bool:
-    """Whether ``directory`` holds a PEFT adapter that molex wrote (the marker in its weights' metadata)."""
-    return _written_by_molex(directory)
 
 
 def write_peft_adapter(

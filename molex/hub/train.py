@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from molex.layer.context import get_context
-from molex.hub.fuse import adapter_names, expert_slots
-from molex.layer.inject import mole_layers, trainable_parameters
 from molex.core.model_argument import takes_model
+from molex.hub.fuse import adapter_names, expert_slots
+from molex.layer.context import get_context
+from molex.layer.inject import mole_layers, trainable_parameters
 from molex.training import OptimSettings, train_steps
 from molex.training.objective import mole_objective
 

@@ -27,7 +27,7 @@ import molex
 from molex.data.collate import pad_collate
 from molex.layer.io import WEIGHTS_NAME, _load_strict, _read_weights
 
-__all__ = ["MoLEDataCollator", "MoLETrainerMixin", "MoLETrainer", "routing_health_logs", "sft_trainer_class"]
+__all__ = ["MoLEDataCollator", "MoLETrainer", "MoLETrainerMixin", "routing_health_logs", "sft_trainer_class"]
 
 
 class MoLEDataCollator:

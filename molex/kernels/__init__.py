@@ -38,15 +38,15 @@ from molex.kernels.registry import (
 from molex.kernels.select import ENV_VAR, estimate_cost, resolve_backend
 
 __all__ = [
-    "mole_delta",
+    "ENV_VAR",
     "Backend",
     "available_backends",
-    "registered_backends",
-    "register_backend",
-    "get_backend",
-    "resolve_backend",
     "estimate_cost",
-    "ENV_VAR",
+    "get_backend",
+    "mole_delta",
+    "register_backend",
+    "registered_backends",
+    "resolve_backend",
 ]
 
 

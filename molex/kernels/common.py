@@ -6,7 +6,7 @@ from torch import Tensor
 
 from molex.core.decision import RoutingDecision
 
-__all__ = ["scaled_weights", "expert_scaled_weights"]
+__all__ = ["expert_scaled_weights", "scaled_weights"]
 
 
 def scaled_weights(indices: Tensor, weights: Tensor, scaling: float | Tensor) -> Tensor:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Hardware", "HARDWARE", "Workload"]
+__all__ = ["HARDWARE", "Hardware", "Workload"]
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from molex.core.registry import Registry
 
-__all__ = ["grouped_shrink", "grouped_expand", "grouped_shrink_backward", "grouped_expand_backward", "IMPLS"]
+__all__ = ["IMPLS", "grouped_expand", "grouped_expand_backward", "grouped_shrink", "grouped_shrink_backward"]
 
 #: implementation name -> the module (imported on first use) defining shrink, expand and their backwards
 IMPLS: Registry[str] = Registry("grouped implementation")

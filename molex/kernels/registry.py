@@ -25,13 +25,13 @@ __all__ = [
     "Backend",
     "BackendFn",
     "CostFn",
-    "register_backend",
-    "get_backend",
-    "find_backend",
-    "registered_backends",
-    "available_backends",
     "auto_candidates",
+    "available_backends",
+    "find_backend",
+    "get_backend",
     "installed",
+    "register_backend",
+    "registered_backends",
 ]
 
 #: ``fn(x [T, in], A [E, r, in], B [E, r, out], decision, scaling) -> [T, out]``

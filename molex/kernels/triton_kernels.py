@@ -346,4 +346,4 @@ def expand_backward(
     return g * weight.unsqueeze(-1), grad_B, grad_w
 
 
-__all__ = ["shrink", "shrink_backward", "expand", "expand_backward"]
+__all__ = ["expand", "expand_backward", "shrink", "shrink_backward"]

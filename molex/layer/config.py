@@ -29,12 +29,12 @@ from molex.kernels import registered_backends
 from molex.routers.base import Router, RouterConfig, Scope, available_routers, get_router_class, make_router_config
 
 __all__ = [
-    "MoLEConfig",
-    "AllocationConfig",
     "SCHEDULES",
+    "AllocationConfig",
+    "MoLEConfig",
     "check_module_patterns",
-    "migrate_mole_dict",
     "flat_router_dict",
+    "migrate_mole_dict",
 ]
 
 #: the old keys the flat router form of molex 0.1 stored beside ``router: "<name>"``

@@ -27,11 +27,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from molex.core.refs import get_unregistered, pop_unregistered, set_unregistered
 from molex.core.model_argument import takes_model
+from molex.core.refs import get_unregistered, pop_unregistered, set_unregistered
 from molex.layer.routing_checks import check_routing_inputs
 
-__all__ = ["RoutingContext", "ROUTING_KWARGS", "routing_inputs", "get_context", "generate"]
+__all__ = ["ROUTING_KWARGS", "RoutingContext", "generate", "get_context", "routing_inputs"]
 
 #: keyword arguments molex takes out of the model's forward call
 ROUTING_KWARGS = ("prompt_mask", "task_ids", "route_text", "sentence_embeddings", "features")

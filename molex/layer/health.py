@@ -34,21 +34,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from molex.core.refs import get_unregistered, pop_unregistered, set_unregistered
 from molex.core.decision import RoutingDecision, repeat_rows
-from molex.layer.inject import mole_layers
 from molex.core.model_argument import takes_model
+from molex.core.refs import get_unregistered, pop_unregistered, set_unregistered
+from molex.layer.inject import mole_layers
 
 __all__ = [
     "DEAD_SHARE",
     "TINY_MARGIN",
     "LayerHealth",
     "RoutingHealth",
-    "enable_routing_health",
     "disable_routing_health",
+    "enable_routing_health",
+    "expert_shares",
     "has_routing_reads",
     "routing_health",
-    "expert_shares",
 ]
 
 #: an expert whose share of the routed weight is below ``DEAD_SHARE / E`` is counted as dead

@@ -25,18 +25,18 @@ from molex.quant import needs_dense_backward, quantized_kind
 from molex.routers.base import Router, RouterConfig, Scope
 
 __all__ = [
-    "inject",
-    "unload",
-    "find_target_modules",
-    "mole_layers",
-    "trainable_parameters",
-    "summary",
     "aux_losses",
     "aux_losses_by_kind",
-    "total_aux_loss",
-    "is_injected",
-    "get_config",
     "decoder_layers",
+    "find_target_modules",
+    "get_config",
+    "inject",
+    "is_injected",
+    "mole_layers",
+    "summary",
+    "total_aux_loss",
+    "trainable_parameters",
+    "unload",
 ]
 
 _STATE_ATTR = "_molex_state"

@@ -20,8 +20,6 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from molex.allocation.plan import LayerPlan
-from molex.layer.config import MoLEConfig, migrate_mole_dict
-from molex.layer.experts import LoRAExperts
 from molex.core.files import (
     check_dir_target,
     read_json,
@@ -32,11 +30,13 @@ from molex.core.files import (
     sha256_file,
     write_json,
 )
-from molex.layer.inject import get_config, get_plans, inject, mole_layers, unload
 from molex.core.model_argument import takes_model
+from molex.layer.config import MoLEConfig, migrate_mole_dict
+from molex.layer.experts import LoRAExperts
+from molex.layer.inject import get_config, get_plans, inject, mole_layers, unload
 from molex.routers.base import Router
 
-__all__ = ["save_adapter", "load_adapter", "adapter_state_dict", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_state_dict", "load_adapter", "save_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"

@@ -17,7 +17,7 @@ from molex.routers.base import Router
 if TYPE_CHECKING:
     from molex.layer.context import RoutingContext
 
-__all__ = ["MoLELinear", "linear_dims", "is_supported_linear"]
+__all__ = ["MoLELinear", "is_supported_linear", "linear_dims"]
 
 
 def is_supported_linear(module: nn.Module) -> bool:

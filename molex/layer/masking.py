@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from molex.core.model_argument import takes_model
 from molex.layer.expert_mask import apply_expert_mask
 
-__all__ = ["mask_experts", "unmask_experts", "masked_experts", "apply_expert_mask"]
+__all__ = ["apply_expert_mask", "mask_experts", "masked_experts", "unmask_experts"]
 
 
 def _layer_masks(model: nn.Module, names_or_indices: Sequence[str | int]) -> dict[str, Tensor]:

@@ -26,7 +26,7 @@ import torch
 if TYPE_CHECKING:
     from molex.layer.context import RoutingContext
 
-__all__ = ["IGNORE_TASK_ID", "declare_readers", "check_routing_inputs"]
+__all__ = ["IGNORE_TASK_ID", "check_routing_inputs", "declare_readers"]
 
 #: the task id of tokens or sequences left out of a router's task loss
 IGNORE_TASK_ID = -100

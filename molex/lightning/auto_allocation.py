@@ -28,7 +28,7 @@ from molex.allocation.auto import (
 )
 from molex.core.files import atomic_write
 
-__all__ = ["AutoAllocation", "TABLE_NAME", "PLOT_NAME"]
+__all__ = ["PLOT_NAME", "TABLE_NAME", "AutoAllocation"]
 
 log = logging.getLogger(__name__)
 

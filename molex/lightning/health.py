@@ -36,7 +36,7 @@ from molex.layer.health import (
     routing_health,
 )
 
-__all__ = ["HealthSettings", "CollapseWatch", "RoutingHealthMonitor"]
+__all__ = ["CollapseWatch", "HealthSettings", "RoutingHealthMonitor"]
 
 log = logging.getLogger("molex.layer.health")
 _LISTED = 4  # layers named in one warning line before "and N more"

@@ -15,7 +15,7 @@ from typing import Any
 from molex.lightning.health import HealthSettings
 from molex.training.optim import OptimSettings
 
-__all__ = ["module_settings", "FLAT_OPTIM", "FLAT_HEALTH"]
+__all__ = ["FLAT_HEALTH", "FLAT_OPTIM", "module_settings"]
 
 #: earlier flat keyword -> OptimSettings field
 FLAT_OPTIM = {

@@ -18,7 +18,7 @@ from molex.layer.config import flat_router_dict
 from molex.layer.inject import get_config, get_plans
 from molex.routers.base import get_router_class
 
-__all__ = ["RESUME_FIELDS", "training_record", "resume_mismatch"]
+__all__ = ["RESUME_FIELDS", "resume_mismatch", "training_record"]
 
 #: MoLEConfig fields a resumed run must share with its checkpoint. ``kernel_backend`` and
 #: ``autocast_adapter_dtype`` only change how the same function is computed; the base model's

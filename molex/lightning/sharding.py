@@ -26,7 +26,7 @@ from molex.routers.sequence import SharedRouter
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["shard_model", "is_sharded", "gather_adapter", "block_classes"]
+__all__ = ["block_classes", "gather_adapter", "is_sharded", "shard_model"]
 
 
 def block_classes(model: nn.Module) -> set[str]:

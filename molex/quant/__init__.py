@@ -19,16 +19,16 @@ from molex.quant.base import (
 from molex.quant.grad import DenseBackwardLinear, add_dense_backward
 
 __all__ = [
+    "DenseBackwardLinear",
     "QuantScheme",
     "QuantizedKind",
+    "add_dense_backward",
     "available_quantizations",
     "check_quantization",
     "get_scheme",
     "is_quantized",
+    "needs_dense_backward",
     "quantized_kind",
     "register_kind",
     "register_scheme",
-    "needs_dense_backward",
-    "DenseBackwardLinear",
-    "add_dense_backward",
 ]

@@ -32,7 +32,7 @@ from molex.quant.base import (
 )
 from molex.quant.grad import DenseBackwardLinear
 
-__all__ = ["is_available", "INT4_GROUP_SIZES"]
+__all__ = ["INT4_GROUP_SIZES", "is_available"]
 
 logger = logging.getLogger(__name__)
 

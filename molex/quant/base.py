@@ -26,15 +26,15 @@ from molex.core.registry import Registry
 __all__ = [
     "QuantScheme",
     "QuantizedKind",
-    "register_scheme",
-    "register_kind",
     "available_quantizations",
     "check_quantization",
     "get_scheme",
-    "quantized_kind",
     "is_quantized",
     "needs_dense_backward",
     "package_available",
+    "quantized_kind",
+    "register_kind",
+    "register_scheme",
 ]
 
 

@@ -19,24 +19,24 @@ import torch
 from torch import Tensor, nn
 
 from molex.core.decision import RoutingDecision
-from molex.core.registry import Registry
 from molex.core.losses import contrastive_loss, expert_outputs
+from molex.core.registry import Registry
 
 if TYPE_CHECKING:
     from molex.layer.context import RoutingContext
 
 __all__ = [
-    "RoutingDecision",
+    "ContrastiveOptions",
     "Router",
     "RouterConfig",
+    "RoutingDecision",
     "Scope",
-    "ContrastiveOptions",
-    "register_router",
-    "build_router",
     "available_routers",
+    "build_router",
+    "float32_logits",
     "get_router_class",
     "make_router_config",
-    "float32_logits",
+    "register_router",
 ]
 
 

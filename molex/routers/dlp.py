@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from molex.core.losses import gate_cross_entropy, masked_mean
 from molex.core.refs import set_unregistered
 from molex.layer.context import RoutingContext
-from molex.core.losses import gate_cross_entropy, masked_mean
 from molex.routers.base import RouterConfig, RoutingDecision, Scope, register_router
 from molex.routers.dlp_encoder import SentenceEncoder, default_encoder_path, encoder_hidden_size
 from molex.routers.sequence import SharedRouter, pool_sequences, sequence_layout

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from molex.core.losses import masked_mean
 
-__all__ = ["default_encoder_path", "encoder_hidden_size", "SentenceEncoder"]
+__all__ = ["SentenceEncoder", "default_encoder_path", "encoder_hidden_size"]
 
 
 def default_encoder_path() -> Path:

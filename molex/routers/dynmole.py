@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from molex.layer.context import RoutingContext
 from molex.core.losses import load_balance_loss, masked_mean, tsallis_entropy
+from molex.layer.context import RoutingContext
 from molex.routers.balance import BalanceOptions, BiasBalancedRouter
 from molex.routers.base import ContrastiveOptions, RoutingDecision, float32_logits, register_router
 from molex.routers.top_p import top_p_keep

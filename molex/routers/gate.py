@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from molex.layer.context import RoutingContext
 from molex.core.losses import gate_cross_entropy
+from molex.layer.context import RoutingContext
 from molex.routers.base import ContrastiveOptions, Router, RoutingDecision, float32_logits, register_router
 from molex.routers.topk import check_top_k
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from molex.layer.context import RoutingContext
 from molex.core.losses import load_balance_loss, slot_fractions
+from molex.layer.context import RoutingContext
 from molex.routers.base import RouterConfig, RoutingDecision, Scope, float32_logits, register_router
 from molex.routers.sequence import SharedRouter, pool_sequences, sequence_layout
 

@@ -28,7 +28,7 @@ from molex.routers.base import Router, RouterConfig, RoutingDecision, Scope
 if TYPE_CHECKING:
     from molex.layer.context import RoutingContext
 
-__all__ = ["SharedRouter", "SharedRouterView", "ROUTER_ATTR", "pool_sequences", "sequence_layout"]
+__all__ = ["ROUTER_ATTR", "SharedRouter", "SharedRouterView", "pool_sequences", "sequence_layout"]
 
 #: attribute under which a shared router is registered on its block / the root model
 ROUTER_ATTR = "mole_router"

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from molex.layer.context import RoutingContext
 from molex.core.losses import load_balance_loss, masked_mean
+from molex.layer.context import RoutingContext
 from molex.routers.base import Router, RouterConfig, RoutingDecision, float32_logits, register_router
 
 

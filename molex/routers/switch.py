@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from molex.layer.context import RoutingContext
 from molex.core.losses import masked_mean, token_choice_losses
+from molex.layer.context import RoutingContext
 from molex.routers.balance import BalanceOptions, BiasBalancedRouter
 from molex.routers.base import ContrastiveOptions, RoutingDecision, float32_logits, register_router
 

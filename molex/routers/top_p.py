@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["CUMSUM_TOLERANCE", "top_p_keep", "top_p_inclusive"]
+__all__ = ["CUMSUM_TOLERANCE", "top_p_inclusive", "top_p_keep"]
 
 #: slack on ``cumsum <= top_p`` so that float32 rounding of an exact boundary keeps the expert
 CUMSUM_TOLERANCE = 1e-6

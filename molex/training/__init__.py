@@ -13,13 +13,13 @@ from molex.training.optim import OptimSettings, build_optimizer, build_scheduler
 
 __all__ = [
     "OptimSettings",
-    "warmup_cosine",
+    "TextFitter",
     "build_optimizer",
     "build_scheduler",
     "clip_gradients",
-    "train_steps",
-    "TextFitter",
-    "register_text_fitter",
     "get_text_fitter",
+    "register_text_fitter",
     "train_dlp_classifier",
+    "train_steps",
+    "warmup_cosine",
 ]

@@ -19,7 +19,7 @@ from molex.core.losses import masked_mean
 from molex.layer.context import find_context
 from molex.layer.inject import routers_of
 
-__all__ = ["symmetric_kl", "consistency_coef", "consistency_loss"]
+__all__ = ["consistency_coef", "consistency_loss", "symmetric_kl"]
 
 
 def symmetric_kl(logits_p: Tensor, logits_q: Tensor, mask: Tensor | None = None) -> Tensor:

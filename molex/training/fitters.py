@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from molex.core.registry import Registry
 
-__all__ = ["TextFitter", "register_text_fitter", "get_text_fitter"]
+__all__ = ["TextFitter", "get_text_fitter", "register_text_fitter"]
 
 
 class TextFitter(Protocol):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["OptimSettings", "warmup_cosine", "build_optimizer", "build_scheduler", "clip_gradients"]
+__all__ = ["OptimSettings", "build_optimizer", "build_scheduler", "clip_gradients", "warmup_cosine"]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,7 +23,7 @@ from molex.kernels.cost import Workload
 from molex.kernels.grouped_ops import grouped_expand, grouped_shrink
 from molex.kernels.registry import Backend, register_backend
 
-__all__ = ["sort_slots", "grouped_delta", "grouped_mm_supported", "run_grouped", "grouped_cost"]
+__all__ = ["grouped_cost", "grouped_delta", "grouped_mm_supported", "run_grouped", "sort_slots"]
 
 
 def sort_slots(indices: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
@@ -107,7 +107,5 @@ def grouped_cost(w: Workload) -> float:
 
 
 register_backend(
-    Backend(
-        "grouped", grouped_delta, "sort slots by expert once, grouped GEMM shrink and expand", cost=grouped_cost
-    )
+    Backend("grouped", grouped_delta, "sort slots by expert once, grouped GEMM shrink and expand", cost=grouped_cost)
 )
