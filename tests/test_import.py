@@ -3,7 +3,20 @@
 import subprocess
 import sys
 
-HEAVY = ["lightning", "pytorch_lightning", "hydra", "omegaconf", "datasets", "peft", "triton", "matplotlib", "lm_eval"]
+HEAVY = [
+    "lightning",
+    "pytorch_lightning",
+    "hydra",
+    "omegaconf",
+    "datasets",
+    "peft",
+    "triton",
+    "matplotlib",
+    "lm_eval",
+    "trl",
+    "wandb",
+    "mlflow",
+]
 
 
 def test_import_molex_without_optional_extras():
@@ -12,8 +25,7 @@ def test_import_molex_without_optional_extras():
         "import sys\n"
         f"for name in {HEAVY!r}:\n"
         "    sys.modules[name] = None\n"
-        "import molex, torch\n"
-        "assert not torch.cuda.is_available() or True\n"
+        "import molex\n"
         "print(molex.__version__, sorted(molex.available_routers()))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
@@ -64,3 +76,11 @@ def test_lm_eval_missing_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert "pip install 'molex[eval]'" in out.stdout
+
+
+def test_import_molex_initialises_no_cuda():
+    # no GPU needed: importing molex must not create a CUDA context (a GPU-less machine would fail there)
+    code = "import torch, molex\nprint(torch.cuda.is_initialized())\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

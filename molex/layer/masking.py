@@ -90,6 +90,7 @@ def unmask_experts(model: nn.Module) -> nn.Module:
     return model
 
 
+@takes_model
 @contextlib.contextmanager
 def masked_experts(model: nn.Module, names_or_indices: Sequence[str | int]) -> Iterator[nn.Module]:
     """``with masked_experts(model, ["code"]): ...`` masks inside the block, unmasks on exit."""
