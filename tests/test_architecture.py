@@ -27,7 +27,7 @@ def _owner(target: str) -> str | None:
     return target or None
 
 
-def _runtime_imports(path: Path) -> set[str]:
+def _runtime_imports(path: Path, *, type_only_too: bool = False) -> set[str]:
     tree = ast.parse(path.read_text())
     type_only = {
         id(sub)
@@ -37,7 +37,7 @@ def _runtime_imports(path: Path) -> set[str]:
     }
     found: set[str] = set()
     for node in ast.walk(tree):
-        if id(node) in type_only:
+        if id(node) in type_only and not type_only_too:
             continue
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
@@ -49,11 +49,13 @@ def _runtime_imports(path: Path) -> set[str]:
     return found
 
 
-def _graph() -> dict[str, set[str]]:
+def _graph(*, type_only_too: bool = False) -> dict[str, set[str]]:
     graph = {}
     for name, path in MODULES.items():
         # a module importing its own parent package (``from molex import x`` inside molex.y) is no cycle
-        graph[name] = {t for t in _runtime_imports(path) if t != name and not name.startswith(f"{t}.")}
+        graph[name] = {
+            t for t in _runtime_imports(path, type_only_too=type_only_too) if t != name and not name.startswith(f"{t}.")
+        }
     return graph
 
 
@@ -209,3 +211,18 @@ def test_no_test_module_imports_another():
                 or name.split(".")[0] in local
             ]
     assert not offenders, "shared helpers go to tests/helpers/:\n" + "\n".join(offenders)
+
+
+def test_no_cycles_even_through_type_only_imports():
+    # a TYPE_CHECKING import never runs, but a circle through one still ties two modules' designs together
+    assert _cycles(_graph(type_only_too=True)) == []
+
+
+def test_plan_allocation_takes_an_allocation_and_plain_values_or_a_mole_config():
+    import molex
+
+    names = [f"layers.{i}.q_proj" for i in range(4)]
+    alloc = molex.AllocationConfig(schedule="mola-increasing")
+    plain = molex.plan_allocation(names, alloc, 4, num_experts=3, rank=5)
+    earlier = molex.plan_allocation(names, molex.MoLEConfig(target_modules=["q_proj"], rank=5, allocation=alloc))
+    assert plain == earlier and [p.rank for p in plain] == [5] * 4

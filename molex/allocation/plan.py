@@ -16,13 +16,10 @@ import numbers
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 from molex.allocation.budget import apportion
 from molex.core.registry import Registry
-
-if TYPE_CHECKING:
-    from molex.layer.config import MoLEConfig
 
 __all__ = [
     "AUTO_WARMUP_STEPS",
@@ -280,13 +277,29 @@ def layers_spanned(indices: Iterable[int | None]) -> int:
     return max(known) + 1 if known else 1
 
 
-def plan_allocation(module_names: Sequence[str], config: MoLEConfig, num_layers: int | None = None) -> list[LayerPlan]:
+def plan_allocation(
+    module_names: Sequence[str],
+    allocation: AllocationConfig | Any = None,
+    num_layers: int | None = None,
+    *,
+    num_experts: int = 4,
+    rank: int = 8,
+) -> list[LayerPlan]:
     """Experts and rank for each targeted module.
 
+    ``allocation`` (``None``: ``num_experts`` everywhere) with the pool defaults ``num_experts`` and
+    ``rank``. A :class:`~molex.MoLEConfig` in its place (the earlier call form) brings all three.
     ``num_layers`` defaults to one more than the largest layer index found in ``module_names``;
     pass the model's ``num_hidden_layers`` when only some layers are targeted.
     """
-    alloc = config.allocation or AllocationConfig(num_experts=config.num_experts)
+    if allocation is not None and not isinstance(allocation, AllocationConfig):
+        if not all(hasattr(allocation, a) for a in ("allocation", "num_experts", "rank")):
+            raise TypeError(
+                f"plan_allocation takes an AllocationConfig (or a MoLEConfig), got {type(allocation).__name__}"
+            )
+        allocation, num_experts, rank = allocation.allocation, allocation.num_experts, allocation.rank
+    default_rank = rank
+    alloc = allocation or AllocationConfig(num_experts=num_experts)
     indices = [layer_index(n) for n in module_names]
     if num_layers is None:
         num_layers = layers_spanned(indices)
@@ -294,9 +307,9 @@ def plan_allocation(module_names: Sequence[str], config: MoLEConfig, num_layers:
     for name, index in zip(module_names, indices, strict=True):
         if index is not None and index >= num_layers:
             raise ValueError(f"module {name!r} has layer index {index} but the model has {num_layers} layers")
-        experts = _experts_for(index, num_layers, alloc, config.num_experts)
+        experts = _experts_for(index, num_layers, alloc, num_experts)
         experts = _first_override(name, alloc.overrides) or experts
-        rank = config.rank
+        rank = default_rank
         if alloc.rank_per_layer is not None and index is not None:
             if len(alloc.rank_per_layer) != num_layers:
                 raise ValueError(

@@ -188,7 +188,9 @@ def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
             "before inject (load_model(..., quantization='torchao-int4') already does)",
             len(no_backward), no_backward[0],
         )  # fmt: skip
-    plans = plan_allocation(names, config, num_layers=decoder_layers(model))
+    plans = plan_allocation(
+        names, config.allocation, decoder_layers(model), num_experts=config.num_experts, rank=config.rank
+    )
     plans = _router_fixed_experts(plans, router_cls, router_config)
     modules = dict(model.named_modules())
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}

@@ -19,17 +19,36 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from molex.layer.context import RoutingContext
 
 __all__ = ["IGNORE_TASK_ID", "check_routing_inputs", "declare_readers"]
 
 #: the task id of tokens or sequences left out of a router's task loss
 IGNORE_TASK_ID = -100
+
+
+class RoutingContext(Protocol):
+    """What the checks read and record on :class:`molex.layer.context.RoutingContext` (which calls them), so
+    this module needs no import of it."""
+
+    batch_size: int | None
+    seq_len: int | None
+    is_prefill: bool
+    readers: dict[str, tuple[str, ...]]
+    task_id_limit: int | None
+    router_names: tuple[str, ...]
+    warned: set[str]
+
+    @property
+    def layout_known(self) -> bool: ...
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+    def sequence_mask(self, key: str = "prompt_mask") -> torch.Tensor | None: ...
+
+
 #: routing inputs that only some routers read: passing them to another router does nothing
 _OPTIONAL_INPUTS = ("route_text", "sentence_embeddings")
 
