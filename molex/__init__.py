@@ -6,6 +6,7 @@
 from molex import kernels, routers
 from molex.allocation.auto import AllocationDecision, auto_allocate
 from molex.allocation.plan import LayerPlan, plan_allocation
+from molex.core import moved
 from molex.export import export_routes, export_single, merge_route
 from molex.hub import (
     adapter_names,
@@ -45,6 +46,8 @@ from molex.layer.masking import mask_experts, masked_experts, unmask_experts
 from molex.routers import RoutingDecision, available_routers, build_router, register_router, update_balance_biases
 
 __version__ = "0.1.0"
+
+moved.install()  # module paths of molex 0.2 (molex.config, molex.io, ...) still import, with a warning
 
 __all__ = [
     "AllocationConfig",
