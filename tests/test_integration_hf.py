@@ -9,23 +9,11 @@ import molex
 
 pytest.importorskip("transformers")
 from molex.integrations.hf import MoLEDataCollator, MoLETrainer, sft_trainer_class
+from tests.helpers.models import tiny_llama as shared_tiny_llama
 
 
 def tiny_llama(num_layers: int = 2, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval()
+    return shared_tiny_llama(num_layers=num_layers, seed=seed)
 
 
 def mole_model():

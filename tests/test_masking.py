@@ -8,24 +8,12 @@ import pytest
 import torch
 
 import molex
+from tests.helpers.models import tiny_llama as shared_tiny_llama
 
 
 def tiny_llama(num_layers: int = 2, seed: int = 0):
     """The tiny random llama of the test suite (built from a config, no download)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval()
+    return shared_tiny_llama(num_layers=num_layers, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from molex.routers.base import Router, Scope
 from molex.routers.milora import MiLoRAConfig
 from molex.routers.soft import SoftConfig
 from molex.routers.topk import TopKConfig, TopKRouter
+from tests.helpers.models import tiny_llama as shared_tiny_llama
 
 FIXTURES = Path(__file__).parent / "fixtures" / "adapters_v0_2"
 TARGETS = ["q_proj", "v_proj"]
@@ -27,20 +28,7 @@ TARGETS = ["q_proj", "v_proj"]
 
 def tiny_llama(num_layers: int = 2, seed: int = 0):
     """The model the v0.2 fixtures were saved from (tests/fixtures/adapters_v0_2/make_fixtures.py)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return shared_tiny_llama(num_layers=num_layers, seed=seed)
 
 
 def test_dataclass_and_name_forms_agree():
