@@ -169,5 +169,5 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     model, tokenizer = load_model("tiny-llama")
     namespace = {"molex": molex, "model": model, "tokenizer": tokenizer, "dataset": Dataset.from_list(examples())}
     # SFTConfig defaults to bf16 on an accelerator; this CPU-only run says so (the example's one change)
-    exec(sft_block.replace("report_to=[])", "report_to=[], use_cpu=True)"), namespace)
+    exec(sft_block.replace("report_to=[]", "report_to=[], use_cpu=True", 1), namespace)
     assert molex.mole_layers(namespace["model"])
