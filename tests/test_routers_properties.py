@@ -16,6 +16,8 @@ TOKEN_ROUTERS = ("topk", "soft", "dynmole", "gate", "switch")
 ALL_ROUTERS = (*TOKEN_ROUTERS, "milora", "dlp", "mtl")
 #: routers without trainable scoring (constant, random or feature-given mixing)
 PARAMETER_FREE = ("fixed", "stochastic", "features")
+#: routers that decide from their pool's factors, so they route only inside a layer (tests/test_router_arrow.py)
+POOL_BOUND = ("arrow",)
 
 # options that make every loss of a router active, so the properties cover them too
 LOSS_OPTIONS = {
@@ -104,8 +106,8 @@ def test_router_properties(name, data):
 
 
 def test_every_registered_router_is_covered():
-    assert set(available_routers()) == set(ALL_ROUTERS + PARAMETER_FREE)
-    for name in ALL_ROUTERS + PARAMETER_FREE:
+    assert set(available_routers()) == set(ALL_ROUTERS + PARAMETER_FREE + POOL_BOUND)
+    for name in ALL_ROUTERS + PARAMETER_FREE + POOL_BOUND:
         assert isinstance(get_router_class(name).emits, tuple)
 
 
