@@ -14,26 +14,14 @@ from molex.cli.resume_checks import check_router_lr_scale, trained_router_lr_sca
 from molex.lightning import MoLEModule
 from molex.lightning.health import CollapseWatch, HealthSettings, RoutingHealthMonitor
 from molex.training.optim import OptimSettings
+from tests.helpers.models import tiny_llama
 
 TARGETS = ["q_proj", "v_proj"]
 
 
 def injected():
     """A one-layer random Llama (vocabulary 128, width 32) with two-expert MoLE layers."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(num_layers=1).train()  # as built, in training mode
     return molex.inject(model, molex.MoLEConfig(target_modules=TARGETS, rank=2, num_experts=2))
 
 
