@@ -68,6 +68,32 @@ def no_outputs(tmp_path: Path, output: Any = None, name: str = "train.jsonl") ->
     return jsonl(tmp_path, rows, name)
 
 
+def latin1(tmp_path: Path, suffix: str = ".jsonl") -> Path:
+    """A data file written in Latin-1: its first non-ASCII byte, the 0xe9 of "cafe" with an accent, sits at
+    offset 20 of line 1 (.jsonl), 21 of line 1 (.json) or 40 of line 2 (.csv)."""
+    texts = {
+        ".jsonl": '{"instruction": "caf\u00e9", "output": "x"}\n',
+        ".json": '[{"instruction": "caf\u00e9", "output": "x"}]',
+        ".csv": "output,instruction\nxxxxxxxxxxxxxxxxx,caf\u00e9\n",
+    }
+    path = tmp_path / f"train{suffix}"
+    path.write_bytes(texts[suffix].encode("latin-1"))
+    return path
+
+
+def export(tmp_path: Path, batches: Any) -> Any:
+    """``export_single`` of an injected tiny Llama (its experts' B made non-zero, as if trained) over ``batches``."""
+    model = injected()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in molex.mole_layers(model).values():
+            layer.experts.lora_B.normal_(std=0.02)
+    return molex.export_single(model, tmp_path / "single", batches, rank=2)
+
+
+BATCH = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}
+
+
 # ---------------------------------------------------------------- the Python API
 @dataclass(frozen=True)
 class Case:
@@ -311,6 +337,85 @@ API_CASES = [
     Case("data file unsupported", lambda p: read_source(p / "train.txt"), ValueError, ("train.txt", ".jsonl")),
     Case("data file missing", lambda p: read_source(p / "missing.jsonl"), FileNotFoundError, ("missing.jsonl",)),
     Case("max_length too small", lambda p: InstructionDataModule(max_length=1), ValueError, ("max_length", "1")),
+    Case(
+        "jsonl not UTF-8",
+        lambda p: read_source(latin1(p)),
+        ValueError,
+        ("train.jsonl", "not valid UTF-8", "byte 0xe9 at offset 20 (line 1)", "re-encode"),
+    ),
+    Case(
+        "json not UTF-8",
+        lambda p: read_source(latin1(p, ".json")),
+        ValueError,
+        ("train.json", "offset 21", "UTF-8"),
+    ),
+    Case(
+        "csv not UTF-8",
+        lambda p: read_source(latin1(p, ".csv")),
+        ValueError,
+        ("train.csv", "offset 40 (line 2)", "UTF-8"),
+    ),
+    Case(
+        "split file not UTF-8",
+        lambda p: read_source({"train": jsonl(p, [{"instruction": "a", "output": "b"}]), "test": latin1(p, ".csv")}),
+        ValueError,
+        ("train.csv", "offset 40", "UTF-8"),
+    ),
+    Case(
+        "data module file not UTF-8",
+        lambda p: InstructionDataModule(source=str(latin1(p))).prepare_data(),
+        ValueError,
+        ("train.jsonl", "offset 20", "UTF-8"),
+    ),
+    # exports: calibration batches are checked before the model runs on them
+    Case(
+        "export_single calibration texts",
+        lambda p: export(p, ["Add 2 and 3.", "Reverse abc."]),
+        TypeError,
+        ("calibration_batches[0]", "str", "'Add 2 and 3.'", "{'input_ids'", "return_tensors='pt'"),
+    ),
+    Case(
+        "export_single calibration text after a batch",
+        lambda p: export(p, [BATCH, BATCH, "Reverse abc."]),
+        TypeError,
+        ("calibration_batches[2]", "str", "dict of tensors"),
+    ),
+    Case(
+        "export_single streamed text",
+        lambda p: export(p, (b for b in [BATCH, 7])),
+        TypeError,
+        ("calibration_batches[1]", "int", "dict of tensors"),
+    ),
+    Case(
+        "export_single one batch, not a list",
+        lambda p: export(p, BATCH),
+        TypeError,
+        ("calibration_batches", "dict", "[batch]"),
+    ),
+    Case(
+        "export_single a text, not a list",
+        lambda p: export(p, "Add 2 and 3."),
+        TypeError,
+        ("calibration_batches", "got a str"),
+    ),
+    Case(
+        "export_single input_ids a list",
+        lambda p: export(p, [{"input_ids": [[5, 6, 7]]}]),
+        TypeError,
+        ("calibration_batches[0]['input_ids'] is list", "integer tensor [B, S]", "return_tensors='pt'"),
+    ),
+    Case(
+        "export_single batch without input_ids",
+        lambda p: export(p, [{"text": "Add 2 and 3."}]),
+        ValueError,
+        ("calibration_batches[0]", "no 'input_ids'", "['text']"),
+    ),
+    Case(
+        "export_single attention_mask shape",
+        lambda p: export(p, [{"input_ids": IDS, "attention_mask": torch.ones(2, 3)}]),
+        ValueError,
+        ("calibration_batches[0]['attention_mask']", "(2, 3)", "(2, 5)"),
+    ),
     # models and adapters
     Case(
         "model hub name offline",
@@ -419,6 +524,40 @@ def test_rows_with_an_empty_output_are_dropped_and_counted(tmp_path: Path, caplo
         splits = read_source(jsonl(tmp_path, rows))
     assert len(splits["train"]) == 6
     assert "dropped 3 of 9 examples" in caplog.text
+
+
+def test_utf8_data_reads_and_the_first_bad_byte_is_found_across_chunks(tmp_path: Path, monkeypatch) -> None:
+    from molex.data import readers
+
+    monkeypatch.setattr(readers, "_UTF8_CHUNK", 4)  # multi-byte characters straddle the chunks of the check
+    row = {"instruction": "Translate caf\u00e9 na\u00efve \u65e5\u672c \u2192", "output": "ok"}
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_source(path)["train"][0]["instruction"] == row["instruction"]
+    good = ("\u65e5" * 5 + "\n").encode()  # 16 bytes of 3-byte characters, then the bad byte
+    with pytest.raises(ValueError, match=r"byte 0xff at offset 16 \(line 2\)"):
+        readers.check_utf8(path, good + b"\xff" + good)
+    with pytest.raises(ValueError, match=r"byte 0xe6 at offset 16 \(line 2\).*unexpected end of data"):
+        readers.check_utf8(path, good + good[:2])  # cut inside the last character
+
+
+def test_valid_calibration_batches_still_export(tmp_path: Path) -> None:
+    from transformers import BatchEncoding
+
+    listed = export(tmp_path / "list", [BATCH, {"input_ids": IDS}])
+    streamed = export(tmp_path / "stream", (b for b in [BATCH, {"input_ids": IDS}]))
+    encoded = export(tmp_path / "encoded", [BatchEncoding(BATCH), BatchEncoding({"input_ids": IDS})])
+    assert listed.calibration_tokens == streamed.calibration_tokens == encoded.calibration_tokens == 20
+
+
+def test_a_listed_bad_batch_fails_before_the_model_runs(tmp_path: Path) -> None:
+    model = injected()
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    with pytest.raises(TypeError, match=r"calibration_batches\[2\] is a str"):
+        molex.export_single(model, tmp_path / "single", [BATCH, BATCH, "Reverse abc."], rank=2)
+    assert forwards == []
+    assert not (tmp_path / "single").exists()
 
 
 def test_unreachable_hub_fails_in_seconds(monkeypatch) -> None:

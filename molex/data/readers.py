@@ -3,7 +3,8 @@
 The one data reader of molex: :class:`~molex.data.datamodule.InstructionDataModule` and ``molex-fuse``
 both read through :func:`read_source`. Sources:
 
-* a local ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` file (returned as the ``train`` split),
+* a local ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` file (returned as the ``train`` split; the
+  text formats must be UTF-8, and a file that is not is refused naming it and its first bad byte),
 * a folder holding ``train.*`` / ``validation.*`` (or ``val``, ``valid``, ``dev``) / ``test.*`` files,
 * a dict ``{"train": path, "validation": path, "test": path}``,
 * any other name: a hub dataset, loaded with ``datasets.load_dataset`` (the only case that may download).
@@ -17,6 +18,7 @@ order, in a list column ``features`` (the feature ids of FLix's ``features`` rou
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import logging
 import os
@@ -37,6 +39,7 @@ __all__ = [
     "REQUIRED_FIELDS",
     "TEXT_FIELDS",
     "check_columns",
+    "check_utf8",
     "drop_empty_outputs",
     "fingerprint",
     "normalise",
@@ -55,6 +58,9 @@ TEXT_FIELDS = ("instruction", "input", "output", "task")
 DEFAULT_TASK = "default"
 #: file extension -> ``datasets`` builder name
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+#: formats read as text: molex reads them as UTF-8 (parquet is binary)
+TEXT_FORMATS = ("json", "csv")
+_UTF8_CHUNK = 1 << 20
 _SPLIT_ALIASES = {
     "train": "train",
     "training": "train",
@@ -155,8 +161,11 @@ def read_file(path: Path) -> datasets.Dataset:
         raise ValueError(f"unsupported data file {str(path)!r}; use one of {sorted(FILE_FORMATS)}")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {str(path)!r}")
-    if path.stat().st_size == 0 or (builder != "parquet" and path.read_bytes().strip() in (b"", b"[]", b"{}")):
+    raw = path.read_bytes() if builder in TEXT_FORMATS else b""
+    if path.stat().st_size == 0 or (builder in TEXT_FORMATS and raw.strip() in (b"", b"[]", b"{}")):
         raise ValueError(f"data file {str(path)!r} is empty: it holds no examples")
+    if builder in TEXT_FORMATS:
+        check_utf8(path, raw)
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
     except Exception as err:  # parse errors surface as several datasets / pyarrow exception types
@@ -164,6 +173,29 @@ def read_file(path: Path) -> datasets.Dataset:
     if len(ds) == 0:
         raise ValueError(f"data file {str(path)!r} is empty: it holds no examples")
     return ds
+
+
+def check_utf8(path: Path, raw: bytes) -> None:
+    """Refuse text data ``raw`` (the bytes of ``path``) that is not UTF-8, naming the file and the first bad byte.
+
+    The ``datasets`` readers decode as UTF-8 and fail deep inside (or later, while normalising) with an error
+    that names neither the file nor where in it the bad byte sits; checked here, in chunks, the file and the
+    offset are known.
+    """
+    pos, size = 0, len(raw)
+    while pos < size:
+        end = min(pos + _UTF8_CHUNK, size)
+        try:
+            _, used = codecs.utf_8_decode(raw[pos:end], "strict", end == size)
+        except UnicodeDecodeError as err:
+            offset = pos + err.start
+            line = raw.count(b"\n", 0, offset) + 1
+            raise ValueError(
+                f"data file {str(path)!r} is not valid UTF-8: byte 0x{raw[offset]:02x} at offset {offset} "
+                f"(line {line}) cannot be decoded ({err.reason}); molex reads .json, .jsonl and .csv data as UTF-8: "
+                f"re-encode the file, e.g. iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}"
+            ) from None
+        pos += used  # > 0: a chunk that is not the last holds 1 MiB, at most 3 bytes of it left for the next
 
 
 def read_folder(folder: Path) -> dict[str, datasets.Dataset]:

@@ -27,6 +27,7 @@ __all__ = [
     "LayerFactors",
     "LayerGates",
     "capture_gates",
+    "check_model_batch",
     "eval_mode",
     "is_conv1d",
     "layer_router",
@@ -99,6 +100,46 @@ def _kernel_view(layer: MoLELinear) -> tuple[LayerFactors, Tensor]:
     return factors, applied.to_dense(factors.num_experts).detach().float()
 
 
+#: what a batch of model inputs looks like, for the messages of :func:`check_model_batch`
+BATCH_FORM = (
+    "a dict of tensors such as {'input_ids': LongTensor [B, S], 'attention_mask': [B, S]} "
+    "(tokenize texts first, e.g. tokenizer(texts, padding=True, return_tensors='pt'))"
+)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_model_batch(batch: Any, where: str = "batch") -> Mapping[str, Any]:
+    """``batch`` itself once it is a dict of model inputs holding ``input_ids [B, S]`` (and, if given, an
+    ``attention_mask`` of that shape); otherwise a clear error naming ``where`` (e.g. ``calibration_batches[3]``).
+
+    Exports run the model on the caller's batches and index their masks; a text, a list of ids or a
+    batch of the wrong shape would otherwise fail inside the model or torch, naming neither the batch nor
+    what it should be.
+    """
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"{where} is a {type(batch).__name__} ({_shown(batch)}), not a batch: it must be {BATCH_FORM}")
+    if "input_ids" not in batch:
+        raise ValueError(f"{where} has no 'input_ids' (its keys: {sorted(map(str, batch))}): it must be {BATCH_FORM}")
+    ids = batch["input_ids"]
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        what = f"a tensor of shape {tuple(ids.shape)} ({ids.dtype})" if isinstance(ids, Tensor) else type(ids).__name__
+        raise TypeError(
+            f"{where}['input_ids'] is {what}: it must be an integer tensor [B, S]; {where} must be {BATCH_FORM}"
+        )
+    mask = batch.get("attention_mask")
+    if mask is not None and (not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(ids.shape)):
+        what = f"of shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else f"a {type(mask).__name__}"
+        raise ValueError(
+            f"{where}['attention_mask'] is {what} but input_ids has shape {tuple(ids.shape)}: give a tensor of "
+            "the same [B, S] shape (1 = real token), or leave it out"
+        )
+    return batch
+
+
 def capture_gates(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, LayerGates]:
     """Run ``model(**batch)`` (``labels`` left out) and return every MoLE layer's factors and gates.
 
@@ -106,6 +147,7 @@ def capture_gates(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Layer
     (``task_ids``, ``route_text``, ...). Gates are ``[B, S, E']`` (float32); the caller picks the
     real tokens with the attention mask. Call it inside :func:`eval_mode`.
     """
+    check_model_batch(batch)
     layers = mole_layers(model)
     if not layers:
         raise ValueError("this model has no MoLE layers; load or inject a molex adapter first")

@@ -17,7 +17,7 @@ from the per-token mixture is what an evaluation of the adapter measures.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from molex.core.model_argument import takes_model
-from molex.export.capture import LayerFactors, capture_gates, eval_mode, is_conv1d
+from molex.export.capture import LayerFactors, capture_gates, check_model_batch, eval_mode, is_conv1d
 from molex.hub.peft_format import check_output_dir, write_peft_adapter
 from molex.layer.inject import get_config, mole_layers
 
-__all__ = ["REPORT_NAME", "SingleExport", "expected_update_svd", "export_single"]
+__all__ = ["REPORT_NAME", "SingleExport", "calibration_stream", "expected_update_svd", "export_single"]
 
 REPORT_NAME = "export_report.json"
 
@@ -93,6 +93,28 @@ def _truncate(B: Tensor, A: Tensor, rank: int | None, dtype: torch.dtype) -> tup
     return ((Vh[:k]).to(dtype), (U[:, :k] * S[:k]).to(dtype)), k, error
 
 
+def calibration_stream(batches: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+    """The calibration batches, each checked by :func:`check_model_batch` (named by its position) before the
+    model sees it.
+
+    A list or tuple is checked whole before the first forward, so a bad item far down fails at once; a
+    stream (a data loader, a generator) is checked item by item as it is read. A text, a single batch or
+    a tensor given in place of the iterable of batches is refused too (iterating it would give
+    characters, keys or rows).
+    """
+    if isinstance(batches, (str, bytes, Mapping, Tensor)) or not isinstance(batches, Iterable):
+        hint = "; wrap one batch in a list: [batch]" if isinstance(batches, Mapping) else ""
+        raise TypeError(
+            f"calibration_batches must be an iterable of batches (a list or a data loader), got a "
+            f"{type(batches).__name__}{hint}"
+        )
+    if isinstance(batches, Sequence):
+        for index, batch in enumerate(batches):
+            check_model_batch(batch, f"calibration_batches[{index}]")
+        return iter(batches)
+    return (check_model_batch(batch, f"calibration_batches[{index}]") for index, batch in enumerate(batches))
+
+
 @takes_model
 def export_single(
     model: nn.Module,
@@ -110,7 +132,8 @@ def export_single(
         out_dir: the adapter folder (``adapter_config.json``, ``adapter_model.safetensors`` and
             ``export_report.json`` with the per-layer ranks and errors), published by one rename.
         calibration_batches: batches of the model's inputs (``input_ids [B, S]``, ``attention_mask``,
-            routing inputs; ``labels`` are ignored) over whose real tokens the routing is averaged.
+            routing inputs; ``labels`` are ignored) over whose real tokens the routing is averaged. Each
+            must be a dict of tensors; anything else is refused naming its position and type.
         rank: the adapter's rank per layer (a layer whose expected update has a lower rank keeps that);
             ``None`` keeps every layer's full rank (then the adapter is the expected update exactly).
 
@@ -122,12 +145,13 @@ def export_single(
     layers = mole_layers(model)
     if not layers:
         raise ValueError("this model has no MoLE layers; load or inject a molex adapter first")
+    batches = calibration_stream(calibration_batches)
     sums: dict[str, Tensor] = {}
     factors: dict[str, LayerFactors] = {}
     tokens = 0
     device = next(model.parameters()).device
     with eval_mode(model):
-        for batch in calibration_batches:
+        for batch in batches:
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
             mask = batch.get("attention_mask")
             mask = torch.ones_like(batch["input_ids"]) if mask is None else mask
