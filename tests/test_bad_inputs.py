@@ -56,6 +56,11 @@ def cfg(**kwargs: Any) -> molex.MoLEConfig:
     return molex.MoLEConfig(**{"target_modules": ["q_proj", "v_proj"], **kwargs})
 
 
+def auto(**allocation: Any) -> molex.MoLEConfig:
+    """A config with ``AllocationConfig(schedule="auto", **allocation)``."""
+    return cfg(allocation=molex.AllocationConfig(schedule="auto", **allocation))
+
+
 def jsonl(tmp_path: Path, rows: list[dict[str, Any]], name: str = "train.jsonl") -> Path:
     path = tmp_path / name
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -163,6 +168,31 @@ API_CASES = [
         ("'mola-increase'", "mola-increasing"),
     ),
     Case("pattern zero", lambda p: molex.AllocationConfig(pattern=[2, 0]), ValueError, ("[2, 0]",)),
+    # schedule="auto": the layer count is known at injection, where a total the bounds cannot meet is refused
+    Case(
+        "auto total above the default cap",
+        lambda p: molex.inject(tiny_llama(2), auto(total_experts=1_000_000)),
+        ValueError,
+        ("total_experts=1000000", "2 layers", "max_experts=64", "set max_experts=", "between 4 and 128"),
+    ),
+    Case(
+        "auto total above max_experts x layers",
+        lambda p: molex.inject(tiny_llama(2), auto(total_experts=20, max_experts=6)),
+        ValueError,
+        ("total_experts=20", "2 layers", "max_experts=6", "between 4 and 12"),
+    ),
+    Case(
+        "auto total below min_experts x layers",
+        lambda p: molex.inject(tiny_llama(2), auto(total_experts=5, min_experts=3)),
+        ValueError,
+        ("total_experts=5", "2 layers", "min_experts=3", "between 6 and"),
+    ),
+    Case(
+        "auto budget_schedule above max_experts x layers",
+        lambda p: molex.inject(tiny_llama(2), auto(budget_schedule="mola-increasing", max_experts=3)),
+        ValueError,
+        ("the 8 experts of budget_schedule 'mola-increasing'", "2 layers", "max_experts=3", "between 4 and 6"),
+    ),
     # inject
     Case(
         "target matches nothing",
@@ -498,6 +528,19 @@ def test_valid_routing_inputs_still_pass() -> None:
     # task ids that no router reads are not checked: the data module passes them to every model
     call("topk", task_ids=torch.tensor([99, 7]))
     call("gate", task_ids=torch.tensor([99, 7]))  # task_loss_coef = 0: the gate ignores them
+
+
+def test_auto_totals_the_bounds_meet_still_build() -> None:
+    model = tiny_llama(2)
+    with pytest.raises(ValueError, match="total_experts=129"):
+        molex.inject(model, auto(total_experts=129))
+    assert molex.mole_layers(model) == {}  # refused before any pool was built
+    counts = {
+        layer.experts.num_experts for layer in molex.mole_layers(molex.inject(model, auto(total_experts=128))).values()
+    }
+    assert counts == {64}  # the default cap itself is allowed
+    wide = molex.inject(tiny_llama(2), auto(total_experts=130, max_experts=65))  # above it when asked for
+    assert sorted(layer.experts.num_experts for layer in molex.mole_layers(wide).values()) == [65, 65, 65, 65]
 
 
 def test_routing_inputs_checked_once_per_generation() -> None:

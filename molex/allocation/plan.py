@@ -22,6 +22,7 @@ from molex.allocation.budget import apportion
 from molex.core.registry import Registry
 
 __all__ = [
+    "AUTO_MAX_EXPERTS",
     "AUTO_WARMUP_STEPS",
     "SCHEDULES",
     "AllocationConfig",
@@ -40,6 +41,9 @@ __all__ = [
 
 #: warm-up steps of ``schedule="auto"`` when ``warmup_steps`` is not given
 AUTO_WARMUP_STEPS = 20
+#: the most experts ``schedule="auto"`` gives one layer when ``max_experts`` is not given: without a cap a
+#: mistyped ``total_experts`` (1_000_000 for 1_000) would build that many experts in every targeted module
+AUTO_MAX_EXPERTS = 64
 
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -89,23 +93,42 @@ def auto_total(num_layers: int, alloc: AllocationConfig, default: int) -> int:
     ``budget_schedule`` on a model of ``num_layers`` layers."""
     if alloc.total_experts is not None:
         return alloc.total_experts
-    budget = get_schedule(alloc.budget_schedule)
-    return sum(int(budget(i, num_layers, alloc, default)) for i in range(num_layers))
+    return sum(_budget_counts(num_layers, alloc, default))
 
 
 def auto_bounds(num_layers: int, alloc: AllocationConfig, default: int) -> tuple[int, int, int]:
     """``(total, low, high)`` of ``schedule="auto"`` on ``num_layers`` layers; a clear error when the budget
-    cannot be split within the bounds."""
+    cannot be split within the bounds.
+
+    The layer count is known only here (at injection), so this is where a total beyond
+    ``max_experts * num_layers`` (``max_experts`` defaulting to :data:`AUTO_MAX_EXPERTS`, or to the most a
+    layer of ``budget_schedule`` gets when that is more) or below ``min_experts * num_layers`` is refused.
+    """
     total = auto_total(num_layers, alloc, default)
     low = alloc.min_experts or 1
-    high = alloc.max_experts or total
+    if alloc.max_experts is not None:
+        high, cap = alloc.max_experts, f"max_experts={alloc.max_experts}"
+    else:
+        high = max(AUTO_MAX_EXPERTS, low, *_budget_counts(num_layers, alloc, default))
+        cap = f"max_experts={high} (the default when max_experts is not given; set max_experts= to allow more)"
     if not low * num_layers <= total <= high * num_layers:
+        what = f"total_experts={total}"
+        if alloc.total_experts is None:
+            what = f"the {total} experts of budget_schedule {alloc.budget_schedule!r}"
         raise ValueError(
-            f"allocation schedule='auto': total_experts={total} cannot be split among {num_layers} layers with "
-            f"min_experts={low} and max_experts={alloc.max_experts}: it must be between {low * num_layers} and "
-            f"{high * num_layers}; change total_experts or the bounds"
+            f"allocation schedule='auto': {what} cannot be split among the model's "
+            f"{num_layers} layers with min_experts={low} and {cap}: the total must be between {low * num_layers} "
+            f"and {high * num_layers}; change total_experts or the bounds"
         )
     return total, low, high
+
+
+def _budget_counts(num_layers: int, alloc: AllocationConfig, default: int) -> list[int]:
+    """Each layer's experts under ``budget_schedule`` (none without one)."""
+    if alloc.total_experts is not None or alloc.budget_schedule is None:
+        return []
+    budget = get_schedule(alloc.budget_schedule)
+    return [int(budget(i, num_layers, alloc, default)) for i in range(num_layers)]
 
 
 def _auto(index: int, num_layers: int, alloc: AllocationConfig, default: int) -> int:
@@ -136,8 +159,10 @@ class AllocationConfig:
 
     ``schedule="auto"`` shares ``total_experts`` (or ``budget_schedule``'s total on the model) among the
     layers from a signal measured after ``warmup_steps`` of training on the even split, each layer
-    getting ``min_experts`` to ``max_experts`` (see :mod:`molex.allocation.auto`); the decision is then
-    stored here as ``per_layer``, so a saved adapter rebuilds the same pools without a warm-up.
+    getting ``min_experts`` to ``max_experts`` (default :data:`AUTO_MAX_EXPERTS`; see
+    :mod:`molex.allocation.auto`); the decision is then stored here as ``per_layer``, so a saved adapter
+    rebuilds the same pools without a warm-up. A total the bounds cannot meet on the model's layers is
+    refused at injection, where the layer count is known.
     """
 
     schedule: str = field(default="uniform", metadata={"help": f"one of {sorted(SCHEDULES)}"})
@@ -158,7 +183,9 @@ class AllocationConfig:
     min_experts: int | None = field(
         default=None, metadata={"help": "'auto': fewest experts per layer (default: 1, or what the router needs)"}
     )
-    max_experts: int | None = field(default=None, metadata={"help": "'auto': most experts per layer"})
+    max_experts: int | None = field(
+        default=None, metadata={"help": f"'auto': most experts per layer (default: {AUTO_MAX_EXPERTS})"}
+    )
     warmup_steps: int | None = field(
         default=None, metadata={"help": f"'auto': training steps before deciding (default {AUTO_WARMUP_STEPS})"}
     )
