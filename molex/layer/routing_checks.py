@@ -90,10 +90,11 @@ def check_routing_inputs(context: RoutingContext, source: str) -> None:
     for key in _OPTIONAL_INPUTS:
         if context.get(key) is not None and key not in context.readers and key not in context.warned:
             context.warned.add(key)
+            use = "with embedding_source='encoder'" if key == "route_text" else "in place of its own embeddings"
             warnings.warn(
                 f"{key} is ignored: no router of this model reads it (its routers: "
-                f"{_router_names(context.router_names)}); only router 'dlp' uses it "
-                f"({'with embedding_source=encoder' if key == 'route_text' else 'in place of its own embeddings'})",
+                f"{_router_names(context.router_names)}); only router 'dlp' uses it ({use}); "
+                "this warning is given once per model",
                 UserWarning,
                 stacklevel=4,
             )
