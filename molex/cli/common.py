@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,11 +32,14 @@ __all__ = [
     "build_model",
     "build_mole_config",
     "build_training",
+    "check_cpu_devices",
+    "check_generation",
     "check_router_choice",
     "check_sources",
     "check_trainer",
     "instantiate",
     "report_errors",
+    "usable_cores",
     "write_json",
 ]
 
@@ -61,8 +65,26 @@ class TrainingObjects:
     datamodule: Any
 
 
+#: errors that, escaping a command after its config is composed, are about its input (a file, a shape, an
+#: option the library refuses), not a bug in the command: they print as one line like a :class:`CLIError`
+_INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """:data:`_INPUT_ERRORS` plus Lightning's ``MisconfigurationException`` (not a ``ValueError``) once loaded."""
+    lightning = sys.modules.get("lightning.fabric.utilities.exceptions")
+    extra = getattr(lightning, "MisconfigurationException", None)
+    return _INPUT_ERRORS + ((extra,) if extra is not None else ())
+
+
 def report_errors(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Print a :class:`CLIError` as ``<prog>: error: ...`` and exit with status 2 (no traceback)."""
+    """Print a :class:`CLIError` as ``<prog>: error: ...`` and exit with status 2 (no traceback).
+
+    Any other error about the input (a ``ValueError`` of the library, a file that cannot be read, a missing
+    optional package) also prints as that one line, exiting with status 1: a user sees what to fix, not the
+    frames it passed through. With ``HYDRA_FULL_ERROR=1`` such an error propagates, so Hydra prints its
+    full traceback.
+    """
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -72,6 +94,12 @@ def report_errors(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any
             except CLIError as err:
                 print(f"{prog}: error: {err}", file=sys.stderr)
                 sys.exit(2)
+            except _input_errors() as err:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                text = " ".join(str(err).split()) or type(err).__name__
+                print(f"{prog}: error: {text}", file=sys.stderr)
+                sys.exit(1)
 
         return run
 
@@ -135,6 +163,46 @@ def check_trainer(trainer: DictConfig) -> None:
         raise CLIError("set trainer.max_steps (or trainer.max_epochs) to a positive number so training has an end")
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one, else every core)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def check_cpu_devices(trainer: DictConfig) -> None:
+    """On CPU every device is one training process: more processes than cores only thrash (or wait for a
+    process group that never forms), silently, for minutes. Refuse that before anything starts."""
+    accelerator = str(trainer.get("accelerator", "auto"))
+    devices = trainer.get("devices", "auto")
+    if accelerator == "auto":
+        import torch
+
+        if torch.cuda.is_available() or torch.backends.mps.is_available():
+            return
+    elif accelerator != "cpu":
+        return
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, bool) or not isinstance(devices, int):
+        return  # "auto" or a list of ids: Lightning picks or checks them
+    cores = usable_cores()
+    if devices > cores:
+        raise CLIError(
+            f"trainer.devices={devices} starts {devices} CPU processes but this machine has {cores} CPU "
+            f"core{'s' if cores != 1 else ''}: set trainer.devices={cores} or fewer"
+        )
+
+
+def check_generation(node: DictConfig, prefix: str = "") -> None:
+    """The evaluation's ``max_new_tokens`` and ``batch_size`` must be counts >= 1: generation refuses
+    anything else only once it starts, which for ``molex-train`` is after the whole training run."""
+    for key in ("max_new_tokens", "batch_size"):
+        value = node.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CLIError(f"{prefix}{key}={value}: give a whole number >= 1")
+
+
 def check_sources(model: DictConfig, data: DictConfig) -> None:
     """Local model paths and data files must exist (hub names are left to the loaders)."""
     name = str(model.get("name_or_path"))
@@ -179,7 +247,7 @@ def build_eval_model(node: DictConfig, adapter: str | None) -> tuple[Any, Any]:
         try:
             model = molex.load_adapter(model, adapter)
         except (ValueError, FileNotFoundError) as err:
-            raise CLIError(f"adapter: {err}") from None
+            raise CLIError(f"adapter={adapter}: {err}") from None
     return model, tokenizer
 
 
@@ -198,7 +266,8 @@ def build_training(cfg: DictConfig) -> TrainingObjects:
     """Check the sources, then build the MoLE config, the model (seeded, injected once) and the data module.
 
     Injection is where missing target modules and router options a layer cannot take (``top_k`` above
-    its experts) are found, so those fail here, before any evaluation or training.
+    its experts) are found, and the data is where task and feature ids the router cannot route are found
+    (:func:`molex.cli.data_checks.check_routing_data`), so those fail here, before any evaluation or training.
     """
     from lightning.fabric.utilities.seed import seed_everything
 
@@ -214,6 +283,9 @@ def build_training(cfg: DictConfig) -> TrainingObjects:
     except (ValueError, TypeError) as err:  # target modules not found, top_k > a layer's experts, ...
         raise CLIError(f"router={cfg.router.name}, allocation: {err}") from None
     datamodule = build_datamodule(cfg.data, tokenizer, "fit")
+    from molex.cli.data_checks import check_routing_data  # it builds on this module's CLIError
+
+    check_routing_data(mole_config.router_name, mole_config.router, datamodule, model)
     return TrainingObjects(model=model, tokenizer=tokenizer, mole_config=mole_config, datamodule=datamodule)
 
 

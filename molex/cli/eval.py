@@ -17,7 +17,15 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from molex.cli.common import CLIError, build_datamodule, build_eval_model, check_sources, report_errors, write_json
+from molex.cli.common import (
+    CLIError,
+    build_datamodule,
+    build_eval_model,
+    check_generation,
+    check_sources,
+    report_errors,
+    write_json,
+)
 
 log = logging.getLogger("molex.evaluation.generation")
 
@@ -32,6 +40,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
         return evaluate_harness(cfg)
     check_sources(cfg.model, cfg.data)
+    check_generation(cfg)
     adapter = cfg.adapter
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,12 @@ def _check(cfg: DictConfig) -> dict[str, Any]:
         path = Path(str(cfg.prompts))
         if not path.is_file():
             raise CLIError(f"prompts={str(cfg.prompts)!r}: no such file (give a text file, one prompt per line)")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            where = f"{err.reason} at byte {err.start}"
+            raise CLIError(f"prompts={str(cfg.prompts)!r} is not UTF-8 text ({where})") from None
+        lines = [line for line in text.splitlines() if line.strip()]
         if not lines:
             raise CLIError(f"prompts={str(cfg.prompts)!r} holds no prompt")
         parsed["prompts"] = {path.stem: lines}
@@ -128,7 +133,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     try:
         model = molex.load_adapter(model, cfg.adapter)
     except (ValueError, FileNotFoundError) as err:
-        raise CLIError(f"adapter: {err}") from None
+        raise CLIError(f"adapter={cfg.adapter}: {err}") from None
     out = Path(str(cfg.out))
     try:
         if cfg.mode == "routes":

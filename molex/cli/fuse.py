@@ -25,6 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from molex.cli.common import (
     CLIError,
     build_model,
+    check_generation,
     check_router_choice,
     check_sources,
     instantiate,
@@ -130,6 +131,7 @@ def fuse(cfg: DictConfig) -> dict[str, Any]:
     adapters = resolve_adapters(cfg.adapters)
     names = list(adapters)
     check_sources(cfg.model, cfg.data)
+    check_generation(cfg.eval, "eval.")
     check_router_choice(cfg)
     # an unknown router or option fails now, not after the adapters alone have been evaluated
     instantiate(cfg.router, f"router={cfg.router.name}")

@@ -16,7 +16,15 @@ from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
-from molex.cli.common import CLIError, TrainingObjects, build_training, check_trainer, instantiate
+from molex.cli.common import (
+    CLIError,
+    TrainingObjects,
+    build_training,
+    check_cpu_devices,
+    check_generation,
+    check_trainer,
+    instantiate,
+)
 from molex.cli.precision import resolve_precision
 from molex.cli.resume_checks import check_resumable, check_resume_matches, check_router_lr_scale
 
@@ -190,6 +198,7 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
 
     from molex.lightning.checkpoint_io import AtomicCheckpointIO
 
+    check_cpu_devices(cfg.trainer)  # first: a run that cannot start must not build anything
     run_dir = Path(cfg.run_dir)
     optim, health = build_settings(cfg.optim, "optim"), build_settings(cfg.health, "health")
     callbacks, loggers = build_callbacks(cfg), build_loggers(cfg)
@@ -200,6 +209,8 @@ def prepare_run(cfg: DictConfig) -> PreparedRun:
         with open_dict(cfg):
             cfg.trainer.precision = precision  # config.yaml records what ran
     check_trainer(cfg.trainer)
+    if cfg.eval.before or cfg.eval.after:
+        check_generation(cfg.eval, "eval.")
     built = build_training(cfg)
     check_auto_allocation(cfg.trainer.get("max_steps", -1), built.mole_config)
     if checkpoint is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -19,11 +20,30 @@ CONF = Path(molex.__file__).parent / "conf"
 SMOKE = ["experiment=smoke", "data.num_per_task=8", "data.eval_per_task=2", "eval.max_new_tokens=4"]
 
 
-def run_cli(module: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """``python -m module args...`` from the repository root, offline; output captured."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+def run_cli(
+    module: str,
+    *args: str,
+    timeout: int = 240,
+    env: Mapping[str, str | None] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess:
+    """``python -m module args...`` from the repository root (or ``cwd``), offline; output captured.
+
+    ``env`` adds variables to the environment (a ``None`` value removes one, e.g. ``HYDRA_FULL_ERROR``).
+    """
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    for name, value in (env or {}).items():
+        if value is None:
+            full.pop(name, None)
+        else:
+            full[name] = value
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", module, *args],
+        cwd=cwd or ROOT,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
