@@ -29,6 +29,7 @@ import molex
 from molex.data.datamodule import InstructionDataModule
 from molex.data.readers import read_source
 from molex.models import load_model
+from tests.helpers.encoders import encoder_adapter, encoder_folder
 from tests.helpers.models import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -479,6 +480,12 @@ API_CASES = [
         lambda p: molex.load_adapter(tiny_llama(2), p / "gone"),
         FileNotFoundError,
         ("gone", "adapter_config.json"),
+    ),
+    Case(
+        "adapter encoder_path outside it",
+        lambda p: molex.load_adapter(tiny_llama(2), encoder_adapter(p / "adapter", encoder_folder(p / "elsewhere"))),
+        ValueError,
+        ("elsewhere'", "outside the adapter folder", "allow_encoder_path="),
     ),
     Case(
         "inject a (model, tokenizer) pair",

