@@ -1,8 +1,9 @@
 """File helpers shared by everything that reads or writes to disk: atomic writes of one file or of
 a whole folder, JSON, checksums, path checks.
 
-This module imports nothing of molex, so any layer (adapter files, the LoRA hub, analytics plots,
-the CLIs, benchmarks) can use it without pulling in models or routers. The folder protocol, and
+This module imports nothing of molex but its sibling file helpers (:mod:`molex.core.dir_lock`,
+:mod:`molex.core.scratch`), so any layer (adapter files, the LoRA hub, analytics plots, the CLIs,
+benchmarks) can use it without pulling in models or routers. The folder protocol, and
 the invariant it keeps at every instant, is described above :func:`replace_dir`.
 """
 
@@ -21,6 +22,9 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
+from molex.core.dir_lock import LOCK_SUFFIX, dir_lock
+from molex.core.scratch import MARKER, is_scratch, make_scratch, mark, remove_scratch, unmark
+
 __all__ = [
     "atomic_write",
     "check_dir_target",
@@ -31,6 +35,7 @@ __all__ = [
     "require_dir",
     "require_file",
     "sha256_file",
+    "tidy_dir",
     "write_json",
 ]
 
@@ -133,15 +138,20 @@ def require_file(path: str | os.PathLike, message: str) -> Path:
 #
 # ``replace_dir`` runs these steps; each is atomic, so a kill falls between two of them:
 #
+#   0. lock: take the advisory lock ``.T.molex-lock`` (:mod:`molex.core.dir_lock`) for all the steps
+#      below, so writers of one folder take turns instead of deleting each other's siblings.
 #   1. recover: ``T`` missing and ``.old`` present -> rename ``.old`` back to ``T``; then delete
 #      ``.new`` and ``.trash`` (a partial write, or content already superseded by ``T``) and a
-#      ``.old`` that sits beside an existing ``T`` (each renamed to ``.trash`` first).
-#   2. write ``.new``: hard links (copies where links are not supported) of every entry of ``T`` the
-#      writer does not own, then the writer's files; fsync the files and the folder.
-#   3. publish: with ``T`` absent, rename ``.new`` -> ``T``. With ``T`` present, exchange ``.new`` and
-#      ``T`` in one ``renameat2(RENAME_EXCHANGE)`` (Linux); where the system or filesystem cannot,
-#      rename ``T`` -> ``.old`` and then ``.new`` -> ``T``. fsync the parent.
-#   4. clean up: rename the previous content (now ``.new`` or ``.old``) to ``.trash``, delete it.
+#      ``.old`` that sits beside an existing ``T`` (each renamed to ``.trash`` first) -- only those
+#      that hold molex's scratch marker for ``T`` (:mod:`molex.core.scratch`) or nothing at all.
+#   2. write ``.new``: the marker first, then hard links (copies where links are not supported) of
+#      every entry of ``T`` the writer does not own, then the writer's files; fsync them and the folder.
+#   3. publish: with ``T`` absent, rename ``.new`` -> ``T``. With ``T`` present, mark ``T`` too (its
+#      content is about to become a sibling), then exchange ``.new`` and ``T`` in one
+#      ``renameat2(RENAME_EXCHANGE)`` (Linux); where the system or filesystem cannot, rename
+#      ``T`` -> ``.old`` and then ``.new`` -> ``T``. Remove the marker from ``T``; fsync the parent.
+#   4. clean up: rename the previous content (now ``.new`` or ``.old``) to ``.trash``, delete it
+#      (marker last). Release the lock, removing its file.
 #
 # Invariant, at every instant: ``T`` is the complete old or the complete new folder, except in the
 # window of the two-rename path between its two renames, where ``T`` is missing and ``.old`` is the
@@ -149,7 +159,7 @@ def require_file(path: str | os.PathLike, message: str) -> Path:
 # ``T``: so "``T`` missing and ``.old`` present" always means ``.old`` is complete, which is what
 # readers (``readable_dir``) and the next writer's recovery (step 1) rely on. ``.new`` and
 # ``.trash`` are never read. Entries of ``T`` the writer does not own exist, at every instant, in
-# ``T`` or ``.old``. One writer per folder at a time: concurrent writers to the same folder race.
+# ``T`` or ``.old``. Readers finish a killed writer's recovery when they can (:func:`tidy_dir`).
 
 _NEW, _OLD, _TRASH = ".molex-new", ".molex-old", ".molex-trash"
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
@@ -197,9 +207,10 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def _carry_over(source: Path, dest: Path, owned: Collection[str]) -> None:
-    """Give ``dest`` every entry of ``source`` except ``owned`` names: hard links, not copies of data."""
+    """Give ``dest`` every entry of ``source`` except ``owned`` names (and a stray scratch marker):
+    hard links, not copies of data."""
     for entry in source.iterdir():
-        if entry.name in owned:
+        if entry.name in owned or entry.name == MARKER:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, dest / entry.name, symlinks=True, copy_function=_link_or_copy)
@@ -207,21 +218,50 @@ def _carry_over(source: Path, dest: Path, owned: Collection[str]) -> None:
             _link_or_copy(str(entry), str(dest / entry.name))
 
 
-def _discard(path: Path, trash: Path) -> None:
-    """Delete ``path`` after renaming it to ``trash``, so a half-deleted folder is always named ``trash``."""
-    if path.exists() or path.is_symlink():
-        shutil.rmtree(trash, ignore_errors=True)
-        os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+def _discard(path: Path, target: Path) -> None:
+    """Delete the scratch folder ``path`` of ``target`` after renaming it to ``.trash``, so a half-deleted
+    folder is always named so. A ``.trash`` molex cannot prove it made is left; ``path`` goes in place."""
+    trash = _sibling(target, _TRASH)
+    if path != trash and path.is_dir():
+        if is_scratch(trash, target):
+            remove_scratch(trash)
+        if not trash.exists():
+            os.rename(path, trash)
+            path = trash
+    remove_scratch(path)
 
 
 def _recover(target: Path) -> None:
-    """Step 1: bring ``target`` back after a writer was killed, and drop what that writer left."""
+    """Step 1: bring ``target`` back after a writer was killed, and drop what that writer left -- only
+    siblings that hold molex's scratch marker for ``target`` (or nothing)."""
     old, new, trash = (_sibling(target, s) for s in (_OLD, _NEW, _TRASH))
-    if not target.exists() and old.is_dir():
-        os.rename(old, target)
-    _discard(new, trash)
-    _discard(old, trash)
+    if not target.exists() and old.is_dir() and not old.is_symlink():
+        os.rename(old, target)  # a rename loses nothing: no proof needed to bring the previous content back
+    for sibling in (trash, new, old):
+        if (sibling is not old or target.exists()) and is_scratch(sibling, target):
+            _discard(sibling, target)
+    if target.is_dir():
+        unmark(target)  # a writer killed between publishing and removing the marker
+
+
+def _leftovers(target: Path) -> bool:
+    siblings = (_sibling(target, s) for s in (_NEW, _OLD, _TRASH, LOCK_SUFFIX))
+    return any(p.exists() for p in siblings) or (target / MARKER).exists()
+
+
+def tidy_dir(target: str | os.PathLike) -> Path:
+    """The folder to read for ``target`` (see :func:`readable_dir`), after finishing the recovery a
+    killed writer left undone beside it, so loads clean up too.
+
+    The cleanup never waits for a writer (one at work cleans up itself) and never fails the read:
+    in a read-only folder, or while another process writes, it is skipped.
+    """
+    target = Path(target)
+    if _leftovers(target):
+        with contextlib.suppress(OSError), dir_lock(target, wait=False) as held:
+            if held:
+                _recover(target)
+    return readable_dir(target)
 
 
 def readable_dir(target: str | os.PathLike) -> Path:
@@ -274,9 +314,21 @@ def replace_dir(target: str | os.PathLike, write: Callable[[Path], None], *, own
     """
     target = check_dir_target(target, "folder")
     target.parent.mkdir(parents=True, exist_ok=True)
-    new, old, trash = (_sibling(target, s) for s in (_NEW, _OLD, _TRASH))
+    with dir_lock(target):
+        _replace_locked(target, write, owned)
+    return target
+
+
+def _replace_locked(target: Path, write: Callable[[Path], None], owned: Collection[str]) -> None:
+    new, old = _sibling(target, _NEW), _sibling(target, _OLD)
     _recover(target)
-    new.mkdir()
+    for sibling in (new, old):
+        if sibling.exists() or sibling.is_symlink():  # recovery spared it: molex cannot prove it made it
+            raise FileExistsError(
+                f"{sibling} is in the way of writing {target} and molex did not make it; move it elsewhere "
+                "(molex uses that name for the folder's transient content) and save again"
+            )
+    make_scratch(new, target)
     try:
         if target.is_dir():
             _carry_over(target, new, owned)
@@ -286,18 +338,21 @@ def replace_dir(target: str | os.PathLike, write: Callable[[Path], None], *, own
                 _fsync(new / name)
         _fsync(new)
     except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
+        remove_scratch(new)
         raise
     if not target.exists():
         os.rename(new, target)
-    elif _exchange(new, target):
-        old = new  # the exchange left the previous content where the new one was
     else:
-        os.rename(target, old)
-        os.rename(new, target)
+        with contextlib.suppress(OSError):  # a folder molex may not write into: a kill now leaves it beside
+            mark(target, target)
+        if _exchange(new, target):
+            old = new  # the exchange left the previous content where the new one was
+        else:
+            os.rename(target, old)
+            os.rename(new, target)
+    unmark(target)
     _fsync(target.parent)
-    _discard(old, trash)
-    return target
+    _discard(old, target)
 
 
 def refuse_foreign(

@@ -20,14 +20,15 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from molex.allocation.plan import LayerPlan
+from molex.core.dir_lock import dir_lock
 from molex.core.files import (
     check_dir_target,
     read_json,
-    readable_dir,
     refuse_foreign,
     replace_dir,
     require_file,
     sha256_file,
+    tidy_dir,
     write_json,
 )
 from molex.core.model_argument import takes_model
@@ -78,10 +79,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, overwrite: b
     from molex import __version__
 
     directory = Path(directory)
-    check_dir_target(directory, "save_adapter directory")
-    refuse_foreign(
-        directory, (CONFIG_NAME, WEIGHTS_NAME), ours=_is_molex_adapter, overwrite=overwrite, what="save_adapter"
-    )
+    target = check_dir_target(directory, "save_adapter directory")
     config = get_config(model)
     layers = mole_layers(model)
     plans = [
@@ -113,7 +111,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, overwrite: b
             },
         )
 
-    replace_dir(directory, write, owned=(CONFIG_NAME, WEIGHTS_NAME))
+    # one lock around the check and the write: a concurrent writer's half-published folder is never judged
+    with dir_lock(target):
+        refuse_foreign(
+            target, (CONFIG_NAME, WEIGHTS_NAME), ours=_is_molex_adapter, overwrite=overwrite, what="save_adapter"
+        )
+        replace_dir(target, write, owned=(CONFIG_NAME, WEIGHTS_NAME))
     return directory
 
 
@@ -152,13 +155,14 @@ def load_adapter(
     """Inject the saved MoLE configuration into ``base_model`` and load its weights, strictly.
 
     Raises a ``ValueError`` naming the key on any missing / unexpected key or shape mismatch;
-    ``base_model`` is left untouched when loading fails.
+    ``base_model`` is left untouched when loading fails. Siblings a save killed mid-way left beside the
+    folder are cleaned up first where the folder is writable (:func:`molex.core.files.tidy_dir`).
 
     The config's sentence-encoder folder (router ``dlp``, ``encoder_path``) is followed only inside
     ``directory`` or an installed encoder package; ``allow_encoder_path`` names one more folder you
     trust it to load from (:mod:`molex.routers.dlp_encoder`).
     """
-    directory = readable_dir(directory)
+    directory = tidy_dir(directory)
     data = read_adapter_config(directory)
     config = MoLEConfig.from_dict(data["mole_config"])
     weights_path = directory / WEIGHTS_NAME
