@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,14 @@ from molex.cli.run_parts import prepare_run
 
 log = logging.getLogger("molex.train")
 
+#: warnings Lightning gives on every run, about itself rather than the run: (message regex, module regex).
+#: The model summary cannot size bf16 weights (the summary still prints); Lightning builds a pytree leaf
+#: the way torch deprecated.
+_LIGHTNING_NOTICES = (
+    (r"Precision \S+ is not supported by the model summary", r"lightning\."),
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\."),
+)
+
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job as configured; returns the metrics written to ``metrics.json``."""
@@ -51,6 +60,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning prints its own lines: do not repeat them
         logging.getLogger(name).propagate = False
+    for message, module in _LIGHTNING_NOTICES:
+        warnings.filterwarnings("ignore", message=message, module=module)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     is_main = rank_zero_only.rank == 0

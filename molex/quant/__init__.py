@@ -1,9 +1,11 @@
 """Quantized frozen bases (QLoRA-style): schemes for :func:`molex.load_model` and the quantized linear
 layers :func:`molex.inject` wraps. One file per library registers itself; none imports the library
 until a model is quantized, so ``import molex`` works without them (``pip install 'molex[quant]'``).
+torchao's import-time notices, printed whenever ``transformers`` imports it, are dropped
+(:mod:`molex.quant.quiet`): with the extra installed, an unquantized run prints nothing about it.
 """
 
-from molex.quant import ao, bnb  # noqa: F401 - registration side effect
+from molex.quant import ao, bnb, quiet  # noqa: F401 - ao and bnb register their schemes
 from molex.quant.base import (
     QuantizedKind,
     QuantScheme,
@@ -17,6 +19,8 @@ from molex.quant.base import (
     register_scheme,
 )
 from molex.quant.grad import DenseBackwardLinear, add_dense_backward
+
+quiet.install()
 
 __all__ = [
     "DenseBackwardLinear",

@@ -72,8 +72,18 @@ register_kind(
 )
 
 
+def _log_import_notices() -> None:
+    """What torchao said on import (dropped from the output by :mod:`molex.quant.quiet`), now that it is used."""
+    from molex.quant.quiet import suppressed
+
+    for message in suppressed():
+        logger.debug("on import, torchao said: %s", message)
+
+
 def _quantize_int8(model: nn.Module, dtype: torch.dtype) -> list[str]:
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    _log_import_notices()
 
     names = list(float_linears(model))
     chosen = set(names)
@@ -86,6 +96,7 @@ def _quantize_int4(model: nn.Module, dtype: torch.dtype) -> list[str]:
     from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
     from torchao.quantization import quantize_
 
+    _log_import_notices()
     names, skipped = [], []
     for name, linear in float_linears(model).items():
         group = next((g for g in INT4_GROUP_SIZES if linear.in_features % g == 0), None)
