@@ -4,15 +4,16 @@
 MoLE layers' ``base_layer`` weights under their original names) and adds the route's update
 ``dW = B @ A`` to every layer the route uses. The molex model is left as it was. :func:`save_merged`
 writes the result with ``save_pretrained`` (and the tokenizer's files) into a folder published by
-one rename, so ``AutoModelForCausalLM.from_pretrained(folder)`` loads it.
+one rename, so ``AutoModelForCausalLM.from_pretrained(folder)`` loads it. ``save_pretrained`` first
+writes into a scratch folder ``.<name>.molex-save.*`` beside the target that molex marks before
+anything else goes in; a save killed mid-write leaves it behind (a full copy of the model), and the
+next save into that target deletes such leftovers -- only the ones holding molex's mark for it.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from molex.core.dir_lock import dir_lock
 from molex.core.files import check_dir_target, read_json, refuse_foreign, replace_dir, write_json
 from molex.core.model_argument import takes_model
+from molex.core.scratch import MARKER, is_scratch, make_scratch, remove_scratch
 from molex.export.capture import is_conv1d
 from molex.export.resolve import RouteSpec, resolve_routes
 from molex.layer.inject import mole_layers
@@ -87,6 +90,13 @@ def merge_route(
     Returns the merged model in eval mode, with the dtype of the base weights. A quantized base
     (:mod:`molex.quant`) is refused with an error that says how to merge into the float base instead.
     """
+    if not mole_layers(model):
+        raise ValueError(
+            f"merge_route merges a molex route into the base weights, but this {type(model).__name__} has no "
+            "molex layers, so there is no route to merge; make it a molex model first: "
+            "molex.inject(model, molex.MoLEConfig(...)) (and train it), or molex.load_adapter(model, folder) "
+            "for a saved adapter"
+        )
     key = "route"
     spec: Mapping[str, Any] | None = None if route is None else {key: route}
     routes = resolve_routes(model, spec, tokenizer=tokenizer)
@@ -141,25 +151,39 @@ def save_merged(
     there are kept. ``info`` (e.g. the route) goes into ``molex_merged.json`` beside the model files.
     """
     target = check_dir_target(out_dir, "merged model folder")
-    previous: Sequence[str] = ()
-    if _ours(target):
-        previous = read_json(target / MERGED_MARKER, fix="").get("files", [])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.molex-save."))
-    try:
-        merged.save_pretrained(str(scratch))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(scratch))
-        written = sorted(p.name for p in scratch.iterdir())
-        owned = sorted({*written, *previous, MERGED_MARKER})
-        refuse_foreign(target, [*written, MERGED_MARKER], ours=_ours, overwrite=overwrite, what="save_merged")
+    # one save at a time: another one's scratch folder is never mistaken for a killed save's leftover
+    with dir_lock(target):
+        _remove_stale_scratch(target)
+        previous: Sequence[str] = ()
+        if _ours(target):
+            previous = read_json(target / MERGED_MARKER, fix="").get("files", [])
+        scratch = make_scratch(None, target, prefix=_scratch_prefix(target))
+        try:
+            merged.save_pretrained(str(scratch))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(scratch))
+            written = sorted(p.name for p in scratch.iterdir() if p.name != MARKER)
+            owned = sorted({*written, *previous, MERGED_MARKER})
+            refuse_foreign(target, [*written, MERGED_MARKER], ours=_ours, overwrite=overwrite, what="save_merged")
 
-        def write(folder: Path) -> None:
-            for name in written:
-                os.replace(scratch / name, folder / name)
-            write_json(folder / MERGED_MARKER, {"format": _FORMAT, "files": written, **dict(info or {})})
+            def write(folder: Path) -> None:
+                for name in written:
+                    os.replace(scratch / name, folder / name)
+                write_json(folder / MERGED_MARKER, {"format": _FORMAT, "files": written, **dict(info or {})})
 
-        replace_dir(target, write, owned=owned)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+            replace_dir(target, write, owned=owned)
+        finally:
+            remove_scratch(scratch)
     return target
+
+
+def _scratch_prefix(target: Path) -> str:
+    return f".{target.name}.molex-save."
+
+
+def _remove_stale_scratch(target: Path) -> None:
+    """Delete the scratch folders of saves into ``target`` that were killed before they finished: only those
+    that hold molex's mark for ``target`` (or nothing). Called with the target's lock held."""
+    for folder in target.parent.glob(f"{_scratch_prefix(target)}*"):
+        if is_scratch(folder, target):
+            remove_scratch(folder)

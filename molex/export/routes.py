@@ -9,6 +9,9 @@ the routed model's.
 
 ``out_dir`` gets one folder per route and ``routes.json`` (route -> adapter folder, decision per
 layer, ranks, the prompts and route names it covers), published together by one folder rename.
+Each route folder also holds ``molex_route.json``, the checksums of its files: a later export
+replaces a folder the previous ``routes.json`` lists only when those checksums prove molex wrote
+it, so an index naming any other entry (``"adapter": "README.md"``) can never make it delete one.
 """
 
 from __future__ import annotations
@@ -22,18 +25,22 @@ from typing import Any
 
 from torch import nn
 
-from molex.core.files import check_dir_target, read_json, replace_dir, write_json
+from molex.core.dir_lock import dir_lock
+from molex.core.files import check_dir_target, read_json, replace_dir, sha256_file, write_json
 from molex.core.model_argument import takes_model
 from molex.export.capture import is_conv1d
 from molex.export.resolve import Route, RoutePrompts, RouteSpec, resolve_routes
 from molex.hub.peft_format import peft_adapter_files, write_adapter_files
 from molex.layer.inject import get_config, mole_layers
 
-__all__ = ["ROUTES_INDEX", "ExportedRoutes", "export_routes", "route_folder_names"]
+__all__ = ["ROUTES_INDEX", "ROUTE_MARKER", "ExportedRoutes", "export_routes", "route_folder_names"]
 
 ROUTES_INDEX = "routes.json"
+#: in every route folder: ``{"format": "molex-route", "sha256": {file name: checksum}}``
+ROUTE_MARKER = "molex_route.json"
 FORMAT = "molex-routes"
 FORMAT_VERSION = 1
+_ROUTE_FORMAT = "molex-route"
 
 
 @dataclass
@@ -83,13 +90,46 @@ def _previous_index(target: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("format") == FORMAT else None
 
 
+def _write_marker(folder: Path) -> None:
+    sums = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+    write_json(folder / ROUTE_MARKER, {"format": _ROUTE_FORMAT, "sha256": sums})
+
+
+def _is_route_folder(target: Path, name: str) -> bool:
+    """Whether ``target / name`` is a route folder exactly as an export wrote it: a plain folder directly in
+    ``target`` holding its ``molex_route.json`` and precisely the files that lists, with those checksums."""
+    if name in ("", ".", "..") or Path(name).name != name:
+        return False
+    folder = target / name
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        data = read_json(folder / ROUTE_MARKER, fix="")
+        present = {p.name for p in folder.iterdir()} - {ROUTE_MARKER}
+    except (OSError, ValueError):
+        return False
+    sums = data.get("sha256") if isinstance(data, dict) and data.get("format") == _ROUTE_FORMAT else None
+    if not isinstance(sums, dict) or present != set(sums):
+        return False
+    files = [folder / n for n in sums]
+    return all(f.is_file() and not f.is_symlink() and sha256_file(f) == sums[f.name] for f in files)
+
+
+def _listed(previous: dict[str, Any] | None) -> set[object]:
+    routes = previous.get("routes") if previous else None
+    if not isinstance(routes, dict):
+        return set()
+    return {entry.get("adapter") for entry in routes.values() if isinstance(entry, dict)}
+
+
 def _owned_names(target: Path, names: Sequence[str], overwrite: bool) -> list[str]:
-    """The entries this export replaces: its own, plus the folders the previous export listed. An entry
-    there that molex did not write is refused unless ``overwrite``."""
+    """The entries this export replaces: its own, plus the route folders of the previous export that molex
+    can prove it wrote (never a name only because ``routes.json`` lists it). An entry in the way that
+    molex did not write is refused unless ``overwrite``."""
     previous = _previous_index(target)
-    listed = {entry["adapter"] for entry in previous["routes"].values()} if previous else set()
+    proven = {n for n in _listed(previous) if isinstance(n, str) and _is_route_folder(target, n)}
     if target.is_dir() and not overwrite:
-        foreign = sorted(n for n in (ROUTES_INDEX, *names) if (target / n).exists() and n not in listed)
+        foreign = sorted(n for n in (ROUTES_INDEX, *names) if (target / n).exists() and n not in proven)
         if previous is not None and ROUTES_INDEX in foreign:
             foreign.remove(ROUTES_INDEX)
         if foreign:
@@ -97,7 +137,7 @@ def _owned_names(target: Path, names: Sequence[str], overwrite: bool) -> list[st
                 f"{target} holds {', '.join(foreign)} that molex did not write; export_routes refuses to replace "
                 "them: choose another folder, or pass overwrite=True to replace them"
             )
-    return sorted({ROUTES_INDEX, *names, *listed})
+    return sorted({ROUTES_INDEX, *names, *proven})
 
 
 @takes_model
@@ -133,7 +173,6 @@ def export_routes(
     target = check_dir_target(out_dir, "export_routes out_dir")
     resolved = resolve_routes(model, routes, tokenizer=tokenizer, batch_size=batch_size)
     names = route_folder_names(resolved)
-    owned = _owned_names(target, names, overwrite)
     config = get_config(model)
     conv1d = any(is_conv1d(layer) for layer in mole_layers(model).values())
     files, entries = {}, {}
@@ -171,7 +210,9 @@ def export_routes(
         for name, (tensors, peft_config) in files.items():
             (folder / name).mkdir()
             write_adapter_files(folder / name, tensors, peft_config)
+            _write_marker(folder / name)
         write_json(folder / ROUTES_INDEX, index)
 
-    replace_dir(target, write, owned=owned)
+    with dir_lock(target):  # what the previous export left is judged and replaced in one turn
+        replace_dir(target, write, owned=_owned_names(target, names, overwrite))
     return ExportedRoutes(target, index)
