@@ -179,3 +179,43 @@ def test_save_keeps_other_files_and_follows_a_symlinked_folder(tmp_path):
     assert torch.equal(logits(molex.load_adapter(tiny_llama(), real)), logits(model))
     assert (real / "notes" / "README.md").read_text(encoding="utf-8") == "kept"
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["adapter"]  # no siblings left behind
+
+
+def _lightning_checkpoint(path):
+    """A real Lightning checkpoint file of a molex-sized adapter, written by Lightning's own checkpoint IO."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    state = {k: v.clone() for k, v in molex.adapter_state_dict(trained()).items()}
+    checkpoint = {"state_dict": state, "optimizer_states": [{"state": {}}], "molex": {}, "epoch": 0}
+    TorchCheckpointIO().save_checkpoint(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.05, 0.0])
+def test_a_truncated_checkpoint_is_named_as_such(tmp_path, cut):
+    """A .ckpt cut short (torch says only ``OSError: [Errno 22]`` or "central directory") is reported as
+    truncated, naming the file, when resuming from it and when it is given to load_adapter."""
+    from molex.cli.common import CLIError
+    from molex.cli.resume_checks import check_resumable
+
+    whole = _lightning_checkpoint(tmp_path / "whole.ckpt")
+    assert check_resumable(str(whole))["molex"] == {}
+    data = whole.read_bytes()
+    cut_file = tmp_path / "last.ckpt"
+    cut_file.write_bytes(data[: int(len(data) * cut)])
+    expected = r"last\.ckpt is empty \(0 bytes\), not a checkpoint" if cut == 0 else r"last\.ckpt is truncated"
+    with pytest.raises(CLIError, match=rf"ckpt_path='.*{expected}.*checkpoints/last\.ckpt") as caught:
+        check_resumable(str(cut_file))
+    assert "Errno" not in str(caught.value)
+    with pytest.raises(NotADirectoryError, match=r"last\.ckpt is a file, not an adapter folder.*ckpt_path"):
+        molex.load_adapter(tiny_llama(), cut_file)
+
+
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path):
+    from molex.cli.common import CLIError
+    from molex.cli.resume_checks import check_resumable
+
+    notes = tmp_path / "notes.ckpt"
+    notes.write_text("not a checkpoint", encoding="utf-8")
+    with pytest.raises(CLIError, match=r"notes\.ckpt is not a checkpoint: it does not start like a torch.save"):
+        check_resumable(str(notes))

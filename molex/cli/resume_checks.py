@@ -6,13 +6,49 @@ MoLE settings, data layout and router learning-rate scale the resumed run uses.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from molex.cli.common import CLIError, TrainingObjects
 from molex.training.optim import OptimSettings
 
-__all__ = ["check_resumable", "check_resume_matches", "check_router_lr_scale", "trained_router_lr_scale"]
+__all__ = [
+    "check_resumable",
+    "check_resume_matches",
+    "check_router_lr_scale",
+    "trained_router_lr_scale",
+    "unreadable_checkpoint",
+]
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save (and so every Lightning checkpoint) writes a zip archive
+
+
+def unreadable_checkpoint(path: str | Path, err: BaseException) -> str:
+    """Why ``torch.load`` could not read the file ``path``, in words: torch's own errors for a file cut short
+    (``OSError: [Errno 22]`` from its memory map, a zip "central directory" message) do not say so."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(len(_ZIP_MAGIC))
+        complete = zipfile.is_zipfile(path)
+    except OSError as read_err:
+        return f"{path} cannot be read ({read_err})"
+    fix = (
+        "point at a complete checkpoint (a run's checkpoints/last.ckpt; an interrupted save leaves the previous "
+        "one there), or copy the file again if a copy or download was cut short"
+    )
+    if size == 0:
+        return f"{path} is empty (0 bytes), not a checkpoint: {fix}"
+    if head != _ZIP_MAGIC:
+        return (
+            f"{path} is not a checkpoint: it does not start like a torch.save archive ({size} bytes starting "
+            f"{head!r}); {fix}"
+        )
+    if not complete:
+        return f"{path} is truncated: the archive ends after {size} bytes, before its table of contents; {fix}"
+    return f"{path} is not a readable checkpoint ({err.__class__.__name__}: {err}); {fix}"
 
 
 def check_resumable(path: str) -> dict[str, Any]:
@@ -24,7 +60,7 @@ def check_resumable(path: str) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise CLIError(f"ckpt_path={path!r} is not a readable checkpoint ({err.__class__.__name__}: {err})") from None
+        raise CLIError(f"ckpt_path={path!r}: {unreadable_checkpoint(path, err)}") from None
     if "molex" not in checkpoint:
         raise CLIError(f"ckpt_path={path!r} was not written by molex-train / MoLEModule")
     if "optimizer_states" not in checkpoint:

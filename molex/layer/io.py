@@ -162,6 +162,12 @@ def load_adapter(
     ``directory`` or an installed encoder package; ``allow_encoder_path`` names one more folder you
     trust it to load from (:mod:`molex.routers.dlp_encoder`).
     """
+    if Path(directory).is_file():
+        raise NotADirectoryError(
+            f"{directory} is a file, not an adapter folder: molex.load_adapter reads the folder molex.save_adapter "
+            "wrote (a training run's adapter/); a Lightning checkpoint (.ckpt) resumes training through "
+            "molex-train ckpt_path=..."
+        )
     directory = tidy_dir(directory)
     data = read_adapter_config(directory)
     config = MoLEConfig.from_dict(data["mole_config"])
