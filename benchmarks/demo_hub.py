@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 import molex
+from benchmarks.machine import machine_record
 from molex.data import TASKS, make_builtin_dataset
 from molex.evaluation.generation import evaluate_generation
 from molex.evaluation.hub import evaluate_fused, fit_router, task_batches
@@ -221,35 +222,11 @@ def main() -> None:
     print(result["table"])
     summary = {k: v for k, v in result.items() if k != "singles"}
     summary["singles"] = {t: {"accuracy": s["accuracy"]} for t, s in result["singles"].items()}
-    summary["machine"] = machine_details(args.threads, time.perf_counter() - start)
+    summary["machine"] = machine_record(threads=args.threads, precision="float32", seconds=time.perf_counter() - start)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     if args.results is not None:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-
-
-def machine_details(threads: int, seconds: float) -> dict[str, Any]:
-    """CPU, torch version, threads, precision, commit and date of a run (for committed result files)."""
-    import datetime
-    import platform
-    import subprocess
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "torch": torch.__version__,
-        "threads": threads,
-        "precision": "float32",
-        "commit": commit.stdout.strip() or None,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(seconds, 1),
-    }
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python -m benchmarks.study                       # default variants (one LoRA x2, the default mixture), 3 seeds
     python -m benchmarks.study --quick               # tiny random model, 1 seed, 2 variants: a wiring check
     python -m benchmarks.study --data my_tasks/ --variants lora_r16 mola_increasing --seeds 5
+    python -m benchmarks.study --data conflicting    # the built-in set of 16 conflicting tasks
     python -m benchmarks.study --set optim.lr=1e-3   # any molex-train override, applied to every run
     python -m benchmarks.study --jobs 1              # one run at a time (default: 2 at once on 2+ cores)
 
@@ -10,7 +11,10 @@ Each run is one ``molex-train`` process (``python -m molex.cli.train`` with over
 training loop, evaluation and adapter format); the study then loads the run's adapter and measures the
 validation LM loss, the active rank and the routing health itself (``benchmarks/study_measure.py``).
 Results go to ``--out``: ``runs/<variant>/seed<k>/`` (molex-train's run folder plus ``result.json``),
-``study.json`` (every run's numbers and configuration), ``study.md`` (tables) and ``study.png``.
+``study.json`` (every run's numbers and configuration, per-layer routing left in the runs' own
+``result.json``), ``study.md`` (tables) and ``study.png``. Variants named ``*_tuned`` first choose their
+learning rate on validation data (``benchmarks/study_tuning.py``). Training is pinned to ``32-true``
+(``--train-precision``) so that a table reproduces on a machine with other bf16 support.
 A run whose ``result.json`` exists with the same overrides is not trained again, so an interrupted
 study resumes where it stopped; the report is rebuilt from all results.
 """
@@ -20,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import threading
 import time
@@ -30,8 +33,10 @@ from typing import Any
 import torch
 
 from benchmarks import study_measure as measure
-from benchmarks.study_report import aggregate, markdown, plot
+from benchmarks.machine import machine_record
+from benchmarks.study_report import aggregate, compact_run, markdown, plot
 from benchmarks.study_runs import run_all, train_run
+from benchmarks.study_tuning import tune_variants
 from benchmarks.study_variants import (
     DEFAULT_VARIANTS,
     MATCH_TARGET,
@@ -40,6 +45,7 @@ from benchmarks.study_variants import (
     VARIANTS,
     variant_overrides,
 )
+from molex.data.builtin import SHIPPED_SETS
 from molex.evaluation.generation import PRECISIONS
 
 #: defaults of the full study (see benchmarks/RESULTS.md for how they were sized to the time budget)
@@ -49,11 +55,15 @@ TEST_PER_TASK = 40
 #: --quick: a tiny random model, small data, few steps
 QUICK = {"steps": 6, "seeds": 1, "test_per_task": 4}
 # the tiny model's byte-level tokenizer makes long sequences: 160 tokens keep every built-in example whole
-QUICK_OVERRIDES = ["data.num_per_task=16", "data.max_length=160", "eval.max_new_tokens=8"]
+QUICK_OVERRIDES = ["data.max_length=160", "eval.max_new_tokens=8"]
+#: --quick on built-in data also makes the training split small (a data file keeps its own size)
+QUICK_BUILTIN_OVERRIDES = ["data.num_per_task=16"]
+#: the reference of the paired differences: the tuned LoRA when the study runs it
+TUNED_REFERENCE = "lora_r16_tuned"
 MODEL_GROUPS = {"smollm2-135m": "smollm2_135m", "tiny-llama": "tiny_llama"}
 TUNING = (
-    "molex's defaults, changed only where the variant says so; one default was chosen with this study: "
-    "optim.router_lr_scale=10 over 1, on the validation LM loss of the built-in tasks (3 seeds each)"
+    "molex's defaults, changed only where the variant says so; *_tuned variants chose optim.lr on the validation "
+    "LM loss of seed 0 (see 'lr_tuning'); earlier defaults chosen with this study: optim.router_lr_scale=10 over 1"
 )
 
 
@@ -61,7 +71,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 seed, few steps, 2 variants")
     parser.add_argument("--seeds", type=int, default=None, help=f"seeds per variant (default {SEEDS}; quick 1)")
-    parser.add_argument("--data", default=None, help="a data file or a folder of train/validation/test files")
+    parser.add_argument(
+        "--data", default=None, help=f"a built-in set ({', '.join(SHIPPED_SETS)}; default multitask), a data file "
+        "or a folder of train/validation/test files",
+    )  # fmt: skip
+    parser.add_argument(
+        "--train-precision", default="32-true", help="trainer.precision of every run (default 32-true, so the "
+        "numbers do not depend on the machine's bf16 support; auto: molex-train's choice)",
+    )  # fmt: skip
     parser.add_argument("--model", default=None, help="smollm2-135m, tiny-llama, a local path or a hub name")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/study)")
     parser.add_argument(
@@ -115,8 +132,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     bad = [s for s in args.set if "=" not in s]
     if bad:
         parser.error(f"--set takes KEY=VALUE (a molex-train override), got {bad}")
+    args.builtin_set = None
+    if args.data in SHIPPED_SETS and not Path(args.data).exists():
+        args.builtin_set, args.data = args.data, None
     if args.data is not None and not Path(args.data).exists():
-        parser.error(f"--data {args.data!r}: no such file or folder")
+        parser.error(
+            f"--data {args.data!r}: no such file or folder, and not a built-in set ({', '.join(SHIPPED_SETS)})"
+        )
     return args
 
 
@@ -127,9 +149,12 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
     out = [f"model={group}"] if group else ["model=hf", f"model.name_or_path={args.model}"]
     if args.data is None:
         out += [f"data.val_per_task={args.val_per_task}", f"data.test_per_task={args.test_per_task}"]
+        out += [f"data.builtin_set={args.builtin_set}"] if args.builtin_set else []
+        out += QUICK_BUILTIN_OVERRIDES if args.quick else []
     else:
         out += ["data=jsonl", f"data.source={Path(args.data).resolve()}"]
     out += [
+        f"trainer.precision={args.train_precision}",
         f"trainer.max_steps={args.steps}",
         "trainer.limit_val_batches=1.0",
         f"trainer.val_check_interval={args.steps}",
@@ -173,6 +198,7 @@ class Study:
         self._measuring = threading.Lock()
         self.threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
         self.tasks = list(self.datamodule(0).task_names)
+        self.lr_tuning: dict[str, dict[str, Any]] = {}  # the tuned variants' choices (tune() fills it)
         self.matched_rank = self.matched_params = None
         if "lora_matched" in args.variants:
             target = measure.mole_config_of(measure.compose_config(self.common + variant_overrides(MATCH_TARGET)))
@@ -190,7 +216,20 @@ class Study:
 
     def overrides(self, variant: str, seed: int) -> list[str]:
         filled = variant_overrides(variant, matched_rank=self.matched_rank, num_tasks=len(self.tasks))
-        return [*self.common, *filled, f"seed={seed}"]
+        chosen = self.lr_tuning.get(variant)
+        tuned = [f"{chosen['key']}={chosen['chosen']:g}"] if chosen else []
+        return [*self.common, *filled, *tuned, f"seed={seed}"]
+
+    def tune(self) -> None:
+        """Choose the tuned variants' values on seed 0's validation loss (``benchmarks/study_tuning.py``)."""
+        self.lr_tuning = tune_variants(
+            self.args.variants,
+            lambda variant: self.overrides(variant, 0),
+            out=self.args.out,
+            jobs=self.args.jobs,
+            timeout=self.args.run_timeout,
+            threads=self.threads,
+        )
 
     def run(self, variant: str, seed: int) -> dict[str, Any]:
         run_dir = self.args.out / "runs" / variant / f"seed{seed}"
@@ -285,30 +324,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"({base['seconds']:.0f} s)",
         flush=True,
     )
+    study.tune()
     # seed-major: an interrupted study still has every variant on the first seeds
     order = [(variant, seed) for seed in range(args.seeds) for variant in args.variants]
     runs = run_all(study.run, order, jobs=args.jobs)
     peft = study.peft_check(runs) if args.peft_check else None
+    reference = TUNED_REFERENCE if TUNED_REFERENCE in args.variants else REFERENCE
     report = {
         "command": "python -m benchmarks.study " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": args.model,
-        "data": args.data or "builtin",
+        "data": args.data or f"builtin ({args.builtin_set or 'multitask'})",
         "steps": args.steps,
         "seeds": list(range(args.seeds)),
         "variants": args.variants,
-        "reference": REFERENCE,
+        "reference": reference,
         "tasks": study.tasks,
         # exact match is scored on every test example (molex-train's evaluation), as counted there
         "test_counts": {t: runs[0]["counts"].get(t, 0) for t in study.tasks},
         "matched_rank": study.matched_rank,
         "matched_params": study.matched_params,
         "tuning": TUNING + ("; extra overrides: " + " ".join(args.set) if args.set else ""),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, torch {torch.__version__}",
+        "lr_tuning": study.lr_tuning,
+        "environment": machine_record(threads=study.threads, precision=args.train_precision),
         "common_overrides": study.common,
         "base": base,
         "peft_check": peft,
-        "aggregate": aggregate(runs, reference=REFERENCE, tasks=study.tasks),
-        "runs": runs,
+        "aggregate": aggregate(runs, reference=reference, tasks=study.tasks),
+        "runs": [compact_run(r) for r in runs],
         "run_minutes": round(sum(r["seconds"] for r in runs) / 60, 2),
         "jobs": args.jobs,
     }

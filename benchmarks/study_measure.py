@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 import molex
+from molex.evaluation.health_summary import mixture_health
 from molex.layer.health import expert_shares
 
 __all__ = [
@@ -153,6 +154,9 @@ def routing_health(report: Any) -> dict[str, Any]:
         "load_entropy_min": min(e["load_entropy"] for e in layers.values()),
         "specialisation_mean": mean("specialisation"),
     }
+    whole = mixture_health(report)  # molex-train's end-of-run numbers: dead share, collapse among E >= 4
+    summary["dead_fraction"] = whole.dead_fraction
+    summary["collapsed_layers_4plus"] = len(whole.collapsed_layers)
     return {"summary": summary, "task_names": list(report.task_names), "layers": layers}
 
 

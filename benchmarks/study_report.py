@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["aggregate", "markdown", "plot"]
+__all__ = ["aggregate", "compact_run", "markdown", "plot"]
 
 
 def _stats(values: Sequence[float]) -> dict[str, Any]:
@@ -27,8 +27,17 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
 
 
 def _mean_of(runs: list[dict], key: str) -> float | None:
-    values = [r["health"]["summary"][key] for r in runs if r.get("health") and r["health"]["summary"][key] is not None]
+    values = [r["health"]["summary"].get(key) for r in runs if r.get("health")]
+    values = [v for v in values if v is not None]
     return statistics.fmean(values) if values else None
+
+
+def compact_run(run: dict[str, Any]) -> dict[str, Any]:
+    """A run as ``study.json`` keeps it: per-layer routing stays in the run's own ``result.json``."""
+    out = dict(run)
+    if run.get("health"):
+        out["health"] = {"summary": run["health"]["summary"]}
+    return out
 
 
 def aggregate(runs: list[dict[str, Any]], *, reference: str, tasks: list[str]) -> dict[str, Any]:
@@ -63,7 +72,9 @@ def aggregate(runs: list[dict[str, Any]], *, reference: str, tasks: list[str]) -
                 for key in (
                     "experts",
                     "dead_experts",
+                    "dead_fraction",
                     "collapsed_layers",
+                    "collapsed_layers_4plus",
                     "largest_share_mean",
                     "largest_share_max",
                     "load_entropy_mean",
@@ -128,16 +139,18 @@ def markdown(study: dict[str, Any]) -> str:
         "(load: how evenly the layer's experts are used; router: per-token certainty); specialisation is "
         "I(task; expert) normalised to [0, 1].",
         "",
-        "| variant | dead / experts | collapsed layers | largest share mean / max | load entropy mean / min "
-        "| router entropy | specialisation |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | dead / experts | dead % | collapsed layers (all / E ≥ 4) | largest share mean / max "
+        "| load entropy mean / min | router entropy | specialisation |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in order:
         h = agg[name]["health"]
         if not h:
             continue
+        dead_pct = None if h.get("dead_fraction") is None else 100 * h["dead_fraction"]
         lines.append(
-            f"| `{name}` | {_num(h['dead_experts'], 1)} / {_num(h['experts'], 0)} | {_num(h['collapsed_layers'], 1)} | "
+            f"| `{name}` | {_num(h['dead_experts'], 1)} / {_num(h['experts'], 0)} | {_num(dead_pct, 1)} | "
+            f"{_num(h['collapsed_layers'], 1)} / {_num(h.get('collapsed_layers_4plus'), 1)} | "
             f"{_num(h['largest_share_mean'])} / {_num(h['largest_share_max'])} | "
             f"{_num(h['load_entropy_mean'])} / {_num(h['load_entropy_min'])} | {_num(h['router_entropy_mean'])} | "
             f"{_num(h['specialisation_mean'], 3)} |"
@@ -148,10 +161,28 @@ def markdown(study: dict[str, Any]) -> str:
         "Variants: " + "; ".join(f"`{n}`: {agg[n]['description']}" for n in order) + ".",
         "",
         f"Setup: `{study['command']}`; model {study['model']}; {study['steps']} steps; test examples per task: "
-        f"{counts}; tuning: {study['tuning']}. Machine: {study['machine']}; wall time {study['wall_minutes']:.1f} min (this invocation; "
-        f"{study['run_minutes']:.1f} min of training and measurement over all runs).",
+        f"{counts}; tuning: {study['tuning']}. Machine: {_machine(study)}; wall time {study['wall_minutes']:.1f} "
+        f"min (this invocation; {study['run_minutes']:.1f} min of training and measurement over all runs).",
     ]
+    for variant, choice in (study.get("lr_tuning") or {}).items():
+        losses = ", ".join(
+            f"{v}: {'diverged' if loss is None else f'{loss:.4f}'}" for v, loss in choice["losses"].items()
+        )
+        lines.append(
+            f"\n`{variant}`: {choice['key']}={choice['chosen']:g} chosen on seed 0's validation LM loss ({losses})."
+        )
     return "\n".join(lines) + "\n"
+
+
+def _machine(study: dict[str, Any]) -> str:
+    env = study.get("environment")
+    if not env:  # reports written before the environment was recorded
+        return study.get("machine", "unknown")
+    return (
+        f"{env['cpu']}, {env['cores']} cores (native bf16: {'yes' if env['cpu_native_bf16'] else 'no'}), "
+        f"{env['threads']} threads per run, training precision {env['precision']}, torch {env['torch']}, "
+        f"commit {env['commit']}"
+    )
 
 
 def plot(study: dict[str, Any], path: Path) -> Path:

@@ -19,7 +19,7 @@ from typing import Any
 
 import molex
 
-__all__ = ["run_all", "train_run"]
+__all__ = ["describe_run", "run_all", "train_run"]
 
 
 def train_run(overrides: list[str], run_dir: Path, timeout: float, threads: int | None = None) -> dict[str, Any]:
@@ -44,22 +44,30 @@ def train_run(overrides: list[str], run_dir: Path, timeout: float, threads: int 
     return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
 
 
+def describe_run(result: dict[str, Any]) -> str:
+    """One progress line for a finished study run."""
+    return (
+        f"{result['variant']} seed {result['seed']}: exact match {100 * result['accuracy']:.1f}%, val LM loss "
+        f"{result['val_lm_loss']:.3f}, active rank {result['active_rank']:.1f}, {result['trainable_params']:,} "
+        f"trainable ({result['seconds']:.0f} s)"
+    )
+
+
 def run_all(
-    run: Callable[[str, int], dict[str, Any]], order: list[tuple[str, int]], *, jobs: int
+    run: Callable[[str, int], dict[str, Any]],
+    order: list[tuple[str, int]],
+    *,
+    jobs: int,
+    describe: Callable[[dict[str, Any]], str] = describe_run,
 ) -> list[dict[str, Any]]:
     """``run(variant, seed)`` for each pair of ``order``, ``jobs`` at a time, started in that order; prints
-    each result as it finishes and returns them in ``order``. A failure cancels the runs not yet started."""
+    ``describe(result)`` as each finishes and returns the results in ``order``. A failure cancels the runs
+    not yet started."""
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(run, variant, seed) for variant, seed in order]
         try:
             for done, future in enumerate(as_completed(futures), 1):
-                result = future.result()
-                print(
-                    f"[{done}/{len(order)}] {result['variant']} seed {result['seed']}: exact match "
-                    f"{100 * result['accuracy']:.1f}%, val LM loss {result['val_lm_loss']:.3f}, active rank "
-                    f"{result['active_rank']:.1f}, {result['trainable_params']:,} trainable ({result['seconds']:.0f} s)",
-                    flush=True,
-                )
+                print(f"[{done}/{len(order)}] {describe(future.result())}", flush=True)
         except BaseException:
             for future in futures:
                 future.cancel()

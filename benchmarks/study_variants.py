@@ -4,6 +4,12 @@ Every variant keeps the default recipe (model, target modules, rank 8, alpha 16,
 changes only what defines it, so differences come from routing and allocation, not from tuning:
 
 * ``lora_r16``: one LoRA of rank 16, the active rank per token of top-2 over rank-8 experts.
+* ``lora_r16_tuned``: the same LoRA at the learning rate the study picks from :data:`LR_GRID` on the
+  validation LM loss of seed 0 (see :mod:`benchmarks.study_tuning`); ``mola_tuned`` likewise for the default
+  mixture, so both sides get the same tuning budget.
+* ``rslora_r16``: ``lora_r16`` with rank-stabilised scaling (``alpha / sqrt(r)``, ``mole.use_rslora=true``).
+* ``lora_r4``, ``lora_r64``: one LoRA of rank 4 and 64, with ``lora_r16`` the check that one LoRA is
+  limited by its rank on a data set (its validation loss keeps falling as the rank grows).
 * ``lora_matched``: one LoRA whose rank is chosen so its trainable parameters equal the reference
   mixture's (``mola_increasing``); the rank is computed on the model, see :func:`matched_rank`.
 * ``topk_uniform``: top-2 over 5 experts in every layer, about the total of MoLA 2-4-6-8 (150 vs 148 on SmolLM2-135M).
@@ -19,6 +25,8 @@ changes only what defines it, so differences come from routing and allocation, n
 * ``mtl``: MTL-LoRA, shared A, per-task r x r transform and per-task weights over the B's, 2-4-6-8.
 * ``hydra_top2``: top-2 over 2-4-6-8 experts that share one A per layer (HydraLoRA-style).
 * ``mola_bias``: ``mola_increasing`` balanced by DeepSeek-V3's loss-free bias instead of the load-balance loss.
+* ``mola_v02``: ``mola_increasing`` with molex 0.2's balancing (``load_balance_coef=0.01`` averaged over the
+  layers, on the share of token slots), the default before the current one.
 
 LoRA variants keep ``alpha / rank = 2`` (the experts' ``16 / 8``) so every variant starts from the same
 update scale.
@@ -28,7 +36,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_VARIANTS", "QUICK_VARIANTS", "REFERENCE", "VARIANTS", "Variant", "variant_overrides"]
+__all__ = [
+    "DEFAULT_VARIANTS",
+    "LR_GRID",
+    "QUICK_VARIANTS",
+    "REFERENCE",
+    "VARIANTS",
+    "Variant",
+    "variant_overrides",
+]
 
 #: the variant every other one is compared with (paired by seed)
 REFERENCE = "lora_r16"
@@ -38,6 +54,8 @@ MATCH_TARGET = "mola_increasing"
 GATE_TASK_LOSS_COEF = 10.0
 #: the MoLA schedules have 2, 4, 6, 8 experts over the four quarters of the layers: 5 on average
 MOLA_MEAN_EXPERTS = 5
+#: the learning rates a ``*_tuned`` variant chooses from (the default, 3e-3, among them)
+LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
 
 
 @dataclass(frozen=True)
@@ -50,12 +68,15 @@ class Variant:
         overrides: ``molex-train`` overrides; ``{rank}`` and ``{alpha}`` are filled for ``lora_matched``
             and ``{num_tasks}`` for ``gate_supervised``.
         mixture: True when a router chooses among several experts (routing health applies).
+        tune: ``(override key, candidate values)``: the study trains seed 0 at each value, keeps the one with
+            the lowest validation LM loss and runs every seed with it.
     """
 
     name: str
     description: str
     overrides: tuple[str, ...]
     mixture: bool = True
+    tune: tuple[str, tuple[float, ...]] | None = None
 
 
 _LORA = ("allocation=uniform", "mole.num_experts=1", "router=fixed")
@@ -70,6 +91,21 @@ VARIANTS: dict[str, Variant] = {
             False,
         ),
         Variant(
+            "lora_r16_tuned",
+            "one LoRA, rank 16, learning rate tuned on validation",
+            (*_LORA, "mole.rank=16", "mole.alpha=32"),
+            False,
+            ("optim.lr", LR_GRID),
+        ),
+        Variant(
+            "rslora_r16",
+            "one LoRA, rank 16, rank-stabilised scaling (alpha / sqrt r)",
+            (*_LORA, "mole.rank=16", "mole.alpha=32", "mole.use_rslora=true"),
+            False,
+        ),
+        Variant("lora_r4", "one LoRA, rank 4", (*_LORA, "mole.rank=4", "mole.alpha=8"), False),
+        Variant("lora_r64", "one LoRA, rank 64", (*_LORA, "mole.rank=64", "mole.alpha=128"), False),
+        Variant(
             "lora_matched",
             "one LoRA, rank matched to the 2-4-6-8 mixture's total parameters",
             (*_LORA, "mole.rank={rank}", "mole.alpha={alpha}"),
@@ -82,6 +118,22 @@ VARIANTS: dict[str, Variant] = {
         ),
         Variant(
             "mola_increasing", "top-2, MoLA 2-4-6-8 (molex default)", ("router=topk", "allocation=mola_increasing")
+        ),
+        Variant(
+            "mola_tuned",
+            "top-2, MoLA 2-4-6-8 (molex default), learning rate tuned on validation",
+            ("router=topk", "allocation=mola_increasing"),
+            tune=("optim.lr", LR_GRID),
+        ),
+        Variant(
+            "mola_v02",
+            "top-2, MoLA 2-4-6-8, molex 0.2's balancing (coef 0.01 over the layers, token slots)",
+            (
+                "router=topk",
+                "allocation=mola_increasing",
+                "router.options.load_balance_coef=0.01",
+                "router.options.balance_share=slots",
+            ),
         ),
         Variant("mola_decreasing", "top-2, MoLA 8-6-4-2", ("router=topk", "allocation=mola_decreasing")),
         Variant("mola_hourglass", "top-2, MoLA 8-2-2-8", ("router=topk", "allocation=mola_hourglass")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -58,8 +59,9 @@ def biases(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_bad_balance_options_fail_at_config_time(router):
     with pytest.raises(ValueError, match=r"balance='foo'.*aux, bias, none"):
         molex.MoLEConfig(target_modules=["q_proj"], router=router, router_options={"balance": "foo"})
-    with pytest.raises(ValueError, match=r"balance_gamma must be a number >= 0.*-0\.1"):
-        molex.MoLEConfig(target_modules=["q_proj"], router=router, router_options={"balance_gamma": -0.1})
+    for gamma in (-0.1, math.inf, math.nan, True):
+        with pytest.raises(ValueError, match=rf"balance_gamma must be a finite number >= 0.*got {gamma!r}"):
+            molex.MoLEConfig(target_modules=["q_proj"], router=router, router_options={"balance_gamma": gamma})
 
 
 def test_bad_balance_option_from_the_command_line_config():

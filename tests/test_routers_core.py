@@ -31,8 +31,11 @@ def test_registry_lists_and_rejects():
         build_router("soft", in_features=4, num_experts=2, temperature=0)
 
 
-def test_topk_hand_computed():
-    router = build_router("topk", in_features=3, num_experts=3, top_k=2, load_balance_coef=1.0, z_loss_coef=1.0)
+@pytest.mark.parametrize("share", ["slots", "weight"])
+def test_topk_hand_computed(share):
+    router = build_router(
+        "topk", in_features=3, num_experts=3, top_k=2, load_balance_coef=1.0, z_loss_coef=1.0, balance_share=share
+    )
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.5, 0.0, 3.0], [1.0, 2.0, 0.5]])  # token t = one-hot t
     set_gate(router, logits)
     decision = router(torch.eye(3))
@@ -40,14 +43,35 @@ def test_topk_hand_computed():
     assert decision.indices.tolist() == [[0, 1], [2, 0], [1, 0]]
     kept = probs.gather(1, decision.indices)
     torch.testing.assert_close(decision.weights, kept / kept.sum(-1, keepdim=True))
-    # load balance E * sum_e f_e P_e, f_e = share of the 6 routed slots
-    counts = torch.bincount(decision.indices.flatten(), minlength=3).float() / 6
-    expected_lb = 3 * (counts * probs.mean(0)).sum()
+    # load balance E * sum_e f_e P_e, f_e = share of the 6 routed slots, or of the routed weight
+    if share == "slots":
+        fractions = torch.bincount(decision.indices.flatten(), minlength=3).float() / 6
+    else:
+        fractions = torch.zeros(3).index_add_(0, decision.indices.flatten(), decision.weights.flatten()) / 3
+    expected_lb = 3 * (fractions * probs.mean(0)).sum()
     torch.testing.assert_close(decision.aux_losses["load_balance"], expected_lb)
     torch.testing.assert_close(decision.aux_losses["z_loss"], torch.logsumexp(logits, -1).square().mean())
     dense = decision.to_dense(3)
     assert dense.shape == (3, 3)
     torch.testing.assert_close(dense.sum(-1), torch.ones(3))
+
+
+def test_weight_share_keeps_balancing_when_every_token_keeps_every_expert():
+    """top_k = E: every expert fills every token's slots, so the slot-share loss is a constant (no gradient
+    toward balance) while the weight-share loss still pushes the favoured expert's logit down."""
+    grads = {}
+    for share in ("slots", "weight"):
+        router = build_router("topk", in_features=2, num_experts=2, top_k=2, load_balance_coef=1.0, balance_share=share)
+        set_gate(router, torch.tensor([[3.0, 0.0], [2.0, 0.0]]))
+        router(torch.eye(2)).aux_losses["load_balance"].backward()
+        grads[share] = router.gate.weight.grad.clone()
+    torch.testing.assert_close(grads["slots"], torch.zeros(2, 2))
+    assert (grads["weight"][0] > 0).all() and (grads["weight"][1] < 0).all()  # expert 0 is pushed down
+
+
+def test_bad_balance_share_names_the_value():
+    with pytest.raises(ValueError, match="balance_share='count'.*weight, slots"):
+        build_router("topk", in_features=2, num_experts=2, balance_share="count")
 
 
 def test_padding_never_counts_in_losses():

@@ -58,6 +58,7 @@ def test_bad_arguments_fail_with_the_bad_value(capsys):
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--data", "/no/such/file.jsonl"], "no such file"),
         (["--jobs", "0"], "--jobs must be >= 1"),
+        (["--data", "conflict"], "not a built-in set (multitask, conflicting)"),
     ):
         with pytest.raises(SystemExit):
             study._parse(argv)
@@ -173,7 +174,7 @@ def test_aggregate_pairs_seeds_and_markdown_and_plot_show_every_variant(tmp_path
     }  # fmt: skip
     text = markdown(report)
     assert "| `mola_increasing` | 0.00 M | 16.0 | 62.5 ± 10.6 | +7.5 ± 3.5 |" in text
-    assert "| `mola_increasing` | 0.0 / 4 | 1.0 | 0.72 / 0.95 |" in text
+    assert "| `mola_increasing` | 0.0 / 4 | 0.0 | 1.0 / 0.0 | 0.72 / 0.95 |" in text
     assert plot(report, tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -195,6 +196,10 @@ def test_quick_study_end_to_end_and_resumes(tmp_path):
         if not VARIANTS[run["variant"]].mixture:
             assert health is None
             continue
+        assert set(health) == {"summary"}  # study.json is compact; the run's result.json has every layer
+        result = json.loads((out / "runs" / run["variant"] / "seed0" / "result.json").read_text())
+        health = result["health"]
+        assert 0.0 <= health["summary"]["dead_fraction"] <= 1.0
         for layer in health["layers"].values():
             experts = layer["experts"]
             assert sum(layer["share"]) == pytest.approx(1.0, abs=1e-3) and len(layer["share"]) == experts
@@ -221,3 +226,58 @@ def test_quick_study_end_to_end_and_resumes(tmp_path):
     again = study.main(["--quick", "--peft-check", "--out", str(out)])
     assert result.stat().st_mtime_ns == stamp
     assert again["aggregate"] == report["aggregate"]
+
+
+def test_data_names_a_built_in_set_and_training_is_pinned_to_float32():
+    args = study._parse(["--data", "conflicting"])
+    overrides = study.common_overrides(args)
+    assert "data.builtin_set=conflicting" in overrides and "trainer.precision=32-true" in overrides
+    cfg = compose_config(overrides)
+    assert cfg.data.builtin_set == "conflicting" and cfg.trainer.precision == "32-true"
+    assert "trainer.precision=auto" in study.common_overrides(study._parse(["--train-precision", "auto"]))
+
+
+def test_quick_works_with_a_data_folder(tmp_path):
+    rows = [{"instruction": "Echo.", "input": str(i), "output": str(i), "task": "echo"} for i in range(30)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = compose_config(study.common_overrides(study._parse(["--quick", "--data", str(tmp_path)])))
+    assert cfg.data.source == str(tmp_path.resolve()) and cfg.data.max_length == 160
+
+
+def _fake_train_run(losses):
+    def train_run(overrides, run_dir, timeout, threads=None):
+        lr = next(float(o.split("=", 1)[1]) for o in reversed(overrides) if o.startswith("optim.lr="))
+        assert "eval.after=false" in overrides  # tuning never looks at the test split
+        return {"train": {"val/lm_loss": losses[lr], "seconds": 1.0}}
+
+    return train_run
+
+
+def test_tuning_keeps_the_lowest_validation_loss_and_never_a_diverged_run(tmp_path, monkeypatch):
+    from benchmarks import study_tuning
+
+    losses = {1e-3: 1.2, 3e-3: 1.0, 1e-2: float("nan"), 3e-2: 0.5}  # 3e-2 "wins" unless it diverged
+    losses[3e-2] = float("inf")
+    monkeypatch.setattr(study_tuning, "train_run", _fake_train_run(losses))
+    choice = study_tuning.tune_variants(
+        ["lora_r16", "lora_r16_tuned"], lambda v: ["seed=0"], out=tmp_path, jobs=1, timeout=10, threads=1
+    )
+    assert list(choice) == ["lora_r16_tuned"]
+    assert choice["lora_r16_tuned"]["chosen"] == 3e-3
+    assert choice["lora_r16_tuned"]["losses"] == {"0.001": 1.2, "0.003": 1.0, "0.01": None, "0.03": None}
+    # cached: a second call trains nothing
+    monkeypatch.setattr(study_tuning, "train_run", None)
+    again = study_tuning.tune_variants(
+        ["lora_r16_tuned"], lambda v: ["seed=0"], out=tmp_path, jobs=1, timeout=10, threads=1
+    )
+    assert again == choice
+
+
+def test_tuning_stops_when_every_value_diverges(tmp_path, monkeypatch):
+    from benchmarks import study_tuning
+
+    monkeypatch.setattr(
+        study_tuning, "train_run", _fake_train_run(dict.fromkeys((1e-3, 3e-3, 1e-2, 3e-2), float("nan")))
+    )
+    with pytest.raises(SystemExit, match="every optim.lr .* diverged"):
+        study_tuning.tune_variants(["mola_tuned"], lambda v: ["seed=0"], out=tmp_path, jobs=1, timeout=10, threads=1)

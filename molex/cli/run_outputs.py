@@ -143,6 +143,7 @@ def routing_analysis(cfg: DictConfig, model: Any, dm: Any, trainer: Any, run_dir
     if not cfg.analysis.enabled:
         return None
     from molex.evaluation.analysis import collect_routing, log_routing_report, plot_routing
+    from molex.evaluation.health_summary import mixture_health
 
     report = collect_routing(
         model, dm.val_dataloader(), max_batches=cfg.analysis.max_batches, task_names=list(dm.task_names)
@@ -150,8 +151,15 @@ def routing_analysis(cfg: DictConfig, model: Any, dm: Any, trainer: Any, run_dir
     paths = plot_routing(report, run_dir / "plots")
     log_routing_report(report, paths, trainer.loggers, step=trainer.global_step)
     write_json(run_dir / "routing.json", report.to_dict())
+    out: dict[str, Any] = {}
     spec = report.specialisation()
-    return {"mean_specialisation": round(sum(spec) / len(spec), 4)} if spec else None
+    if spec:
+        out["mean_specialisation"] = round(sum(spec) / len(spec), 4)
+    health = mixture_health(report)
+    if health.experts:
+        log.info("routing on the validation data: %s", health.line())
+        out["health"] = health.to_dict()
+    return out or None
 
 
 def finish(metrics: dict[str, Any], run_dir: Path, start: float, task_names: Any) -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "masked_mean",
     "slot_fractions",
     "tsallis_entropy",
+    "weight_fractions",
     "z_loss",
 ]
 
@@ -45,6 +46,18 @@ def slot_fractions(indices: Tensor, num_experts: int, token_mask: Tensor | None 
     one_hot = torch.zeros(indices.shape[0], num_experts, device=indices.device, dtype=torch.float32)
     one_hot.scatter_add_(1, indices, torch.ones_like(indices, dtype=torch.float32))
     return masked_mean(one_hot, token_mask) / max(indices.shape[1], 1)
+
+
+def weight_fractions(indices: Tensor, weights: Tensor, num_experts: int, token_mask: Tensor | None = None) -> Tensor:
+    """``f_e``: expert ``e``'s share of the routed weight (the ``[T, k]`` ``weights`` scattered to their
+    ``indices``, averaged over real tokens, divided by the total); ``[E]``, sums to 1 (all zero when no
+    weight was routed). This is the load :func:`molex.routing_health` reports. Unlike
+    :func:`slot_fractions` it still differs between experts when every token keeps every expert
+    (``k = E``), so a load-balance loss built on it keeps pushing there."""
+    gate = weights.new_zeros(indices.shape[0], num_experts, dtype=torch.float32)
+    gate.scatter_add_(1, indices, weights.detach().float())
+    load = masked_mean(gate, token_mask)
+    return load / load.sum().clamp_min(torch.finfo(load.dtype).tiny)
 
 
 def load_balance_loss(probs: Tensor, fractions: Tensor, token_mask: Tensor | None = None) -> Tensor:
@@ -163,11 +176,18 @@ def token_choice_losses(
     *,
     load_balance_coef: float,
     z_loss_coef: float,
+    weights: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Weighted load-balance (``f_e`` = share of routed slots) and z-losses of a token-choice router."""
+    """Weighted load-balance and z-losses of a token-choice router. ``f_e`` of the load-balance loss is
+    the share of routed slots (:func:`slot_fractions`), or with ``weights [T, k]`` given the share of the
+    routed weight (:func:`weight_fractions`)."""
     losses: dict[str, Tensor] = {}
     if load_balance_coef > 0:
-        fractions = slot_fractions(indices, probs.shape[-1], token_mask)
+        num_experts = probs.shape[-1]
+        if weights is None:
+            fractions = slot_fractions(indices, num_experts, token_mask)
+        else:
+            fractions = weight_fractions(indices, weights, num_experts, token_mask)
         losses["load_balance"] = load_balance_coef * load_balance_loss(probs, fractions, token_mask)
     if z_loss_coef > 0:
         losses["z_loss"] = z_loss_coef * z_loss(logits, token_mask)

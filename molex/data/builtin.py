@@ -26,11 +26,21 @@ both directions, and a pair and its reverse always share a split.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["BUILTIN_TASKS", "SPLITS", "TASKS", "BuiltinTask", "make_builtin_dataset", "split_of"]
+__all__ = [
+    "BUILTIN_SETS",
+    "BUILTIN_TASKS",
+    "SPLITS",
+    "TASKS",
+    "BuiltinTask",
+    "builtin_set",
+    "make_builtin_dataset",
+    "split_of",
+]
 
 SPLITS = ("train", "validation", "test")
 
@@ -238,10 +248,38 @@ def _task_examples(task: BuiltinTask, split: str, n: int, rng: random.Random) ->
     return [{"instruction": task.instruction, "input": i, "output": o, "task": task.name} for i, o in chosen]
 
 
+#: the built-in task sets by name; a set ``NAME`` not listed here is read from the module
+#: ``molex.data.builtin_NAME`` (its ``SET_TASKS``), so a new set is a new file
+BUILTIN_SETS: dict[str, tuple[BuiltinTask, ...]] = {"multitask": BUILTIN_TASKS}
+#: the sets that ship with molex (the ``builtin_set`` values the data config accepts)
+SHIPPED_SETS = ("multitask", "conflicting")
+
+
+def builtin_set(name: str) -> tuple[BuiltinTask, ...]:
+    """The tasks of the built-in set ``name`` (``"multitask"``, the default, or ``"conflicting"``)."""
+    if name not in BUILTIN_SETS:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"unknown built-in set {name!r}; use one of {list(SHIPPED_SETS)}")
+        try:
+            module = importlib.import_module(f"molex.data.builtin_{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"molex.data.builtin_{name}":
+                raise
+            raise ValueError(f"unknown built-in set {name!r}; use one of {list(SHIPPED_SETS)}") from None
+        BUILTIN_SETS[name] = tuple(module.SET_TASKS)
+    return BUILTIN_SETS[name]
+
+
 def make_builtin_dataset(
-    split: str, num_per_task: int, seed: int = 0, tasks: list[str] | tuple[str, ...] | None = None
+    split: str,
+    num_per_task: int,
+    seed: int = 0,
+    tasks: list[str] | tuple[str, ...] | None = None,
+    *,
+    collection: str = "multitask",
 ) -> list[dict[str, str]]:
-    """``num_per_task`` examples of every task (fewer for a finite pool), interleaved in a seeded order.
+    """``num_per_task`` examples of every task of the built-in set ``collection`` (fewer for a finite pool),
+    interleaved in a seeded order.
 
     Each example is ``{"instruction", "input", "output", "task"}``. The same arguments always give the same
     list; different splits never share a (task, input) pair, whatever the seeds.
@@ -250,12 +288,13 @@ def make_builtin_dataset(
         raise ValueError(f"unknown split {split!r}; use one of {list(SPLITS)}")
     if num_per_task < 0:
         raise ValueError(f"num_per_task must be >= 0, got {num_per_task}")
-    selected = BUILTIN_TASKS
+    selected = builtin_set(collection)
     if tasks is not None:
-        unknown = sorted(set(tasks) - set(TASKS))
+        names = [task.name for task in selected]
+        unknown = sorted(set(tasks) - set(names))
         if unknown:
-            raise ValueError(f"unknown built-in task(s) {unknown}; available: {list(TASKS)}")
-        selected = tuple(task for task in BUILTIN_TASKS if task.name in set(tasks))
+            raise ValueError(f"unknown built-in task(s) {unknown} of the {collection!r} set; available: {names}")
+        selected = tuple(task for task in selected if task.name in set(tasks))
     examples: list[dict[str, str]] = []
     for task in selected:
         # one generator per (seed, split, task): selecting other tasks or sizes leaves this task's draws alone

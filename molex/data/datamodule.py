@@ -25,7 +25,8 @@ import datasets
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
-from molex.data.builtin import SPLITS, TASKS, make_builtin_dataset
+from molex.data.builtin import SPLITS, make_builtin_dataset
+from molex.data.builtin import builtin_set as tasks_of_set
 from molex.data.collate import pack_features, packed_collate, pad_collate
 from molex.data.readers import (
     FIELDS,
@@ -71,6 +72,9 @@ class InstructionDataModule(TrainPositionMixin, LightningDataModule):
         val_per_task / test_per_task: built-in validation / test examples per task (``None``: ``eval_per_task``).
             Tasks with a finite pool give at most the pool's share of a split (at least 40 test examples each).
         builtin_tasks: restrict the built-in set to these task names.
+        builtin_set: which built-in set ``source="builtin"`` generates: ``"multitask"`` (8 different skills,
+            :mod:`molex.data.builtin`) or ``"conflicting"`` (16 maps of the same word lists,
+            :mod:`molex.data.builtin_conflicting`).
         val_fraction / test_fraction: shares carved (seeded) out of ``train`` for splits the source lacks.
         seed: controls built-in generation, splitting and training shuffle order.
         task_names: fixed leading task order (for stable ids across datasets); other tasks found are appended.
@@ -94,6 +98,7 @@ class InstructionDataModule(TrainPositionMixin, LightningDataModule):
         val_per_task: int | None = None,
         test_per_task: int | None = None,
         builtin_tasks: Sequence[str] | None = None,
+        builtin_set: str = "multitask",
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,
@@ -118,6 +123,14 @@ class InstructionDataModule(TrainPositionMixin, LightningDataModule):
             if count is not None and count < 0:
                 raise ValueError(f"{name} must be >= 0, got {count}")
         check_columns(columns)
+        set_tasks = [task.name for task in tasks_of_set(builtin_set)]
+        if builtin_tasks is not None:
+            unknown = sorted(set(builtin_tasks) - set(set_tasks))
+            if unknown:
+                raise ValueError(
+                    f"builtin_tasks {unknown} are not tasks of the {builtin_set!r} built-in set; "
+                    f"choose from {set_tasks}"
+                )
         # the hyperparameters go into checkpoints, which resuming reads with torch.load(weights_only=True):
         # plain containers only (Hydra passes OmegaConf lists and dicts)
         source = dict(source) if isinstance(source, Mapping) else source
@@ -139,6 +152,8 @@ class InstructionDataModule(TrainPositionMixin, LightningDataModule):
         self.val_per_task = eval_per_task if val_per_task is None else val_per_task
         self.test_per_task = eval_per_task if test_per_task is None else test_per_task
         self.builtin_tasks = builtin_tasks
+        self.builtin_set = builtin_set
+        self._builtin_order = set_tasks
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.seed = seed
@@ -170,7 +185,9 @@ class InstructionDataModule(TrainPositionMixin, LightningDataModule):
         empty = {field: [] for field in TEXT_FIELDS}
         out = {}
         for split in SPLITS:
-            rows = make_builtin_dataset(split, sizes[split], self.seed, self.builtin_tasks)
+            rows = make_builtin_dataset(
+                split, sizes[split], self.seed, self.builtin_tasks, collection=self.builtin_set
+            )
             ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(empty)
             out[split] = normalise(ds, split, self.columns)
         return out
@@ -204,7 +221,7 @@ class InstructionDataModule(TrainPositionMixin, LightningDataModule):
         raw = self._load_raw()
         found = {task for split in raw.values() for task in split["task"]}
         if self.source == "builtin":
-            ordered = [t for t in TASKS if t in found]
+            ordered = [t for t in self._builtin_order if t in found]
         else:
             ordered = sorted(found)
         names = list(self.fixed_task_names)

@@ -17,6 +17,7 @@ The load-balance coefficient counts only with ``"aux"`` and ``balance_gamma`` on
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,9 +55,10 @@ class BalanceOptions(RouterConfig):
                 f"balance={self.balance!r} is not a balancing mode; use one of {', '.join(BALANCE_MODES)} "
                 "(aux: load-balance loss, bias: loss-free bias, none: neither)"
             )
-        if not isinstance(self.balance_gamma, (int, float)) or not self.balance_gamma >= 0:
+        gamma = self.balance_gamma
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma < math.inf:
             raise ValueError(
-                f"balance_gamma must be a number >= 0 (the bias step per optimiser step, e.g. 1e-3), "
+                f"balance_gamma must be a finite number >= 0 (the bias step per optimiser step, e.g. 1e-3), "
                 f"got {self.balance_gamma!r}"
             )
 

@@ -12,6 +12,9 @@ from molex.layer.context import RoutingContext
 from molex.routers.balance import BalanceOptions, BiasBalancedRouter
 from molex.routers.base import ContrastiveOptions, RoutingDecision, float32_logits, register_router
 
+#: the values of ``TopKConfig.balance_share``
+BALANCE_SHARES = ("weight", "slots")
+
 
 @dataclass
 class TopKConfig(BalanceOptions, ContrastiveOptions):
@@ -22,6 +25,14 @@ class TopKConfig(BalanceOptions, ContrastiveOptions):
         normalize: renormalise the kept probabilities to sum to 1 (MoLA, MixLoRA, Mixtral).
         jitter_noise: multiplicative input noise ``U(1 - eps, 1 + eps)`` while training (Switch).
         load_balance_coef: weight of ``E * sum_e f_e P_e`` (0 disables it; used with ``balance="aux"``).
+            The training objective averages each loss kind over the layers, so this is the pressure on
+            the whole model: each of ``L`` routers gets ``load_balance_coef / L``. The default, 1.0, is
+            about MoLA's and Switch's 0.01 per router on the 90 MoLE layers of the default recipe.
+        balance_share: what ``f_e`` counts: ``"weight"`` (the default), expert ``e``'s share of the routed
+            weight, the load :func:`molex.routing_health` reports; or ``"slots"``, its share of the
+            routed (token, slot) pairs (Switch, Mixtral). With ``top_k = E`` every expert fills every
+            token's slots, so ``"slots"`` makes the loss a constant and lets one expert take all the
+            weight; ``"weight"`` keeps balancing there.
         z_loss_coef: weight of the router z-loss (0 disables it).
         contrastive_coef, contrastive_temperature: MoELoRA contrastive loss (see ``ContrastiveOptions``).
         balance, balance_gamma: load-balance loss, loss-free bias or neither (see ``BalanceOptions``).
@@ -30,11 +41,17 @@ class TopKConfig(BalanceOptions, ContrastiveOptions):
     top_k: int = 2
     normalize: bool = True
     jitter_noise: float = 0.0
-    load_balance_coef: float = 0.01
+    load_balance_coef: float = 1.0
     z_loss_coef: float = 0.0
+    balance_share: str = "weight"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.balance_share not in BALANCE_SHARES:
+            raise ValueError(
+                f"balance_share={self.balance_share!r} is not a load share; use one of {', '.join(BALANCE_SHARES)} "
+                "(weight: share of the routed weight, slots: share of the routed token slots)"
+            )
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if not 0.0 <= self.jitter_noise < 1.0:
@@ -85,6 +102,12 @@ class TopKRouter(BiasBalancedRouter):
         self.record_choices(indices, mask)
         lb_coef = cfg.load_balance_coef if cfg.uses_aux_loss else 0.0
         losses = token_choice_losses(
-            logits, probs, indices, mask, load_balance_coef=lb_coef, z_loss_coef=cfg.z_loss_coef
+            logits,
+            probs,
+            indices,
+            mask,
+            load_balance_coef=lb_coef,
+            z_loss_coef=cfg.z_loss_coef,
+            weights=weights if cfg.balance_share == "weight" else None,
         )
         return RoutingDecision(indices, weights, losses, probs=probs, token_mask=mask)
