@@ -20,6 +20,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from molex.cli.data_checks import check_routing_data
+from molex.cli.errors import CLIError
 from molex.core import files
 from molex.core.sources import looks_like_path
 from molex.layer.config import MoLEConfig
@@ -42,13 +44,6 @@ __all__ = [
     "usable_cores",
     "write_json",
 ]
-
-
-class CLIError(ValueError):
-    """A user-facing problem with the command line or the data it names.
-
-    A ``ValueError``, so code that calls the functions behind the commands can catch it as one.
-    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +278,6 @@ def build_training(cfg: DictConfig) -> TrainingObjects:
     except (ValueError, TypeError) as err:  # target modules not found, top_k > a layer's experts, ...
         raise CLIError(f"router={cfg.router.name}, allocation: {err}") from None
     datamodule = build_datamodule(cfg.data, tokenizer, "fit")
-    from molex.cli.data_checks import check_routing_data  # it builds on this module's CLIError
 
     check_routing_data(mole_config.router_name, mole_config.router, datamodule, model)
     return TrainingObjects(model=model, tokenizer=tokenizer, mole_config=mole_config, datamodule=datamodule)

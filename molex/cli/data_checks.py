@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from molex.cli.common import CLIError
+from molex.cli.errors import CLIError
 
 __all__ = ["check_routing_data"]
 
