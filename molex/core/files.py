@@ -1,10 +1,11 @@
 """File helpers shared by everything that reads or writes to disk: atomic writes of one file or of
 a whole folder, JSON, checksums, path checks.
 
-This module imports nothing of molex but its sibling file helpers (:mod:`molex.core.dir_lock`,
-:mod:`molex.core.scratch`), so any layer (adapter files, the LoRA hub, analytics plots, the CLIs,
-benchmarks) can use it without pulling in models or routers. The folder protocol, and
-the invariant it keeps at every instant, is described above :func:`replace_dir`.
+This module imports nothing of molex, so any layer (adapter files, the LoRA hub, analytics plots,
+the CLIs, benchmarks) can use it without pulling in models or routers. The folder protocol, and
+the invariant it keeps at every instant, is described above :func:`replace_dir`; the lock that
+makes writers of one folder take turns, and the marker of molex's scratch folders, above
+:func:`dir_lock` and :func:`make_scratch`.
 """
 
 from __future__ import annotations
@@ -18,19 +19,27 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Collection
+import threading
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
-from molex.core.dir_lock import LOCK_SUFFIX, dir_lock
-from molex.core.scratch import MARKER, is_scratch, make_scratch, mark, remove_scratch, unmark
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "SCRATCH_MARKER",
     "atomic_write",
     "check_dir_target",
+    "dir_lock",
+    "is_scratch",
+    "make_scratch",
     "read_json",
     "readable_dir",
     "refuse_foreign",
+    "remove_scratch",
     "replace_dir",
     "require_dir",
     "require_file",
@@ -125,6 +134,152 @@ def require_file(path: str | os.PathLike, message: str) -> Path:
     return path
 
 
+# -- one writer per folder at a time --------------------------------------------------------------
+#
+# Writers of one folder take turns under an advisory lock, ``.T.molex-lock`` beside the folder ``T``,
+# held with ``fcntl.flock`` (released by the system when the holder exits, even by ``SIGKILL``). The
+# holder removes the file when done, so a folder molex wrote has no lasting sibling; that is safe
+# because each holder checks, once it has the lock, that the path still names the file it locked, and
+# starts over if not. Without ``fcntl`` (Windows), or on a filesystem that refuses ``flock``, writers
+# run unlocked (one writer per folder at a time) and readers skip their optional cleanup.
+
+_LOCK = ".molex-lock"
+_UNLOCKABLE = -1  # _acquire's answer where the filesystem has no flock
+_held = threading.local()  # the lock files this thread holds: a nested dir_lock of the same folder passes
+
+
+def _acquire(path: Path, wait: bool) -> int | None:
+    """An open descriptor of ``path`` holding its exclusive lock, ``None`` if busy and not ``wait``, or
+    ``_UNLOCKABLE``."""
+    flags = os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)  # flock needs no write access
+    while True:
+        fd = os.open(path, flags, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            mine = os.fstat(fd)
+            now = os.stat(path)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except FileNotFoundError:  # the previous holder removed the file as it finished: lock the next one
+            os.close(fd)
+            continue
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
+                return _UNLOCKABLE
+            raise
+        except BaseException:
+            os.close(fd)
+            raise
+        if (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+            return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def dir_lock(target: str | os.PathLike, *, wait: bool = True) -> Iterator[bool]:
+    """Hold the lock of the folder ``target`` for the ``with`` block; yields whether it is held.
+
+    ``wait=False`` yields ``False`` at once while another process holds it (a reader's optional cleanup
+    must never wait for a writer). Nested use for one folder in one thread passes through. Raises
+    ``OSError`` when the lock file cannot be created (a read-only parent, where no writer can write).
+    """
+    target = Path(target)
+    path = target.parent / f".{target.name}{_LOCK}"
+    held = _held.__dict__.setdefault("paths", set())
+    if str(path) in held or (fcntl is None and wait):
+        yield True
+        return
+    if fcntl is None:
+        yield False
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(path, wait)
+    if fd is None:  # busy, and the caller would rather not wait
+        yield False
+        return
+    if fd == _UNLOCKABLE:  # writers go on unlocked, readers skip their cleanup
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        yield wait
+        return
+    held.add(str(path))
+    try:
+        yield True
+    finally:
+        held.discard(str(path))
+        with contextlib.suppress(OSError):  # a read-only parent keeps the empty file: harmless
+            os.unlink(path)
+        os.close(fd)
+
+
+# -- scratch folders molex can prove it made ------------------------------------------------------
+#
+# A scratch folder (content being written, previous content moved aside, a folder being deleted)
+# gets the marker file ``.molex-scratch`` naming the folder it serves before anything else. Cleanup
+# after a killed writer deletes a folder only if it holds that marker for the same target, or holds
+# nothing else (empty, or only a marker a kill cut short: nothing there can be lost), so a folder of
+# the user's with a similar name is never deleted. Deleting one removes the marker last.
+
+SCRATCH_MARKER = ".molex-scratch"
+
+
+def _mark(folder: Path, target: Path) -> None:
+    data = json.dumps({"format": "molex-scratch", "target": target.name}).encode()
+    fd = os.open(folder / SCRATCH_MARKER, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)  # one write: a kill leaves the whole marker or an empty file
+    finally:
+        os.close(fd)
+
+
+def _unmark(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # gone already, or a read-only folder: a stray marker is harmless
+        os.unlink(folder / SCRATCH_MARKER)
+
+
+def make_scratch(path: Path | None, target: Path, *, prefix: str = "") -> Path:
+    """Create and mark a scratch folder for ``target``: ``path``, or with ``path=None`` a fresh
+    ``<prefix>XXXXXXXX`` beside ``target``. Returns the folder."""
+    if path is None:
+        path = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix))
+    else:
+        path.mkdir()
+    _mark(path, target)
+    return path
+
+
+def is_scratch(folder: Path, target: Path) -> bool:
+    """Whether ``folder`` is a real folder (no symlink) molex made for ``target``, or holds nothing."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        entries = os.listdir(folder)
+        if not entries or entries == [SCRATCH_MARKER]:
+            return True
+        data = json.loads((folder / SCRATCH_MARKER).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == "molex-scratch" and data.get("target") == target.name
+
+
+def remove_scratch(folder: Path) -> None:
+    """Delete ``folder`` and all it holds, the marker last; what cannot be deleted is left."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            entry = folder / name
+            if name == SCRATCH_MARKER:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry)
+        _unmark(folder)
+        os.rmdir(folder)
+
+
 # -- folders replaced as a whole ----------------------------------------------------------------
 #
 # A folder of several files (an adapter's config and weights) is published by ONE rename, so a
@@ -138,12 +293,12 @@ def require_file(path: str | os.PathLike, message: str) -> Path:
 #
 # ``replace_dir`` runs these steps; each is atomic, so a kill falls between two of them:
 #
-#   0. lock: take the advisory lock ``.T.molex-lock`` (:mod:`molex.core.dir_lock`) for all the steps
+#   0. lock: take the advisory lock ``.T.molex-lock`` (:func:`dir_lock`) for all the steps
 #      below, so writers of one folder take turns instead of deleting each other's siblings.
 #   1. recover: ``T`` missing and ``.old`` present -> rename ``.old`` back to ``T``; then delete
 #      ``.new`` and ``.trash`` (a partial write, or content already superseded by ``T``) and a
 #      ``.old`` that sits beside an existing ``T`` (each renamed to ``.trash`` first) -- only those
-#      that hold molex's scratch marker for ``T`` (:mod:`molex.core.scratch`) or nothing at all.
+#      that hold molex's scratch marker for ``T`` (:func:`is_scratch`) or nothing at all.
 #   2. write ``.new``: the marker first, then hard links (copies where links are not supported) of
 #      every entry of ``T`` the writer does not own, then the writer's files; fsync them and the folder.
 #   3. publish: with ``T`` absent, rename ``.new`` -> ``T``. With ``T`` present, mark ``T`` too (its
@@ -210,7 +365,7 @@ def _carry_over(source: Path, dest: Path, owned: Collection[str]) -> None:
     """Give ``dest`` every entry of ``source`` except ``owned`` names (and a stray scratch marker):
     hard links, not copies of data."""
     for entry in source.iterdir():
-        if entry.name in owned or entry.name == MARKER:
+        if entry.name in owned or entry.name == SCRATCH_MARKER:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, dest / entry.name, symlinks=True, copy_function=_link_or_copy)
@@ -241,12 +396,12 @@ def _recover(target: Path) -> None:
         if (sibling is not old or target.exists()) and is_scratch(sibling, target):
             _discard(sibling, target)
     if target.is_dir():
-        unmark(target)  # a writer killed between publishing and removing the marker
+        _unmark(target)  # a writer killed between publishing and removing the marker
 
 
 def _leftovers(target: Path) -> bool:
-    siblings = (_sibling(target, s) for s in (_NEW, _OLD, _TRASH, LOCK_SUFFIX))
-    return any(p.exists() for p in siblings) or (target / MARKER).exists()
+    siblings = (_sibling(target, s) for s in (_NEW, _OLD, _TRASH, _LOCK))
+    return any(p.exists() for p in siblings) or (target / SCRATCH_MARKER).exists()
 
 
 def tidy_dir(target: str | os.PathLike) -> Path:
@@ -257,10 +412,11 @@ def tidy_dir(target: str | os.PathLike) -> Path:
     in a read-only folder, or while another process writes, it is skipped.
     """
     target = Path(target)
-    if _leftovers(target):
-        with contextlib.suppress(OSError), dir_lock(target, wait=False) as held:
+    resolved = target.resolve()  # where writers lock and leave their siblings
+    if _leftovers(resolved):
+        with contextlib.suppress(OSError), dir_lock(resolved, wait=False) as held:
             if held:
-                _recover(target)
+                _recover(resolved)
     return readable_dir(target)
 
 
@@ -344,13 +500,13 @@ def _replace_locked(target: Path, write: Callable[[Path], None], owned: Collecti
         os.rename(new, target)
     else:
         with contextlib.suppress(OSError):  # a folder molex may not write into: a kill now leaves it beside
-            mark(target, target)
+            _mark(target, target)
         if _exchange(new, target):
             old = new  # the exchange left the previous content where the new one was
         else:
             os.rename(target, old)
             os.rename(new, target)
-    unmark(target)
+    _unmark(target)
     _fsync(target.parent)
     _discard(old, target)
 

@@ -21,10 +21,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from molex.core.dir_lock import dir_lock
-from molex.core.files import check_dir_target, read_json, refuse_foreign, replace_dir, write_json
+from molex.core.files import (
+    SCRATCH_MARKER,
+    check_dir_target,
+    dir_lock,
+    is_scratch,
+    make_scratch,
+    read_json,
+    refuse_foreign,
+    remove_scratch,
+    replace_dir,
+    write_json,
+)
 from molex.core.model_argument import takes_model
-from molex.core.scratch import MARKER, is_scratch, make_scratch, remove_scratch
 from molex.export.capture import is_conv1d
 from molex.export.resolve import RouteSpec, resolve_routes
 from molex.layer.inject import mole_layers
@@ -162,7 +171,7 @@ def save_merged(
             merged.save_pretrained(str(scratch))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(scratch))
-            written = sorted(p.name for p in scratch.iterdir() if p.name != MARKER)
+            written = sorted(p.name for p in scratch.iterdir() if p.name != SCRATCH_MARKER)
             owned = sorted({*written, *previous, MERGED_MARKER})
             refuse_foreign(target, [*written, MERGED_MARKER], ours=_ours, overwrite=overwrite, what="save_merged")
 

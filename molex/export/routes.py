@@ -25,8 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from molex.core.dir_lock import dir_lock
-from molex.core.files import check_dir_target, read_json, replace_dir, sha256_file, write_json
+from molex.core.files import check_dir_target, dir_lock, read_json, replace_dir, sha256_file, write_json
 from molex.core.model_argument import takes_model
 from molex.export.capture import is_conv1d
 from molex.export.resolve import Route, RoutePrompts, RouteSpec, resolve_routes
