@@ -193,6 +193,7 @@ def _scratch_prefix(target: Path) -> str:
 def _remove_stale_scratch(target: Path) -> None:
     """Delete the scratch folders of saves into ``target`` that were killed before they finished: only those
     that hold molex's mark for ``target`` (or nothing). Called with the target's lock held."""
-    for folder in target.parent.glob(f"{_scratch_prefix(target)}*"):
-        if is_scratch(folder, target):
+    prefix = _scratch_prefix(target)
+    for folder in target.parent.iterdir():  # not glob: a folder name may hold glob characters
+        if folder.name.startswith(prefix) and is_scratch(folder, target):
             remove_scratch(folder)
