@@ -25,8 +25,8 @@ changes only what defines it, so differences come from routing and allocation, n
 * ``mtl``: MTL-LoRA, shared A, per-task r x r transform and per-task weights over the B's, 2-4-6-8.
 * ``hydra_top2``: top-2 over 2-4-6-8 experts that share one A per layer (HydraLoRA-style).
 * ``mola_bias``: ``mola_increasing`` balanced by DeepSeek-V3's loss-free bias instead of the load-balance loss.
-* ``mola_v02``: ``mola_increasing`` with molex 0.2's balancing (``load_balance_coef=0.01`` averaged over the
-  layers, on the share of token slots), the default before the current one.
+* ``mola_v02``: ``mola_increasing`` with molex 0.2's router: the gate on the raw input, and
+  ``load_balance_coef=0.01`` averaged over the layers on the share of token slots (the previous default).
 
 LoRA variants keep ``alpha / rank = 2`` (the experts' ``16 / 8``) so every variant starts from the same
 update scale.
@@ -127,12 +127,13 @@ VARIANTS: dict[str, Variant] = {
         ),
         Variant(
             "mola_v02",
-            "top-2, MoLA 2-4-6-8, molex 0.2's balancing (coef 0.01 over the layers, token slots)",
+            "top-2, MoLA 2-4-6-8, molex 0.2's router (raw input; balance coef 0.01 over the layers, token slots)",
             (
                 "router=topk",
                 "allocation=mola_increasing",
                 "router.options.load_balance_coef=0.01",
                 "router.options.balance_share=slots",
+                "router.options.input_norm=none",
             ),
         ),
         Variant("mola_decreasing", "top-2, MoLA 8-6-4-2", ("router=topk", "allocation=mola_decreasing")),

@@ -36,7 +36,11 @@ SCALED_DOWN = [
     "eval.after=false",
     "logger=csv",
 ]
-PREVIOUS_DEFAULTS = ["router.options.load_balance_coef=0.01", "router.options.balance_share=slots"]
+PREVIOUS_DEFAULTS = [
+    "router.options.load_balance_coef=0.01",
+    "router.options.balance_share=slots",
+    "router.options.input_norm=none",
+]
 
 
 def run_health(tmp_path: Path, caplog: pytest.LogCaptureFixture, *overrides: str) -> tuple[dict, list[str]]:

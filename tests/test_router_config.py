@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import molex
 from molex.layer.config import flat_router_dict, migrate_mole_dict
-from molex.layer.io import read_adapter_config
+from molex.layer.io import FORMAT_VERSION, read_adapter_config
 from molex.routers import base as router_base
 from molex.routers.base import Router, Scope
 from molex.routers.milora import MiLoRAConfig
@@ -162,7 +162,9 @@ def test_adapters_saved_by_molex_0_1_load(name, tmp_path):
     model = molex.load_adapter(tiny_llama(), folder)
     config = molex.get_config(model)
     assert config.router_name == name and dataclasses.is_dataclass(config.router)
-    want = {"topk": TopKConfig(top_k=2, normalize=False, jitter_noise=0.05, load_balance_coef=0.02),
+    # options topk gained later keep the values the adapter was trained and routed with
+    old_topk = {"input_norm": "none", "balance_share": "slots"}
+    want = {"topk": TopKConfig(top_k=2, normalize=False, jitter_noise=0.05, load_balance_coef=0.02, **old_topk),
             "milora": MiLoRAConfig(top_k=1, normalize=True)}[name]  # fmt: skip
     assert config.router == want
     with torch.no_grad():
@@ -171,7 +173,23 @@ def test_adapters_saved_by_molex_0_1_load(name, tmp_path):
     # saved again, it is written in the current format and loads to the same outputs
     molex.save_adapter(model, tmp_path / "again")
     saved = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
-    assert saved["format_version"] == 2 and saved["mole_config"]["router"]["name"] == name
+    assert saved["format_version"] == FORMAT_VERSION and saved["mole_config"]["router"]["name"] == name
     with torch.no_grad():
         again = molex.load_adapter(tiny_llama(), tmp_path / "again")(input_ids=expected["input_ids"]).logits
     assert torch.equal(again, logits)
+
+
+def test_a_format_2_topk_adapter_routes_on_the_raw_input_as_when_it_was_saved(tmp_path):
+    model = molex.inject(tiny_llama(), molex.MoLEConfig(target_modules=["q_proj"], num_experts=4, router="topk"))
+    assert molex.get_config(model).router.input_norm == "l2"  # today's default
+    molex.save_adapter(model, tmp_path / "new")
+    path = tmp_path / "new" / "adapter_config.json"
+    raw = json.loads(path.read_text())
+    assert raw["mole_config"]["router"]["options"]["input_norm"] == "l2"
+    assert read_adapter_config(tmp_path / "new")["mole_config"]["router"]["options"]["input_norm"] == "l2"
+    for option in ("input_norm", "balance_share", "load_balance_coef"):  # as molex 0.2 wrote it
+        del raw["mole_config"]["router"]["options"][option]
+    raw["format_version"] = 2
+    path.write_text(json.dumps(raw))
+    options = read_adapter_config(tmp_path / "new")["mole_config"]["router"]["options"]
+    assert (options["input_norm"], options["balance_share"], options["load_balance_coef"]) == ("none", "slots", 0.01)

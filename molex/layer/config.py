@@ -168,6 +168,24 @@ def migrate_mole_dict(data: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
+def fill_saved_before(data: Mapping[str, Any], format_version: int) -> dict[str, Any]:
+    """A current-form mole config mapping read from an adapter of ``format_version``, with every router
+    option the router gained after that version set to the value it routed with then (its config class's
+    ``SAVED_BEFORE``: ``{option: (first format version with it, value before)}``); options present stay."""
+    data = dict(data)
+    router = dict(data.get("router") or {})
+    try:
+        config_class = get_router_class(router.get("name")).config_class
+    except (KeyError, ValueError, TypeError):
+        return data  # an unknown router fails with its own message when the config is built
+    options = dict(router.get("options") or {})
+    for option, (since, value) in getattr(config_class, "SAVED_BEFORE", {}).items():
+        if format_version < since:
+            options.setdefault(option, value)
+    data["router"] = {**router, "options": options}
+    return data
+
+
 def flat_router_dict(data: Mapping[str, Any]) -> dict[str, Any]:
     """A :meth:`MoLEConfig.to_dict` mapping (either form) with the router as flat fields, for comparing
     settings one by one: ``router`` (the name), ``top_k`` and ``router_options`` (the other options)."""

@@ -260,7 +260,16 @@ def build_router(name: str, *, in_features: int, num_experts: int, **options: An
     return get_router_class(name)(in_features=in_features, num_experts=num_experts, config=config)
 
 
-def float32_logits(gate: nn.Linear, x: Tensor) -> Tensor:
-    """``gate(x)`` computed in float32 whatever the model dtype (routers run in fp32)."""
+def float32_logits(gate: nn.Linear, x: Tensor, *, unit_norm: bool = False) -> Tensor:
+    """``gate(x)`` computed in float32 whatever the model dtype (routers run in fp32).
+
+    ``unit_norm``: route on ``x / ||x||`` (each token's direction), so a router's logits and the size of
+    its optimiser steps do not depend on how large the layer's inputs are. They vary a lot: in
+    SmolLM2-135M the inputs of the last layers' ``down_proj`` reach 2,000 where attention inputs stay
+    below 10, and one router learning rate cannot suit both.
+    """
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return nn.functional.linear(x.float(), gate.weight.float(), None if gate.bias is None else gate.bias.float())
+        x = x.float()
+        if unit_norm:
+            x = nn.functional.normalize(x, dim=-1, eps=1e-6)
+        return nn.functional.linear(x, gate.weight.float(), None if gate.bias is None else gate.bias.float())

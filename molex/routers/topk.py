@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +15,8 @@ from molex.routers.base import ContrastiveOptions, RoutingDecision, float32_logi
 
 #: the values of ``TopKConfig.balance_share``
 BALANCE_SHARES = ("weight", "slots")
+#: the values of ``TopKConfig.input_norm``
+INPUT_NORMS = ("l2", "none")
 
 
 @dataclass
@@ -33,10 +36,21 @@ class TopKConfig(BalanceOptions, ContrastiveOptions):
             routed (token, slot) pairs (Switch, Mixtral). With ``top_k = E`` every expert fills every
             token's slots, so ``"slots"`` makes the loss a constant and lets one expert take all the
             weight; ``"weight"`` keeps balancing there.
+        input_norm: ``"l2"`` (the default): the gate sees ``x / ||x||``, so routers of layers whose
+            inputs differ in size by 100x (``down_proj`` of the last layers against attention projections)
+            learn at the same pace; ``"none"``: the gate sees ``x`` (adapters saved before the option
+            existed load with it).
         z_loss_coef: weight of the router z-loss (0 disables it).
         contrastive_coef, contrastive_temperature: MoELoRA contrastive loss (see ``ContrastiveOptions``).
         balance, balance_gamma: load-balance loss, loss-free bias or neither (see ``BalanceOptions``).
     """
+
+    #: options added after adapter format 2, with the value an older adapter routed with
+    SAVED_BEFORE: ClassVar[dict[str, tuple[int, Any]]] = {
+        "input_norm": (3, "none"),
+        "balance_share": (3, "slots"),
+        "load_balance_coef": (3, 0.01),
+    }
 
     top_k: int = 2
     normalize: bool = True
@@ -44,9 +58,15 @@ class TopKConfig(BalanceOptions, ContrastiveOptions):
     load_balance_coef: float = 1.0
     z_loss_coef: float = 0.0
     balance_share: str = "weight"
+    input_norm: str = "l2"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(
+                f"input_norm={self.input_norm!r} is not a router input normalisation; use one of "
+                f"{', '.join(INPUT_NORMS)} (l2: route on each token's direction, none: on the raw input)"
+            )
         if self.balance_share not in BALANCE_SHARES:
             raise ValueError(
                 f"balance_share={self.balance_share!r} is not a load share; use one of {', '.join(BALANCE_SHARES)} "
@@ -89,7 +109,7 @@ class TopKRouter(BiasBalancedRouter):
         cfg = self.config
         if self.training and cfg.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - cfg.jitter_noise, 1.0 + cfg.jitter_noise)
-        logits = float32_logits(self.gate, x)
+        logits = float32_logits(self.gate, x, unit_norm=cfg.input_norm == "l2")
         probs = logits.softmax(dim=-1)
         if self.uses_bias:  # the bias picks the experts; the weights stay the unbiased probabilities
             indices = self.choice_scores(probs).topk(cfg.top_k, dim=-1).indices
