@@ -185,9 +185,7 @@ class InstructionDataModule(TrainPositionMixin, LightningDataModule):
         empty = {field: [] for field in TEXT_FIELDS}
         out = {}
         for split in SPLITS:
-            rows = make_builtin_dataset(
-                split, sizes[split], self.seed, self.builtin_tasks, collection=self.builtin_set
-            )
+            rows = make_builtin_dataset(split, sizes[split], self.seed, self.builtin_tasks, collection=self.builtin_set)
             ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(empty)
             out[split] = normalise(ds, split, self.columns)
         return out
