@@ -32,7 +32,7 @@ from molex.core.files import (
     write_json,
 )
 from molex.core.model_argument import takes_model
-from molex.layer.config import MoLEConfig, migrate_mole_dict
+from molex.layer.config import MoLEConfig, fill_saved_before, migrate_mole_dict
 from molex.layer.experts import LoRAExperts
 from molex.layer.inject import get_config, get_plans, inject, mole_layers, unload
 from molex.routers.base import Router
@@ -44,8 +44,10 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 FORMAT = "molex-adapter"
 #: 1: ``mole_config`` holds ``router: "<name>"``, ``router_options`` and ``top_k`` (molex 0.1);
-#: 2: ``mole_config.router`` is ``{"name": <router name>, "options": {every router option}}``
-FORMAT_VERSION = 2
+#: 2: ``mole_config.router`` is ``{"name": <router name>, "options": {every router option}}``;
+#: 3: as 2; an option a router gained since is read from an older adapter with the value that reproduces
+#: how it routed when saved (the router config's ``SAVED_BEFORE`` defaults)
+FORMAT_VERSION = 3
 
 
 @takes_model
@@ -134,8 +136,10 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not a molex adapter config (missing format={FORMAT!r})")
     if data.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} has format version {data['format_version']}; upgrade molex to read it")
-    if data.get("format_version", 0) < 2 and isinstance(data.get("mole_config"), dict):
-        data = {**data, "format_version": FORMAT_VERSION, "mole_config": migrate_mole_dict(data["mole_config"])}
+    version = data.get("format_version", 0)
+    if version < FORMAT_VERSION and isinstance(data.get("mole_config"), dict):
+        mole = fill_saved_before(migrate_mole_dict(data["mole_config"]), version)
+        data = {**data, "format_version": FORMAT_VERSION, "mole_config": mole}
     return data
 
 
