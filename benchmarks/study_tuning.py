@@ -5,7 +5,7 @@ evaluation (``eval.after=false``), and keeps the value with the lowest validatio
 step's ``val/lm_loss``, over the whole validation split). Every seed of the variant then runs with that
 value and is scored on the test split once. A run that diverges (a non-finite loss) loses; if every
 value diverges, the study stops rather than pick one. Results are cached in
-``tuning/<variant>/<key>=<value>/result.json`` like the study's own runs, so an interrupted study resumes.
+``tuning/<variant>/<last part of key>_<value>/result.json`` (``lr_0.003``) like the study's own runs, so an interrupted study resumes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ __all__ = ["tune_variants"]
 def _tuning_run(
     out: Path, variant: str, key: str, value: float, overrides: list[str], timeout: float, threads: int | None
 ) -> dict[str, Any]:
-    run_dir = out / "tuning" / variant / f"{key}={value:g}"
+    # no "=" in the folder name: it goes into a Hydra override (hydra.run.dir=...)
+    run_dir = out / "tuning" / variant / f"{key.rsplit('.', 1)[-1]}_{value:g}"
     overrides = [*overrides, f"{key}={value:g}", "eval.after=false"]
     path = run_dir / "result.json"
     if path.is_file():

@@ -181,12 +181,12 @@ def test_adapters_saved_by_molex_0_1_load(name, tmp_path):
 
 def test_a_format_2_topk_adapter_routes_on_the_raw_input_as_when_it_was_saved(tmp_path):
     model = molex.inject(tiny_llama(), molex.MoLEConfig(target_modules=["q_proj"], num_experts=4, router="topk"))
-    assert molex.get_config(model).router.input_norm == "l2"  # today's default
+    assert molex.get_config(model).router.input_norm == "log"  # today's default
     molex.save_adapter(model, tmp_path / "new")
     path = tmp_path / "new" / "adapter_config.json"
     raw = json.loads(path.read_text())
-    assert raw["mole_config"]["router"]["options"]["input_norm"] == "l2"
-    assert read_adapter_config(tmp_path / "new")["mole_config"]["router"]["options"]["input_norm"] == "l2"
+    assert raw["mole_config"]["router"]["options"]["input_norm"] == "log"
+    assert read_adapter_config(tmp_path / "new")["mole_config"]["router"]["options"]["input_norm"] == "log"
     for option in ("input_norm", "balance_share", "load_balance_coef"):  # as molex 0.2 wrote it
         del raw["mole_config"]["router"]["options"][option]
     raw["format_version"] = 2

@@ -157,3 +157,30 @@ def test_router_properties(name, num_experts, k, tokens, scale, bf16, seed):
     for loss in decision.aux_losses.values():
         assert torch.isfinite(loss)
     assert not math.isnan(float(decision.to_dense(num_experts).detach().sum()))
+
+
+def test_router_input_is_scale_free_and_tames_a_massive_channel():
+    from molex.routers.base import router_input
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 64, dtype=torch.float64)
+    x[:, 0] += 12.0  # one "massive" channel, the same in every token: 70% of the energy, as in SmolLM2's deeper layers
+    for norm in ("l2", "log"):
+        out = router_input(x, norm)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.norm(dim=-1), torch.ones(64))
+        torch.testing.assert_close(router_input(1000.0 * x, norm), out)  # only the direction counts
+    torch.testing.assert_close(router_input(x, "none"), x.float())
+
+    def mean_cosine(u):
+        return float((u @ u.T).mean())
+
+    assert mean_cosine(router_input(x, "l2")) > 0.65  # raw directions: tokens look alike
+    assert mean_cosine(router_input(x, "log")) < 0.3  # compressed: they differ again
+    zero = router_input(torch.zeros(2, 4), "log")
+    assert torch.isfinite(zero).all() and (zero == 0).all()
+
+
+def test_bad_input_norm_names_the_value():
+    with pytest.raises(ValueError, match="input_norm='rms'.*log, l2, none"):
+        build_router("topk", in_features=2, num_experts=2, input_norm="rms")

@@ -11,12 +11,10 @@ from torch import Tensor, nn
 from molex.core.losses import token_choice_losses
 from molex.layer.context import RoutingContext
 from molex.routers.balance import BalanceOptions, BiasBalancedRouter
-from molex.routers.base import ContrastiveOptions, RoutingDecision, float32_logits, register_router
+from molex.routers.base import INPUT_NORMS, ContrastiveOptions, RoutingDecision, float32_logits, register_router
 
 #: the values of ``TopKConfig.balance_share``
 BALANCE_SHARES = ("weight", "slots")
-#: the values of ``TopKConfig.input_norm``
-INPUT_NORMS = ("l2", "none")
 
 
 @dataclass
@@ -36,10 +34,11 @@ class TopKConfig(BalanceOptions, ContrastiveOptions):
             routed (token, slot) pairs (Switch, Mixtral). With ``top_k = E`` every expert fills every
             token's slots, so ``"slots"`` makes the loss a constant and lets one expert take all the
             weight; ``"weight"`` keeps balancing there.
-        input_norm: ``"l2"`` (the default): the gate sees ``x / ||x||``, so routers of layers whose
-            inputs differ in size by 100x (``down_proj`` of the last layers against attention projections)
-            learn at the same pace; ``"none"``: the gate sees ``x`` (adapters saved before the option
-            existed load with it).
+        input_norm: what the gate sees (:func:`molex.routers.base.router_input`): ``"log"`` (the default),
+            the direction of the input with each channel log-compressed, so routers of layers whose inputs
+            differ in size by 100x learn at one pace and tokens are not all alike through a few massive
+            channels; ``"l2"``, the raw direction; ``"none"``, the raw input (adapters saved before the
+            option existed load with it).
         z_loss_coef: weight of the router z-loss (0 disables it).
         contrastive_coef, contrastive_temperature: MoELoRA contrastive loss (see ``ContrastiveOptions``).
         balance, balance_gamma: load-balance loss, loss-free bias or neither (see ``BalanceOptions``).
@@ -58,14 +57,15 @@ class TopKConfig(BalanceOptions, ContrastiveOptions):
     load_balance_coef: float = 1.0
     z_loss_coef: float = 0.0
     balance_share: str = "weight"
-    input_norm: str = "l2"
+    input_norm: str = "log"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(
                 f"input_norm={self.input_norm!r} is not a router input normalisation; use one of "
-                f"{', '.join(INPUT_NORMS)} (l2: route on each token's direction, none: on the raw input)"
+                f"{', '.join(INPUT_NORMS)} (log: the direction of the channel-compressed input, l2: of the raw "
+                "input, none: the raw input)"
             )
         if self.balance_share not in BALANCE_SHARES:
             raise ValueError(
@@ -109,7 +109,7 @@ class TopKRouter(BiasBalancedRouter):
         cfg = self.config
         if self.training and cfg.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - cfg.jitter_noise, 1.0 + cfg.jitter_noise)
-        logits = float32_logits(self.gate, x, unit_norm=cfg.input_norm == "l2")
+        logits = float32_logits(self.gate, x, input_norm=cfg.input_norm)
         probs = logits.softmax(dim=-1)
         if self.uses_bias:  # the bias picks the experts; the weights stay the unbiased probabilities
             indices = self.choice_scores(probs).topk(cfg.top_k, dim=-1).indices
