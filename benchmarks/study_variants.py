@@ -134,6 +134,7 @@ VARIANTS: dict[str, Variant] = {
                 "router.options.load_balance_coef=0.01",
                 "router.options.balance_share=slots",
                 "router.options.input_norm=none",
+                "router.options.temperature=1.0",
             ),
         ),
         Variant("mola_decreasing", "top-2, MoLA 8-6-4-2", ("router=topk", "allocation=mola_decreasing")),

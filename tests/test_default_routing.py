@@ -40,6 +40,7 @@ PREVIOUS_DEFAULTS = [
     "router.options.load_balance_coef=0.01",
     "router.options.balance_share=slots",
     "router.options.input_norm=none",
+    "router.options.temperature=1.0",
 ]
 
 

@@ -163,7 +163,7 @@ def test_adapters_saved_by_molex_0_1_load(name, tmp_path):
     config = molex.get_config(model)
     assert config.router_name == name and dataclasses.is_dataclass(config.router)
     # options topk gained later keep the values the adapter was trained and routed with
-    old_topk = {"input_norm": "none", "balance_share": "slots"}
+    old_topk = {"input_norm": "none", "temperature": 1.0, "balance_share": "slots"}
     want = {"topk": TopKConfig(top_k=2, normalize=False, jitter_noise=0.05, load_balance_coef=0.02, **old_topk),
             "milora": MiLoRAConfig(top_k=1, normalize=True)}[name]  # fmt: skip
     assert config.router == want
@@ -187,9 +187,10 @@ def test_a_format_2_topk_adapter_routes_on_the_raw_input_as_when_it_was_saved(tm
     raw = json.loads(path.read_text())
     assert raw["mole_config"]["router"]["options"]["input_norm"] == "log"
     assert read_adapter_config(tmp_path / "new")["mole_config"]["router"]["options"]["input_norm"] == "log"
-    for option in ("input_norm", "balance_share", "load_balance_coef"):  # as molex 0.2 wrote it
+    for option in ("input_norm", "temperature", "balance_share", "load_balance_coef"):  # as molex 0.2 wrote it
         del raw["mole_config"]["router"]["options"][option]
     raw["format_version"] = 2
     path.write_text(json.dumps(raw))
     options = read_adapter_config(tmp_path / "new")["mole_config"]["router"]["options"]
-    assert (options["input_norm"], options["balance_share"], options["load_balance_coef"]) == ("none", "slots", 0.01)
+    saved_as = (options["input_norm"], options["temperature"], options["balance_share"], options["load_balance_coef"])
+    assert saved_as == ("none", 1.0, "slots", 0.01)

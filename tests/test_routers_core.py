@@ -11,8 +11,12 @@ from molex.layer.context import RoutingContext
 from molex.routers import RoutingDecision, available_routers, build_router
 
 
+#: topk's gate on the raw input at temperature 1, so that set_gate's logits are the router's logits
+RAW_GATE = {"input_norm": "none", "temperature": 1.0}
+
+
 def set_gate(router, logits_per_token):
-    """Make router.gate produce the given logits for one-hot inputs."""
+    """Make router.gate produce the given logits for one-hot inputs (``RAW_GATE`` for topk)."""
     with torch.no_grad():
         router.gate.weight.copy_(torch.as_tensor(logits_per_token, dtype=torch.float32).t())
 
@@ -34,7 +38,14 @@ def test_registry_lists_and_rejects():
 @pytest.mark.parametrize("share", ["slots", "weight"])
 def test_topk_hand_computed(share):
     router = build_router(
-        "topk", in_features=3, num_experts=3, top_k=2, load_balance_coef=1.0, z_loss_coef=1.0, balance_share=share
+        "topk",
+        in_features=3,
+        num_experts=3,
+        top_k=2,
+        load_balance_coef=1.0,
+        z_loss_coef=1.0,
+        balance_share=share,
+        **RAW_GATE,
     )
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.5, 0.0, 3.0], [1.0, 2.0, 0.5]])  # token t = one-hot t
     set_gate(router, logits)
@@ -61,7 +72,9 @@ def test_weight_share_keeps_balancing_when_every_token_keeps_every_expert():
     toward balance) while the weight-share loss still pushes the favoured expert's logit down."""
     grads = {}
     for share in ("slots", "weight"):
-        router = build_router("topk", in_features=2, num_experts=2, top_k=2, load_balance_coef=1.0, balance_share=share)
+        router = build_router(
+            "topk", in_features=2, num_experts=2, top_k=2, load_balance_coef=1.0, balance_share=share, **RAW_GATE
+        )
         set_gate(router, torch.tensor([[3.0, 0.0], [2.0, 0.0]]))
         router(torch.eye(2)).aux_losses["load_balance"].backward()
         grads[share] = router.gate.weight.grad.clone()

@@ -285,8 +285,11 @@ def router_input(x: Tensor, norm: str) -> Tensor:
     return x
 
 
-def float32_logits(gate: nn.Linear, x: Tensor, *, input_norm: str = "none") -> Tensor:
-    """``gate(router_input(x, input_norm))`` computed in float32 whatever the model dtype (routers run in fp32)."""
+def float32_logits(gate: nn.Linear, x: Tensor, *, input_norm: str = "none", temperature: float = 1.0) -> Tensor:
+    """``gate(router_input(x, input_norm)) / temperature`` computed in float32 whatever the model dtype
+    (routers run in fp32). A unit-length input gives logits of at most ``||w_e||``; the temperature
+    (0.1 for ``topk``, as cosine routers use) lets them reach a decisive range at the usual router rate."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         x = router_input(x, input_norm)
-        return nn.functional.linear(x, gate.weight.float(), None if gate.bias is None else gate.bias.float())
+        logits = nn.functional.linear(x, gate.weight.float(), None if gate.bias is None else gate.bias.float())
+        return logits / temperature if temperature != 1.0 else logits

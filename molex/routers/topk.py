@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,8 +28,9 @@ class TopKConfig(BalanceOptions, ContrastiveOptions):
         jitter_noise: multiplicative input noise ``U(1 - eps, 1 + eps)`` while training (Switch).
         load_balance_coef: weight of ``E * sum_e f_e P_e`` (0 disables it; used with ``balance="aux"``).
             The training objective averages each loss kind over the layers, so this is the pressure on
-            the whole model: each of ``L`` routers gets ``load_balance_coef / L``. The default, 1.0, is
-            about MoLA's and Switch's 0.01 per router on the 90 MoLE layers of the default recipe.
+            the whole model: each of ``L`` routers gets ``load_balance_coef / L``. The default, 10, is about
+            0.11 per router on the 90 MoLE layers of the default recipe (MoLA and Switch use 0.01 per
+            router over far longer runs; at that, a quarter of the default run's experts went dead).
         balance_share: what ``f_e`` counts: ``"weight"`` (the default), expert ``e``'s share of the routed
             weight, the load :func:`molex.routing_health` reports; or ``"slots"``, its share of the
             routed (token, slot) pairs (Switch, Mixtral). With ``top_k = E`` every expert fills every
@@ -39,6 +41,10 @@ class TopKConfig(BalanceOptions, ContrastiveOptions):
             differ in size by 100x learn at one pace and tokens are not all alike through a few massive
             channels; ``"l2"``, the raw direction; ``"none"``, the raw input (adapters saved before the
             option existed load with it).
+        temperature: the gate's logits are divided by it. A unit-length input keeps logits small, so
+            0.1 (the default, as cosine routers use) lets routers decide at the usual router learning
+            rate (``optim.router_lr_scale=10``); at 1.0 they stayed near uniform in 60 steps (router
+            entropy 0.86-0.97 of its maximum). Adapters saved before the option existed load with 1.0.
         z_loss_coef: weight of the router z-loss (0 disables it).
         contrastive_coef, contrastive_temperature: MoELoRA contrastive loss (see ``ContrastiveOptions``).
         balance, balance_gamma: load-balance loss, loss-free bias or neither (see ``BalanceOptions``).
@@ -47,6 +53,7 @@ class TopKConfig(BalanceOptions, ContrastiveOptions):
     #: options added after adapter format 2, with the value an older adapter routed with
     SAVED_BEFORE: ClassVar[dict[str, tuple[int, Any]]] = {
         "input_norm": (3, "none"),
+        "temperature": (3, 1.0),
         "balance_share": (3, "slots"),
         "load_balance_coef": (3, 0.01),
     }
@@ -54,10 +61,11 @@ class TopKConfig(BalanceOptions, ContrastiveOptions):
     top_k: int = 2
     normalize: bool = True
     jitter_noise: float = 0.0
-    load_balance_coef: float = 1.0
+    load_balance_coef: float = 10.0
     z_loss_coef: float = 0.0
     balance_share: str = "weight"
     input_norm: str = "log"
+    temperature: float = 0.1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,6 +74,15 @@ class TopKConfig(BalanceOptions, ContrastiveOptions):
                 f"input_norm={self.input_norm!r} is not a router input normalisation; use one of "
                 f"{', '.join(INPUT_NORMS)} (log: the direction of the channel-compressed input, l2: of the raw "
                 "input, none: the raw input)"
+            )
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, (int, float))
+            or not (0 < self.temperature < math.inf)
+        ):
+            raise ValueError(
+                f"temperature must be a finite number > 0 (the gate's logits are divided by it; 0.1 with "
+                f"input_norm=log or l2, 1.0 for the raw gate), got {self.temperature!r}"
             )
         if self.balance_share not in BALANCE_SHARES:
             raise ValueError(
@@ -109,7 +126,7 @@ class TopKRouter(BiasBalancedRouter):
         cfg = self.config
         if self.training and cfg.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - cfg.jitter_noise, 1.0 + cfg.jitter_noise)
-        logits = float32_logits(self.gate, x, input_norm=cfg.input_norm)
+        logits = float32_logits(self.gate, x, input_norm=cfg.input_norm, temperature=cfg.temperature)
         probs = logits.softmax(dim=-1)
         if self.uses_bias:  # the bias picks the experts; the weights stay the unbiased probabilities
             indices = self.choice_scores(probs).topk(cfg.top_k, dim=-1).indices
