@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from molex.layer.context import RoutingContext
 from molex.routers import RoutingDecision, available_routers, build_router
 
-
 #: topk's gate on the raw input at temperature 1, so that set_gate's logits are the router's logits
 RAW_GATE = {"input_norm": "none", "temperature": 1.0}
 
