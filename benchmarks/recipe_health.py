@@ -29,7 +29,7 @@ from typing import Any
 
 from benchmarks.machine import machine_record
 
-__all__ = ["collect", "main"]
+__all__ = ["collect", "main", "markdown"]
 
 _WARNING = re.compile(r"routing health at step (\d+): (.*)")
 _PRECISION = re.compile(r"trainer\.precision=auto: (\S+) on this machine")
@@ -42,15 +42,34 @@ def collect(name: str, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     log = (run_dir / "stdout.log").read_text(encoding="utf-8", errors="replace")
     precision = _PRECISION.search(log)
     warnings = [{"step": int(m.group(1)), "text": m.group(2)[:300]} for m in _WARNING.finditer(log)]
+    health = (metrics.get("routing") or {}).get("health")
+    if health is None and (run_dir / "routing.json").is_file():  # a run made before metrics.json held it
+        health = _health_from_routing(run_dir / "routing.json")
     return {
         "name": name,
         "overrides": overrides,
         "precision": precision.group(1) if precision else "as given",
         "val_lm_loss": metrics.get("val_lm_loss"),
-        "health": (metrics.get("routing") or {}).get("health"),
+        "health": health,
         "health_warnings": warnings,
         "wall_seconds": metrics.get("wall_seconds"),
     }
+
+
+def _health_from_routing(path: Path) -> dict[str, Any]:
+    import torch
+
+    from molex.evaluation.analysis import RoutingReport
+    from molex.evaluation.health_summary import mixture_health
+
+    layers = json.loads(path.read_text(encoding="utf-8"))["layers"]
+    names = list(layers)
+    report = RoutingReport(
+        layers=names,
+        load=[torch.tensor(layers[n]["load"]) for n in names],
+        entropy=[float("nan") if layers[n]["entropy"] is None else layers[n]["entropy"] for n in names],
+    )
+    return mixture_health(report).to_dict()
 
 
 def _run(name: str, overrides: list[str], root: Path, threads: int) -> dict[str, Any]:
@@ -84,6 +103,26 @@ def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """One table row per run: warnings while training, end-of-run health on validation, validation loss."""
+    lines = [
+        "| candidate | overrides | precision | health warnings (steps) | dead / experts | collapsed (E ≥ 4) "
+        "| router entropy | val LM loss |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["runs"]:
+        h = r["health"] or {}
+        steps = ", ".join(str(w["step"]) for w in r["health_warnings"])
+        entropy = "-" if h.get("router_entropy") is None else f"{h['router_entropy']:.2f}"
+        loss = "-" if r["val_lm_loss"] is None else f"{r['val_lm_loss']:.4f}"
+        lines.append(
+            f"| `{r['name']}` | `{' '.join(r['overrides']) or '(none)'}` | {r['precision']} | "
+            f"{len(r['health_warnings'])}{f' ({steps})' if steps else ''} | {h.get('dead_experts', '-')} / "
+            f"{h.get('experts', '-')} | {len(h.get('collapsed_layers', []))} | {entropy} | {loss} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.recipe_health", description=__doc__.splitlines()[0])
     parser.add_argument("--candidate", action="append", default=[], help='NAME="override override ..." to run')
@@ -107,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    args.out.with_suffix(".md").write_text(markdown(report), encoding="utf-8")
     for r in results:
         h = r["health"] or {}
         print(
