@@ -88,7 +88,10 @@ def test_only_bias_mode_has_a_bias_and_only_aux_mode_a_balance_loss():
 
 
 def test_bias_chooses_the_experts_and_the_unbiased_probabilities_weigh_them():
-    router = molex.build_router("topk", in_features=4, num_experts=4, top_k=2, balance="bias")
+    # the raw gate at temperature 1, so that the logits are x itself
+    router = molex.build_router(
+        "topk", in_features=4, num_experts=4, top_k=2, balance="bias", input_norm="none", temperature=1.0
+    )
     with torch.no_grad():
         router.gate.weight.copy_(torch.eye(4))
         router.balance_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))  # expert 3 always chosen
@@ -165,7 +168,14 @@ def _collapsed_layer(balance: str, gamma: float, *, d: int = 16, experts: int = 
     """A MoLE layer over a linear map whose router gives expert 0 a logit ~8 for every token (p_0 ~ 0.99)."""
     torch.manual_seed(seed)
     router = molex.build_router(
-        "topk", in_features=d, num_experts=experts, top_k=2, balance=balance, balance_gamma=gamma
+        "topk",
+        in_features=d,
+        num_experts=experts,
+        top_k=2,
+        balance=balance,
+        balance_gamma=gamma,
+        input_norm="none",  # the raw gate, so that the logit of expert 0 is 4 x_0
+        temperature=1.0,
     )
     with torch.no_grad():
         router.gate.weight.normal_(0, 0.1)
