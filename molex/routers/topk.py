@@ -28,8 +28,8 @@ class TopKConfig(BalanceOptions, ContrastiveOptions):
         jitter_noise: multiplicative input noise ``U(1 - eps, 1 + eps)`` while training (Switch).
         load_balance_coef: weight of ``E * sum_e f_e P_e`` (0 disables it; used with ``balance="aux"``).
             The training objective averages each loss kind over the layers, so this is the pressure on
-            the whole model: each of ``L`` routers gets ``load_balance_coef / L``. The default, 10, is about
-            0.11 per router on the 90 MoLE layers of the default recipe (MoLA and Switch use 0.01 per
+            the whole model: each of ``L`` routers gets ``load_balance_coef / L``. The default, 20, is about
+            0.22 per router on the 90 MoLE layers of the default recipe (MoLA and Switch use 0.01 per
             router over far longer runs; at that, a quarter of the default run's experts went dead).
         balance_share: what ``f_e`` counts: ``"weight"`` (the default), expert ``e``'s share of the routed
             weight, the load :func:`molex.routing_health` reports; or ``"slots"``, its share of the
@@ -61,7 +61,7 @@ class TopKConfig(BalanceOptions, ContrastiveOptions):
     top_k: int = 2
     normalize: bool = True
     jitter_noise: float = 0.0
-    load_balance_coef: float = 10.0
+    load_balance_coef: float = 20.0
     z_loss_coef: float = 0.0
     balance_share: str = "weight"
     input_norm: str = "log"
