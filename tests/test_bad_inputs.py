@@ -90,6 +90,28 @@ API_CASES = [
     ),
     Case("router unknown", lambda p: cfg(router="topkk"), ValueError, ("'topkk'", "topk")),
     Case("router option unknown", lambda p: cfg(router_options={"jiter_noise": 0.1}), ValueError, ("jiter_noise",)),
+    Case(
+        "balance_gamma infinite",
+        lambda p: cfg(router_options={"balance": "bias", "balance_gamma": math.inf}),
+        ValueError,
+        ("balance_gamma", "got inf", "finite"),
+    ),
+    Case("topk input_norm unknown", lambda p: cfg(router_options={"input_norm": "rms"}), ValueError, ("'rms'", "log")),
+    Case(
+        "topk temperature zero", lambda p: cfg(router_options={"temperature": 0}), ValueError, ("temperature", "got 0")
+    ),
+    Case(
+        "topk balance_share unknown",
+        lambda p: cfg(router_options={"balance_share": "count"}),
+        ValueError,
+        ("'count'", "weight, slots"),
+    ),
+    Case(
+        "merge_route without molex layers",
+        lambda p: molex.merge_route(tiny_llama(num_layers=1), [1.0]),
+        ValueError,
+        ("no molex layers", "molex.inject", "molex.load_adapter"),
+    ),
     Case("top_k on soft router", lambda p: cfg(router="soft", top_k=2), ValueError, ("'soft'", "top_k")),
     Case("top_k zero", lambda p: cfg(top_k=0), ValueError, ("top_k", "0")),
     Case(
