@@ -25,25 +25,12 @@ import molex
 from molex.core import files
 from molex.hub.peft_format import read_peft_adapter, write_peft_adapter
 from tests.helpers.models import tiny_llama
+from tests.helpers.saving import adapter_model, adapter_state
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="needs fork and SIGKILL")
 
-CFG = dict(target_modules=["q_proj", "v_proj"], rank=4, num_experts=2, top_k=1)
 KILLS = 24
 MODES = ["exchange", "two-renames"]
-
-
-def _model(seed: int) -> torch.nn.Module:
-    model = molex.inject(tiny_llama(num_layers=2), molex.MoLEConfig(**CFG))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in molex.trainable_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g))
-    return model
-
-
-def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in molex.adapter_state_dict(model).items()}
 
 
 def _which(state: dict[str, torch.Tensor], candidates: dict[str, dict[str, torch.Tensor]]) -> str:
@@ -55,7 +42,7 @@ def _which(state: dict[str, torch.Tensor], candidates: dict[str, dict[str, torch
 
 
 def _load_molex(folder: Path) -> dict[str, torch.Tensor]:
-    return _state(molex.load_adapter(tiny_llama(num_layers=2), folder))
+    return adapter_state(molex.load_adapter(tiny_llama(num_layers=2), folder))
 
 
 def _load_peft(folder: Path) -> dict[str, torch.Tensor]:
@@ -130,9 +117,9 @@ def _kill_loop(target: Path, saves: list[Callable[[], None]], load, expected, mo
 
 @pytest.mark.parametrize("mode", MODES)
 def test_killed_save_adapter_loads_old_or_new(tmp_path, mode):
-    a, b = _model(1), _model(2)
+    a, b = adapter_model(1), adapter_model(2)
     target = tmp_path / "adapter"
-    expected = {"a": _state(a), "b": _state(b)}
+    expected = {"a": adapter_state(a), "b": adapter_state(b)}
     saves = [lambda: molex.save_adapter(a, target), lambda: molex.save_adapter(b, target)]
     outcomes = _kill_loop(target, saves, _load_molex, expected, mode, seed=0)
     print(f"save_adapter, {mode}: {KILLS} kills -> {dict(outcomes)}")
@@ -203,8 +190,8 @@ def test_kill_before_every_filesystem_step(tmp_path, mode):
     """A kill between any two filesystem operations of a save (including its cleanup and the
     recovery of an earlier kill) leaves the old or the new adapter, keeps files molex did not
     write, and the next save recovers and leaves no siblings behind."""
-    a, b = _model(1), _model(2)
-    expected = {"a": _state(a), "b": _state(b)}
+    a, b = adapter_model(1), adapter_model(2)
+    expected = {"a": adapter_state(a), "b": adapter_state(b)}
     target = tmp_path / "adapter"
     seen: Counter = Counter()
     for step in range(1, 200):
