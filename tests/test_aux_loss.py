@@ -31,7 +31,7 @@ def _forward(model: torch.nn.Module) -> None:
 def test_mean_does_not_grow_with_the_number_of_layers_and_sum_does():
     totals, sums = {}, {}
     for blocks in (1, 3):  # 2 and 6 MoLE layers
-        model = _uniform_topk(blocks, load_balance_coef=0.01, z_loss_coef=0.001)
+        model = _uniform_topk(blocks, load_balance_coef=0.01, z_loss_coef=0.001, balance_share="slots")
         _forward(model)
         layers = len(molex.mole_layers(model))
         losses = molex.aux_losses(model)
@@ -81,7 +81,7 @@ def test_bad_reduction_names_the_value_and_no_losses_give_none():
 
 
 def test_lm_loss_is_the_headline_and_aux_losses_are_logged_apart(tmp_path):
-    module = make_module(load_balance_coef=0.5)
+    module = make_module(load_balance_coef=0.5, balance_share="slots")  # the slot share is not offset by 1
     tr = trainer(tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2, enable_checkpointing=False)
     tr.fit(module, loader(), loader())
     logged = tr.callback_metrics

@@ -42,7 +42,13 @@ def toy_model(**options) -> nn.Module:
     """Top-2 of 4 experts with the identity as gate: logits = log(PROBS), so softmax gives PROBS back."""
     model = molex.inject(
         Toy(),
-        molex.MoLEConfig(target_modules=["proj"], num_experts=4, router="topk", router_options={"top_k": 2, **options}),
+        molex.MoLEConfig(
+            target_modules=["proj"],
+            num_experts=4,
+            router="topk",
+            # the raw gate at temperature 1: the hand computation's logits are the inputs
+            router_options={"top_k": 2, "input_norm": "none", "temperature": 1.0, **options},
+        ),
     )
     with torch.no_grad():
         molex.mole_layers(model)["proj"].router.gate.weight.copy_(torch.eye(4))

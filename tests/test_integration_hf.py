@@ -17,7 +17,15 @@ def tiny_llama(num_layers: int = 2, seed: int = 0):
 
 
 def mole_model():
-    config = molex.MoLEConfig(num_experts=3, rank=4, target_modules=["q_proj", "v_proj"], router="topk", top_k=2)
+    # the default load_balance_coef (20 over the whole model) is sized for the 90 layers of the default recipe;
+    # on 4 MoLE layers it is 5 per router and its noise would hide eight steps of LM progress in the logged loss
+    config = molex.MoLEConfig(
+        num_experts=3,
+        rank=4,
+        target_modules=["q_proj", "v_proj"],
+        router="topk",
+        router_options={"top_k": 2, "load_balance_coef": 1.0},
+    )
     return molex.inject(tiny_llama(), config)
 
 
@@ -102,7 +110,15 @@ def test_sft_trainer_trains(tmp_path):
     from molex.models import load_model
 
     base, tokenizer = load_model("tiny-llama")
-    config = molex.MoLEConfig(num_experts=3, rank=4, target_modules=["q_proj", "v_proj"], router="topk", top_k=2)
+    # the default load_balance_coef (20 over the whole model) is sized for the 90 layers of the default recipe;
+    # on 4 MoLE layers it is 5 per router and its noise would hide eight steps of LM progress in the logged loss
+    config = molex.MoLEConfig(
+        num_experts=3,
+        rank=4,
+        target_modules=["q_proj", "v_proj"],
+        router="topk",
+        router_options={"top_k": 2, "load_balance_coef": 1.0},
+    )
     model = molex.inject(base, config)
     before = router_weights(model)
     config = SFTConfig(

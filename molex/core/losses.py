@@ -180,15 +180,19 @@ def token_choice_losses(
 ) -> dict[str, Tensor]:
     """Weighted load-balance and z-losses of a token-choice router. ``f_e`` of the load-balance loss is
     the share of routed slots (:func:`slot_fractions`), or with ``weights [T, k]`` given the share of the
-    routed weight (:func:`weight_fractions`)."""
+    routed weight (:func:`weight_fractions`), reported minus 1, its value at an even load."""
     losses: dict[str, Tensor] = {}
     if load_balance_coef > 0:
         num_experts = probs.shape[-1]
         if weights is None:
             fractions = slot_fractions(indices, num_experts, token_mask)
+            offset = 0.0
         else:
             fractions = weight_fractions(indices, weights, num_experts, token_mask)
-        losses["load_balance"] = load_balance_coef * load_balance_loss(probs, fractions, token_mask)
+            # both shares sum to 1, so the loss is 1 at an even load: report the excess over that, so that a
+            # large coefficient does not add a constant to every logged loss (the gradient is the same)
+            offset = 1.0
+        losses["load_balance"] = load_balance_coef * (load_balance_loss(probs, fractions, token_mask) - offset)
     if z_loss_coef > 0:
         losses["z_loss"] = z_loss_coef * z_loss(logits, token_mask)
     return losses

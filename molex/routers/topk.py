@@ -35,7 +35,8 @@ class TopKConfig(BalanceOptions, ContrastiveOptions):
             weight, the load :func:`molex.routing_health` reports; or ``"slots"``, its share of the
             routed (token, slot) pairs (Switch, Mixtral). With ``top_k = E`` every expert fills every
             token's slots, so ``"slots"`` makes the loss a constant and lets one expert take all the
-            weight; ``"weight"`` keeps balancing there.
+            weight; ``"weight"`` keeps balancing there. With ``"weight"`` the loss is reported minus 1 (its
+            value at an even load), so the default coefficient adds no constant to the logged loss.
         input_norm: what the gate sees (:func:`molex.routers.base.router_input`): ``"log"`` (the default),
             the direction of the input with each channel log-compressed, so routers of layers whose inputs
             differ in size by 100x learn at one pace and tokens are not all alike through a few massive
