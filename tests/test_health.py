@@ -268,6 +268,15 @@ def test_the_collapse_warning_fires_after_n_consecutive_collapsed_logs_and_not_b
     assert watch.collapsed_at == {"model.layers.0.q_proj": 30, "model.layers.1.q_proj": 40}
 
 
+def test_a_single_expert_layer_is_never_called_collapsed():
+    """A plain LoRA through molex-train (one expert per layer) routes everything to its one expert."""
+    watch = CollapseWatch(HealthSettings(collapse_share=0.95, collapse_logs=1))
+    lora = RoutingHealth({"lora": LayerHealth("lora", "linear", 1, (1.0,), 1.0, 0, None, None, 10, 1)}, "window")
+    assert watch.observe(10, lora) is None and watch.observe(20, lora) is None
+    assert lora.collapsed(0.95) == []
+    assert watch.observe(30, health_of([0.99])) is not None  # a pool of 4 at 0.99 still is
+
+
 def test_dead_experts_are_warned_about_when_their_number_grows():
     watch = CollapseWatch(HealthSettings(collapse_share=0.95, collapse_logs=3))
     line = watch.observe(5, health_of([0.5], dead=2))

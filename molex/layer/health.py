@@ -120,8 +120,9 @@ class RoutingHealth:
         return len(self.layers)
 
     def collapsed(self, share: float = 0.95) -> list[str]:
-        """Names of the units whose largest expert share exceeds ``share``."""
-        return [h.name for h in self if h.largest_share > share]
+        """Names of the units of 2 or more experts whose largest expert share exceeds ``share`` (a single
+        expert takes everything by construction)."""
+        return [h.name for h in self if h.num_experts > 1 and h.largest_share > share]
 
     def with_dead_experts(self) -> dict[str, int]:
         """``{name: dead experts}`` of the units that have any."""

@@ -109,6 +109,8 @@ class CollapseWatch:
     def observe(self, step: int, health: RoutingHealth) -> str | None:
         collapsed, dead = [], []
         for h in health:
+            if h.num_experts < 2:  # one expert (a plain LoRA) always takes everything: nothing to warn about
+                continue
             over = h.largest_share > self.collapse_share
             self.streak[h.name] = self.streak.get(h.name, 0) + 1 if over else 0
             if self.streak[h.name] == self.collapse_logs:
