@@ -33,6 +33,7 @@ __all__ = ["collect", "main", "markdown"]
 
 _WARNING = re.compile(r"routing health at step (\d+): (.*)")
 _PRECISION = re.compile(r"trainer\.precision=auto: (\S+) on this machine")
+_TRAINABLE = re.compile(r"MoLE layers, ([\d,]+) trainable")
 SCREEN = ["eval.before=false", "eval.after=false", "trainer.enable_progress_bar=false"]
 
 
@@ -45,9 +46,12 @@ def collect(name: str, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     health = (metrics.get("routing") or {}).get("health")
     if health is None and (run_dir / "routing.json").is_file():  # a run made before metrics.json held it
         health = _health_from_routing(run_dir / "routing.json")
+    summary = run_dir / "summary.txt"
+    counted = _TRAINABLE.search(summary.read_text(encoding="utf-8")) if summary.is_file() else None
     return {
         "name": name,
         "overrides": overrides,
+        "trainable_params": int(counted.group(1).replace(",", "")) if counted else None,
         "precision": precision.group(1) if precision else "as given",
         "val_lm_loss": metrics.get("val_lm_loss"),
         "health": health,
