@@ -16,16 +16,20 @@ def tiny_llama(num_layers: int = 2, seed: int = 0):
     return shared_tiny_llama(num_layers=num_layers, seed=seed)
 
 
-def mole_model():
+def mole_config() -> molex.MoLEConfig:
     # the default load_balance_coef (20 over the whole model) is sized for the 90 layers of the default recipe;
     # on 4 MoLE layers it is 5 per router and its noise would hide eight steps of LM progress in the logged loss
-    config = molex.MoLEConfig(
+    return molex.MoLEConfig(
         num_experts=3,
         rank=4,
         target_modules=["q_proj", "v_proj"],
         router="topk",
         router_options={"top_k": 2, "load_balance_coef": 1.0},
     )
+
+
+def mole_model():
+    config = mole_config()
     return molex.inject(tiny_llama(), config)
 
 
@@ -110,15 +114,7 @@ def test_sft_trainer_trains(tmp_path):
     from molex.models import load_model
 
     base, tokenizer = load_model("tiny-llama")
-    # the default load_balance_coef (20 over the whole model) is sized for the 90 layers of the default recipe;
-    # on 4 MoLE layers it is 5 per router and its noise would hide eight steps of LM progress in the logged loss
-    config = molex.MoLEConfig(
-        num_experts=3,
-        rank=4,
-        target_modules=["q_proj", "v_proj"],
-        router="topk",
-        router_options={"top_k": 2, "load_balance_coef": 1.0},
-    )
+    config = mole_config()
     model = molex.inject(base, config)
     before = router_weights(model)
     config = SFTConfig(
