@@ -23,27 +23,26 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import machine_record
+from benchmarks.recipe_health import log_facts
 
 __all__ = ["collect", "main"]
 
-_WARNING = re.compile(r"routing health at step (\d+): (.*)")
-_PRECISION = re.compile(r"trainer\.precision=auto: (\S+) on this machine")
 _RUN_DIR = re.compile(r"run directory: (\S+)")
 
 
 def collect(run_dir: Path, log: str, time_report: str = "") -> dict[str, Any]:
     """The record of a finished run: its ``metrics.json``, what its log says, and ``/usr/bin/time -v``'s report."""
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    precision = _PRECISION.search(log)
+    precision, warnings = log_facts(log)
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", time_report)
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", time_report)
     return {
-        "precision": precision.group(1) if precision else "as set",
+        "precision": "as set" if precision == "as given" else precision,
         "before": {k: metrics["before"][k] for k in ("accuracy", "per_task")} if "before" in metrics else None,
         "after": {k: metrics["after"][k] for k in ("accuracy", "per_task")} if "after" in metrics else None,
         "val_lm_loss": metrics.get("val_lm_loss"),
         "routing": metrics.get("routing"),
-        "health_warnings": [{"step": int(m.group(1)), "text": m.group(2)[:300]} for m in _WARNING.finditer(log)],
+        "health_warnings": warnings,
         "other_warnings": [
             line[:300] for line in log.splitlines() if "WARNING" in line and "routing health" not in line
         ],

@@ -29,7 +29,7 @@ from typing import Any
 
 from benchmarks.machine import machine_record
 
-__all__ = ["collect", "main", "markdown"]
+__all__ = ["collect", "log_facts", "main", "markdown"]
 
 _WARNING = re.compile(r"routing health at step (\d+): (.*)")
 _PRECISION = re.compile(r"trainer\.precision=auto: (\S+) on this machine")
@@ -37,12 +37,19 @@ _TRAINABLE = re.compile(r"MoLE layers, ([\d,]+) trainable")
 SCREEN = ["eval.before=false", "eval.after=false", "trainer.enable_progress_bar=false"]
 
 
+def log_facts(log: str) -> tuple[str, list[dict[str, Any]]]:
+    """``(precision, routing-health warnings)`` from a ``molex-train`` console log: the precision ``auto``
+    chose (``"as given"`` when the run set one), and each warning's step and text."""
+    precision = _PRECISION.search(log)
+    warnings = [{"step": int(m.group(1)), "text": m.group(2)[:300]} for m in _WARNING.finditer(log)]
+    return (precision.group(1) if precision else "as given"), warnings
+
+
 def collect(name: str, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """The result of one finished run in ``run_dir`` (its ``metrics.json`` and ``stdout.log``)."""
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     log = (run_dir / "stdout.log").read_text(encoding="utf-8", errors="replace")
-    precision = _PRECISION.search(log)
-    warnings = [{"step": int(m.group(1)), "text": m.group(2)[:300]} for m in _WARNING.finditer(log)]
+    precision, warnings = log_facts(log)
     health = (metrics.get("routing") or {}).get("health")
     if health is None and (run_dir / "routing.json").is_file():  # a run made before metrics.json held it
         health = _health_from_routing(run_dir / "routing.json")
@@ -52,7 +59,7 @@ def collect(name: str, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         "name": name,
         "overrides": overrides,
         "trainable_params": int(counted.group(1).replace(",", "")) if counted else None,
-        "precision": precision.group(1) if precision else "as given",
+        "precision": precision,
         "val_lm_loss": metrics.get("val_lm_loss"),
         "health": health,
         "health_warnings": warnings,

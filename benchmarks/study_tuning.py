@@ -18,6 +18,7 @@ from typing import Any
 
 from benchmarks.study_runs import run_all, train_run
 from benchmarks.study_variants import VARIANTS
+from molex.core.files import write_json
 
 __all__ = ["tune_variants"]
 
@@ -45,7 +46,7 @@ def _tuning_run(
         "train_seconds": metrics["train"]["seconds"],
     }
     run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(path, result, sort_keys=False)
     return result
 
 
