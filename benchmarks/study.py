@@ -32,11 +32,12 @@ from typing import Any
 
 import torch
 
+import molex
 from benchmarks import study_measure as measure
 from benchmarks.machine import machine_record
 from benchmarks.study_report import aggregate, compact_run, markdown, plot
 from benchmarks.study_runs import run_all, train_run
-from benchmarks.study_tuning import tune_variants
+from benchmarks.study_tuning import chosen_run_dir, tune_variants
 from benchmarks.study_variants import (
     DEFAULT_VARIANTS,
     MATCH_TARGET,
@@ -243,14 +244,48 @@ class Study:
                 )
             return done
         start = time.perf_counter()
+        trained = self._tuning_run_of(variant, seed)
+        if trained is not None:  # seed 0 of a tuned variant: its tuning run, scored on the test split here
+            with self._measuring:
+                metrics = json.loads((trained / "metrics.json").read_text(encoding="utf-8"))
+                metrics["after"] = self._test_scores(overrides, seed, trained / "adapter")
+                return self._measure(variant, seed, overrides, metrics, run_dir, start, trained=trained)
         metrics = train_run(overrides, run_dir, self.args.run_timeout, threads=self.threads)
         with self._measuring:
             return self._measure(variant, seed, overrides, metrics, run_dir, start)
 
+    def _tuning_run_of(self, variant: str, seed: int) -> Path | None:
+        """The chosen tuning run's folder when it trained exactly this (variant, seed), else None."""
+        choice = self.lr_tuning.get(variant)
+        if choice is None or seed != 0:
+            return None
+        trained = chosen_run_dir(self.args.out, variant, choice)
+        return trained if (trained / "adapter").is_dir() and (trained / "metrics.json").is_file() else None
+
+    def _test_scores(self, overrides: list[str], seed: int, adapter: Path) -> dict[str, Any]:
+        """Exact match on the test split, as ``molex-train`` scores it at the end of a run."""
+        from molex.cli.run_outputs import evaluate
+
+        model = molex.load_adapter(self.base, adapter).eval()
+        try:
+            return evaluate(model, self.tokenizer, self.datamodule(seed), measure.compose_config(overrides))
+        finally:
+            molex.unload(model)
+
     def _measure(
-        self, variant: str, seed: int, overrides: list[str], metrics: dict[str, Any], run_dir: Path, start: float
+        self,
+        variant: str,
+        seed: int,
+        overrides: list[str],
+        metrics: dict[str, Any],
+        run_dir: Path,
+        start: float,
+        *,
+        trained: Path | None = None,
     ) -> dict[str, Any]:
+        """``trained``: the folder the run trained in, when it is not ``run_dir`` (a tuning run)."""
         dm = self.datamodule(seed)
+        adapter = (trained or run_dir) / "adapter"
         result = {
             "variant": variant,
             "description": VARIANTS[variant].description,
@@ -261,10 +296,10 @@ class Study:
             "counts": metrics["after"]["counts"],
             "train": metrics["train"],
             "train_seconds": metrics["train"]["seconds"],
-            **measure.measure_run(
-                self.base, dm, run_dir / "adapter", logged=metrics["train"], precision=self.args.precision
-            ),
+            **measure.measure_run(self.base, dm, adapter, logged=metrics["train"], precision=self.args.precision),
         }
+        if trained is not None:
+            result["trained_in"] = str(trained.relative_to(self.args.out))
         result["seconds"] = round(time.perf_counter() - start, 1)
         _write_json(run_dir / "result.json", result)
         return result
@@ -302,7 +337,8 @@ class Study:
         done = _read_json(path)
         if done is not None and done.get("run") == [run["variant"], run["seed"]]:
             return done
-        adapter = self.args.out / "runs" / run["variant"] / f"seed{run['seed']}" / "adapter"
+        trained_in = run.get("trained_in") or f"runs/{run['variant']}/seed{run['seed']}"
+        adapter = self.args.out / trained_in / "adapter"
         check = peft_equivalence(
             self.base, self.tokenizer, self.datamodule(run["seed"]), adapter, eval_kwargs=self.eval_kwargs
         )

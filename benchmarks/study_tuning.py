@@ -3,7 +3,8 @@
 For a variant with ``tune = (key, values)`` the study trains seed 0 once per value, without the test
 evaluation (``eval.after=false``), and keeps the value with the lowest validation LM loss (the last
 step's ``val/lm_loss``, over the whole validation split). Every seed of the variant then runs with that
-value and is scored on the test split once. A run that diverges (a non-finite loss) loses; if every
+value and is scored on the test split once; seed 0 is not trained again: the chosen value's tuning run is
+that seed (:func:`chosen_run_dir`), its adapter scored on the test split by the study. A run that diverges (a non-finite loss) loses; if every
 value diverges, the study stops rather than pick one. Results are cached in
 ``tuning/<variant>/<last part of key>_<value>/result.json`` (``lr_0.003``) like the study's own runs, so an interrupted study resumes.
 """
@@ -20,14 +21,23 @@ from benchmarks.study_runs import run_all, train_run
 from benchmarks.study_variants import VARIANTS
 from molex.core.files import write_json
 
-__all__ = ["tune_variants"]
+__all__ = ["chosen_run_dir", "tune_variants"]
+
+
+def _run_dir(out: Path, variant: str, key: str, value: float) -> Path:
+    # no "=" in the folder name: it goes into a Hydra override (hydra.run.dir=...)
+    return out / "tuning" / variant / f"{key.rsplit('.', 1)[-1]}_{value:g}"
+
+
+def chosen_run_dir(out: Path, variant: str, choice: dict[str, Any]) -> Path:
+    """The tuning run of ``variant`` at its chosen value (``choice``: one entry of :func:`tune_variants`)."""
+    return _run_dir(out, variant, choice["key"], choice["chosen"])
 
 
 def _tuning_run(
     out: Path, variant: str, key: str, value: float, overrides: list[str], timeout: float, threads: int | None
 ) -> dict[str, Any]:
-    # no "=" in the folder name: it goes into a Hydra override (hydra.run.dir=...)
-    run_dir = out / "tuning" / variant / f"{key.rsplit('.', 1)[-1]}_{value:g}"
+    run_dir = _run_dir(out, variant, key, value)
     overrides = [*overrides, f"{key}={value:g}", "eval.after=false"]
     path = run_dir / "result.json"
     if path.is_file():

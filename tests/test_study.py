@@ -281,3 +281,23 @@ def test_tuning_stops_when_every_value_diverges(tmp_path, monkeypatch):
     )
     with pytest.raises(SystemExit, match="every optim.lr .* diverged"):
         study_tuning.tune_variants(["mola_tuned"], lambda v: ["seed=0"], out=tmp_path, jobs=1, timeout=10, threads=1)
+
+
+def test_a_tuned_variants_seed_0_is_its_chosen_tuning_run_scored_as_molex_train_scores(tmp_path, monkeypatch):
+    import dataclasses
+
+    tuned = dataclasses.replace(VARIANTS["lora_r16_tuned"], tune=("optim.lr", (3e-3, 1e-2)))
+    monkeypatch.setitem(VARIANTS, "lora_r16_tuned", tuned)
+    out = tmp_path / "study"
+    argv = ["--quick", "--variants", "lora_r16", "lora_r16_tuned", "--out", str(out)]
+    report = study.main(argv)
+    chosen = report["lr_tuning"]["lora_r16_tuned"]["chosen"]
+    run = next(r for r in report["runs"] if r["variant"] == "lora_r16_tuned")
+    assert run["trained_in"] == f"tuning/lora_r16_tuned/lr_{chosen:g}"
+    assert not (out / "runs" / "lora_r16_tuned" / "seed0" / "adapter").exists()  # not trained a second time
+    assert f"optim.lr={chosen:g}" in run["overrides"] and "eval.after=false" not in run["overrides"]
+    # the study's own test scoring gives what molex-train printed for a run it scored itself
+    again = study.Study(study._parse(argv))
+    lora = next(r for r in report["runs"] if r["variant"] == "lora_r16")
+    scores = again._test_scores(again.overrides("lora_r16", 0), 0, out / "runs" / "lora_r16" / "seed0" / "adapter")
+    assert scores["per_task"] == lora["per_task"] and scores["accuracy"] == lora["accuracy"]
