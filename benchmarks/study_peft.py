@@ -44,7 +44,7 @@ def peft_equivalence(base: nn.Module, tokenizer: Any, dm: Any, adapter_dir: Path
     try:
         from peft import PeftModel
     except ImportError:
-        return {"skipped": "peft is not installed (pip install molex[dev])"}
+        return {"skipped": "peft is not installed (pip install molex-lora[dev])"}
     from molex.evaluation.generation import evaluate_generation
 
     batch = next(iter(dm.val_dataloader()))

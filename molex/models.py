@@ -141,7 +141,7 @@ def load_model(
         quantization: freeze the base quantized (QLoRA-style): ``"nf4"`` or ``"int8"`` (bitsandbytes),
             ``"torchao-int8"`` or ``"torchao-int4"`` (torchao weight-only), or ``None`` for a float base.
             Every linear layer but the output head is quantized after loading; ``dtype`` is their compute
-            dtype. All four run on CPU; see :mod:`molex.quant`. Needs ``pip install 'molex[quant]'``.
+            dtype. All four run on CPU; see :mod:`molex.quant`. Needs ``pip install 'molex-lora[quant]'``.
     """
     check_quantization(quantization)  # before the (slow) load: a misspelt name fails at once
     scheme = get_scheme(quantization) if quantization is not None else None
@@ -242,7 +242,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if importlib.util.find_spec("gguf") is None:
-        raise ImportError("loading GGUF weights needs the gguf package: `pip install gguf` (in molex[train])")
+        raise ImportError("loading GGUF weights needs the gguf package: `pip install gguf` (in molex-lora[train])")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     # the weights are dequantised now: drop the quantiser so the model saves and trains as a plain model

@@ -1,4 +1,4 @@
-"""The layering the README's "Architecture" section promises, checked on the source itself.
+"""The layering docs/architecture.md promises, checked on the source itself.
 
 Imports are read with ``ast`` (lazy imports inside functions included, ``TYPE_CHECKING`` blocks left out,
 since they never run), so a cycle or a kernel reaching into the routers fails here before it can land.
@@ -131,7 +131,7 @@ def test_the_lowest_layer_imports_nothing_of_molex():
 
 
 #: module prefix -> layer, most specific first: a module may import only from its own layer or below.
-#: The README's "Architecture" section prints this table in full (checked below).
+#: docs/architecture.md prints this table in full (checked below).
 LAYERS: list[tuple[str, int]] = [
     ("molex.core", 1),
     ("molex.kernels", 2),
@@ -163,7 +163,9 @@ def _layer(module: str) -> int | None:
 
 def test_every_module_has_a_layer():
     missing = sorted(name for name in MODULES if name != "molex" and _layer(name) is None)
-    assert not missing, f"no layer for {missing}: add a rule to LAYERS in tests/test_architecture.py and the README"
+    assert not missing, (
+        f"no layer for {missing}: add a rule to LAYERS in tests/test_architecture.py and docs/architecture.md"
+    )
 
 
 def test_modules_import_only_from_their_layer_or_below():
@@ -183,15 +185,15 @@ def test_the_layer_finder_sees_an_upward_import():
     assert _layer("molex.data.datamodule") == 5 and _layer("molex.data.collate") == 4
 
 
-def test_the_readme_prints_the_layer_table_in_full():
-    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+def test_the_architecture_page_prints_the_layer_table_in_full():
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    section = page.split("## Modules and their layers", 1)[1].split("\n## ", 1)[0]
     rows = {
         (cells[1].strip("` "), int(cells[2].strip()))
         for line in section.splitlines()
         if line.startswith("| `molex") and len(cells := line.split("|")) > 3
     }
-    assert rows == set(LAYERS), f"README rows differ from LAYERS: {sorted(rows ^ set(LAYERS))}"
+    assert rows == set(LAYERS), f"docs/architecture.md rows differ from LAYERS: {sorted(rows ^ set(LAYERS))}"
 
 
 def test_no_test_module_imports_another():

@@ -121,7 +121,7 @@ def test_a_missing_logger_package_names_the_extra(tmp_path, monkeypatch):
     from lightning.pytorch.loggers import CSVLogger
 
     monkeypatch.setattr("lightning.pytorch.loggers.wandb._WANDB_AVAILABLE", False)
-    with pytest.raises(CLIError, match=r"^logger\.wandb needs the wandb package.*molex\[loggers\]"):
+    with pytest.raises(CLIError, match=r"^logger\.wandb needs the wandb package.*molex-lora\[loggers\]"):
         build_loggers(compose_train(tmp_path, "logger=wandb"))
     # the default's TensorBoard logger alone is left out (CSV only), as before the logger group existed
     monkeypatch.setattr("lightning.fabric.loggers.tensorboard._TENSORBOARD_AVAILABLE", False)

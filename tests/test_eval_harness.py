@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'molex[eval]')")
+pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'molex-lora[eval]')")
 
 from hydra import compose, initialize_config_dir
 

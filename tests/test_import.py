@@ -75,7 +75,7 @@ def test_lm_eval_missing_names_the_extra():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
-    assert "pip install 'molex[eval]'" in out.stdout
+    assert "pip install 'molex-lora[eval]'" in out.stdout
 
 
 def test_import_molex_initialises_no_cuda():

@@ -246,7 +246,7 @@ def test_megablocks_import_error_names_the_extra(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    with pytest.raises(ImportError, match=r"pip install molex\[gpu\]"):
+    with pytest.raises(ImportError, match=r"pip install molex-lora\[gpu\]"):
         megablocks._import()
 
 

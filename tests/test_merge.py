@@ -102,7 +102,7 @@ def test_lorahub_without_cma_says_how_to_install(monkeypatch, adapters):
     import sys
 
     monkeypatch.setitem(sys.modules, "cma", None)
-    with pytest.raises(ImportError, match=r"pip install 'molex\[hub\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'molex-lora\[hub\]'"):
         molex.lorahub_search(tiny_llama(), adapters, [{"input_ids": IDS, "labels": IDS}])
 
 

@@ -182,13 +182,14 @@ def test_a_wheel_installed_into_a_bare_folder_ships_every_config(tmp_path):
         timeout=300,
     )
     assert build.returncode == 0, build.stderr[-3000:]
-    (wheel,) = wheels.glob("molex-*.whl")
+    (wheel,) = wheels.glob("molex_lora-*.whl")  # the distribution is molex-lora (the name molex is taken)
     shipped = set(zipfile.ZipFile(wheel).namelist())
     package = [p for p in (source / "molex").rglob("*") if p.is_file() and "__pycache__" not in p.parts]
     wanted = {p.relative_to(source).as_posix() for p in package}
     assert {"molex/conf/__init__.py", "molex/conf/train.yaml", "molex/conf/experiment/smoke.yaml"} <= wanted
     assert not wanted - shipped, f"files missing from the wheel: {sorted(wanted - shipped)}"
     entry_points = next(n for n in shipped if n.endswith(".dist-info/entry_points.txt"))
+    assert entry_points.startswith("molex_lora-"), entry_points
     assert all(f"{s} = " in zipfile.ZipFile(wheel).read(entry_points).decode() for s in SCRIPTS)
 
     target = tmp_path / "target"

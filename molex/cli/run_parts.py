@@ -133,7 +133,7 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
                 log.info("tensorboard is not installed: logging to CSV only")
                 continue
             raise CLIError(
-                f"logger.{name} needs the {missing} package, which is not installed: pip install 'molex[loggers]' "
+                f"logger.{name} needs the {missing} package, which is not installed: pip install 'molex-lora[loggers]' "
                 "(or pick another logger: logger=tensorboard | csv | wandb | mlflow)"
             ) from None
         except (ValueError, TypeError) as err:

@@ -8,7 +8,7 @@
 
 The model (molex-injected or plain) is evaluated in memory through lm-eval's ``HFLM`` wrapper
 (:class:`molex.evaluation.harness_model.MolexHFLM`, which adds the molex routing inputs each batch needs). lm-eval is
-an optional extra (``pip install 'molex[eval]'``) and is imported only when these functions run.
+an optional extra (``pip install 'molex-lora[eval]'``) and is imported only when these functions run.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from molex.routers.base import Router
 
 __all__ = ["INSTALL_HINT", "LMEvalRequestError", "lm_eval_table", "require_lm_eval", "run_lm_eval", "write_lm_eval"]
 
-INSTALL_HINT = "pip install 'molex[eval]' (or: pip install 'lm-eval>=0.4.2')"
+INSTALL_HINT = "pip install 'molex-lora[eval]' (or: pip install 'lm-eval>=0.4.2')"
 
 
 class LMEvalRequestError(ValueError):

@@ -69,7 +69,7 @@ def lorahub_search(
     try:
         import cma
     except ImportError:
-        raise ImportError("lorahub_search needs the `cma` package: pip install 'molex[hub]'") from None
+        raise ImportError("lorahub_search needs the `cma` package: pip install 'molex-lora[hub]'") from None
     batches = list(batches)
     if not batches:
         raise ValueError("lorahub_search needs at least one batch of examples")

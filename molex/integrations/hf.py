@@ -1,4 +1,4 @@
-"""Train molex models with ``transformers.Trainer`` or TRL's ``SFTTrainer`` (``pip install 'molex[hf]'``).
+"""Train molex models with ``transformers.Trainer`` or TRL's ``SFTTrainer`` (``pip install 'molex-lora[hf]'``).
 
     model = molex.inject(base, molex.MoLEConfig(num_experts=4, rank=8, target_modules=["q_proj", "v_proj"]))
     trainer = MoLETrainer(model=model, args=TrainingArguments(...), train_dataset=data,
@@ -140,5 +140,5 @@ def sft_trainer_class() -> type:
     try:
         from trl import SFTTrainer
     except ImportError as err:
-        raise ImportError("TRL is not installed: pip install 'molex[hf]'") from err
+        raise ImportError("TRL is not installed: pip install 'molex-lora[hf]'") from err
     return type("MoLESFTTrainer", (MoLETrainerMixin, SFTTrainer), {"__module__": __name__})

@@ -13,7 +13,7 @@ loop); they differ only in speed:
 * ``per_seq``: per-sequence decisions, two ``bmm`` over each sequence's gathered experts;
 * ``grouped``: sort slots by expert, grouped GEMMs (``grouped_mm`` on CUDA, a group loop elsewhere);
 * ``triton``: the grouped algorithm with Triton kernels (CUDA; ``TRITON_INTERPRET=1`` on CPU);
-* ``megablocks``: megablocks / grouped_gemm kernels (CUDA with ``pip install molex[gpu]``).
+* ``megablocks``: megablocks / grouped_gemm kernels (CUDA with ``pip install molex-lora[gpu]``).
 
 Each backend is one module of ``molex/kernels/backends/`` that registers its function, cost
 (:mod:`molex.kernels.cost`) and availability with :func:`register_backend`; :mod:`molex.kernels.select` only

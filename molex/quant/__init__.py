@@ -1,6 +1,6 @@
 """Quantized frozen bases (QLoRA-style): schemes for :func:`molex.load_model` and the quantized linear
 layers :func:`molex.inject` wraps. One file per library registers itself; none imports the library
-until a model is quantized, so ``import molex`` works without them (``pip install 'molex[quant]'``).
+until a model is quantized, so ``import molex`` works without them (``pip install 'molex-lora[quant]'``).
 torchao's import-time notices, printed whenever ``transformers`` imports it, are dropped
 (:mod:`molex.quant.quiet`): with the extra installed, an unquantized run prints nothing about it.
 """

@@ -108,7 +108,7 @@ def get_scheme(name: str) -> QuantScheme:
     scheme = SCHEMES[check_quantization(name)]
     if not scheme.is_available():
         raise ImportError(
-            f"quantization={name!r} needs the {scheme.package} package: pip install 'molex[quant]' "
+            f"quantization={name!r} needs the {scheme.package} package: pip install 'molex-lora[quant]' "
             f"(or pip install {scheme.package})"
         )
     return scheme

@@ -1,4 +1,4 @@
-"""megablocks backend (CUDA, ``pip install molex[gpu]``): megablocks' gather / scatter and
+"""megablocks backend (CUDA, ``pip install molex-lora[gpu]``): megablocks' gather / scatter and
 grouped_gemm's ``gmm`` for the shrink and expand.
 
 Slots are sorted by expert exactly as in :mod:`molex.kernels.backends.grouped`; megablocks' ``gather``
@@ -21,7 +21,7 @@ from molex.kernels.common import expert_scaled_weights
 from molex.kernels.cost import Workload
 from molex.kernels.registry import Backend, installed, register_backend
 
-INSTALL_HINT = "pip install molex[gpu]  (installs megablocks and grouped_gemm; needs a CUDA toolchain)"
+INSTALL_HINT = "pip install molex-lora[gpu]  (installs megablocks and grouped_gemm; needs a CUDA toolchain)"
 
 
 def is_available() -> bool:
