@@ -102,7 +102,7 @@ def train_adapters(model, tokenizer, settings: HubSettings, out: Path) -> dict[s
         peft_model.eval()
         path = out / "adapters" / task
         peft_model.save_pretrained(str(path))
-        accuracy = float("nan")
+        accuracy = None  # not evaluated (strict JSON: no NaN)
         if settings.evaluate:
             test = make_builtin_dataset("test", settings.test_per_task, settings.seed, tasks=[task])
             accuracy = evaluate_generation(
@@ -111,7 +111,8 @@ def train_adapters(model, tokenizer, settings: HubSettings, out: Path) -> dict[s
         model = peft_model.unload()  # the base model again, without this adapter's layers
         results[task] = {"path": path, "accuracy": accuracy, "seconds": time.perf_counter() - start}
         print(
-            f"adapter {task:<10} loss {float(loss.detach()):.3f}  own-task accuracy {accuracy:.3f}  "
+            f"adapter {task:<10} loss {float(loss.detach()):.3f}  own-task accuracy "
+            f"{'not evaluated' if accuracy is None else f'{accuracy:.3f}'}  "
             f"({results[task]['seconds']:.0f} s)",
             flush=True,
         )
@@ -133,7 +134,7 @@ def fuse_and_evaluate(model, tokenizer, adapters: dict[str, Path], router: str, 
         # a training-free router (arrow) has nothing to fit
         fit = fit_router if molex.trainable_parameters(fused) or router == "dlp" else None
         history = (
-            [float("nan")]
+            []
             if fit is None
             else fit(
                 fused,
@@ -163,12 +164,13 @@ def fuse_and_evaluate(model, tokenizer, adapters: dict[str, Path], router: str, 
         "router": router,
         "routing_accuracy": evaluation["routing_accuracy"],
         "per_task": evaluation["per_task"],
-        "router_loss": [history[0], history[-1]],
+        # first and last router-training loss; None for a training-free router (strict JSON: no NaN)
+        "router_loss": [history[0], history[-1]] if history else None,
         "seconds": time.perf_counter() - start,
     }
+    trained = f"router loss {history[0]:.3f} -> {history[-1]:.3f}" if history else "no router training"
     print(
-        f"fused/{router:<5} routing accuracy {result['routing_accuracy']:.3f}  "
-        f"router loss {history[0]:.3f} -> {history[-1]:.3f}  ({result['seconds']:.0f} s)",
+        f"fused/{router:<5} routing accuracy {result['routing_accuracy']:.3f}  {trained}  ({result['seconds']:.0f} s)",
         flush=True,
     )
     return result
@@ -177,12 +179,17 @@ def fuse_and_evaluate(model, tokenizer, adapters: dict[str, Path], router: str, 
 def table(singles: dict[str, dict[str, Any]], fused: Sequence[dict[str, Any]]) -> str:
     header = "| task | single adapter | " + " | ".join(f"fused {f['router']}" for f in fused) + " |"
     lines = [header, "|---|---:|" + "---:|" * len(fused)]
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     for task, single in singles.items():
         cells = " | ".join(f"{f['per_task'].get(task, 0.0):.3f}" for f in fused)
-        lines.append(f"| {task} | {single['accuracy']:.3f} | {cells} |")
-    mean = sum(s["accuracy"] for s in singles.values()) / len(singles)
+        lines.append(f"| {task} | {cell(single['accuracy'])} | {cells} |")
+    evaluated = [s["accuracy"] for s in singles.values() if s["accuracy"] is not None]
+    mean = sum(evaluated) / len(evaluated) if len(evaluated) == len(singles) else None
     fused_means = " | ".join(f"{sum(f['per_task'].get(t, 0.0) for t in singles) / len(singles):.3f}" for f in fused)
-    lines.append(f"| **mean** | {mean:.3f} | {fused_means} |")
+    lines.append(f"| **mean** | {cell(mean)} | {fused_means} |")
     lines.append("| routing accuracy | | " + " | ".join(f"{f['routing_accuracy']:.3f}" for f in fused) + " |")
     return "\n".join(lines)
 
@@ -223,10 +230,10 @@ def main() -> None:
     summary = {k: v for k, v in result.items() if k != "singles"}
     summary["singles"] = {t: {"accuracy": s["accuracy"]} for t, s in result["singles"].items()}
     summary["machine"] = machine_record(threads=args.threads, precision="float32", seconds=time.perf_counter() - start)
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2, default=str, allow_nan=False))
     if args.results is not None:
         args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        args.results.write_text(json.dumps(summary, indent=2, default=str, allow_nan=False) + "\n")
 
 
 if __name__ == "__main__":

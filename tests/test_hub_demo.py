@@ -35,3 +35,17 @@ def test_router_learns_task_identity_on_held_out_prompts(hub, router):
     result = fuse_and_evaluate(model, tokenizer, adapters, router, settings)
     assert result["routing_accuracy"] >= 0.95
     assert not molex.mole_layers(model)  # the base model is restored
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_training_free_router_writes_strict_json(hub):
+    import json
+
+    from benchmarks.demo_hub import fuse_and_evaluate, table
+
+    settings, model, tokenizer, adapters = hub
+    result = fuse_and_evaluate(model, tokenizer, adapters, "arrow", settings)
+    assert result["router_loss"] is None  # nothing was trained: no loss, and no NaN in results.json
+    singles = {task: {"accuracy": None} for task in adapters}  # the fixture's adapters were not evaluated
+    text = json.dumps({"fused": [result], "singles": singles, "table": table(singles, [result])}, allow_nan=False)
+    assert "| **mean** | - |" in json.loads(text)["table"]
