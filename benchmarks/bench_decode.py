@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import molex
-from benchmarks.harness import time_candidates
+from benchmarks.harness import environment, time_candidates, write_json
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 = stable timings on a shared machine)")
     parser.add_argument("--variants", default="base,lora,milora,dlp,topk")
+    parser.add_argument("--json", default=None, help="write the times and ratios here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -155,6 +156,10 @@ def main() -> None:
     for variant, seconds in results.items():
         ratio = f"{seconds / baseline:.2f}x" if baseline else "-"
         print(f"| {variant} | {seconds:.3f} | {1000 * seconds / args.new_tokens:.2f} | {ratio} |")
+    if args.json:
+        ratios = {f"{v}_vs_lora": round(s / baseline, 3) for v, s in results.items() if baseline}
+        payload = {"env": environment(precision="float32"), "config": vars(args), "seconds": results, "ratios": ratios}
+        write_json(args.json, payload)
 
 
 if __name__ == "__main__":

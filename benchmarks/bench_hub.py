@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 import molex
-from benchmarks.harness import time_candidates
+from benchmarks.harness import environment, time_candidates, write_json
 from molex.hub.peft_format import LoraFactors, PeftLoraAdapter
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None, help="write the times and ratios here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     router = "gate" if "gate" in molex.available_routers() else "topk"
@@ -162,6 +163,22 @@ def main() -> None:
             f"| {f['auto'] / f['single']:.2f} | {f['reference'] / f['auto']:.2f} | {d['single'] * 1e3:.0f} "
             f"| {d['auto'] * 1e3:.0f} | {d['auto'] / d['single']:.2f} | {d['reference'] / d['auto']:.2f} |"
         )
+    if args.json:
+        points = [
+            {
+                "adapters": count,
+                "rank": rank,
+                "backend": selected,
+                "seconds": t,
+                "forward_fused_vs_single": round(t["forward"]["auto"] / t["forward"]["single"], 3),
+                "forward_reference_vs_selected": round(t["forward"]["reference"] / t["forward"]["auto"], 3),
+                "decode_fused_vs_single": round(t["decode"]["auto"] / t["decode"]["single"], 3),
+                "decode_reference_vs_selected": round(t["decode"]["reference"] / t["decode"]["auto"], 3),
+            }
+            for count, rank, selected, t in rows
+        ]
+        payload = {"env": environment(precision="float32"), "config": vars(args), "baseline": single_kind}
+        write_json(args.json, {**payload, "router": router, "results": points})
 
 
 if __name__ == "__main__":

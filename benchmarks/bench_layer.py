@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     stats = time_candidates({**layer, **ops}, warmup=args.warmup, repeats=args.repeats, device=dev)
     result = {
-        "env": environment(),
+        "env": environment(precision=args.dtype),
         "config": vars(args) | {"auto_backend": chosen},
         "stats": stats,
         "ratios": {

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name in candidates
     }
     result = {
-        "env": environment(),
+        "env": environment(precision=args.dtype),
         "config": vars(args),
         "auto_backend": selected,
         "roofline": roof,

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
             "memory": "base_weight_mb: tensor bytes; rss: /proc/self/status VmRSS after load, VmHWM over the steps",
             "warmup": args.warmup,
             "steps": args.steps,
-            "environment": environment(),
+            "environment": environment(precision="float32 compute over each scheme's base"),
             "results": [rows[s] for s in SCHEMES if s in rows],
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     op_stats = time_candidates(ops, warmup=args.warmup, repeats=args.repeats, device=dev)
 
     result = {
-        "environment": environment(),
+        "environment": environment(precision=args.dtype),
         "config": {**vars(args)},
         "backends": chosen,
         "layer": layer_stats,

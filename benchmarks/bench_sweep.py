@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     warmup = args.warmup or (3 if cuda else 1)
     start = time.perf_counter()
     payload = {
-        "env": environment(),
+        "env": environment(precision=str(dtype).removeprefix("torch.")),
         "config": {"quick": args.quick, "tiny": args.tiny, "dtype": str(dtype), "repeats": repeats, "warmup": warmup},
         "seconds": 0.0,
         "results": [],

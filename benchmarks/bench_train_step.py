@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit(f"need --steps >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
-    payload: dict = {"env": environment(), "config": vars(args), "results": [], "ratios": {}}
+    payload: dict = {"env": environment(precision=args.precision), "config": vars(args), "results": [], "ratios": {}}
     for name in args.models:
         batch, seq = args.batch or MODELS[name]["batch"], args.seq or MODELS[name]["seq"]
         runs = {}

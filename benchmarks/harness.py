@@ -8,20 +8,32 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from benchmarks.machine import machine_record
 from molex.core import files
 
-__all__ = ["environment", "fwd_bwd", "ratio", "time_candidates", "write_json"]
+__all__ = ["command_line", "environment", "fwd_bwd", "ratio", "time_candidates", "write_json"]
 
 
-def environment() -> dict[str, Any]:
-    """Machine, library versions and device, recorded with every result."""
+def command_line() -> str:
+    """The command that is running, as a user would type it again (``python -m benchmarks.x ...``)."""
+    script = sys.argv[0]
+    module = os.path.splitext(os.path.relpath(script))[0].replace(os.sep, ".")
+    head = f"python -m {module}" if module.startswith("benchmarks.") else f"python {shlex.quote(script)}"
+    return " ".join([head, *map(shlex.quote, sys.argv[1:])])
+
+
+def environment(*, precision: str) -> dict[str, Any]:
+    """Machine (:func:`benchmarks.machine.machine_record`), library versions and device, recorded with every
+    result; ``precision``: the dtype the benchmark computes in."""
     try:
         import triton
 
@@ -29,6 +41,7 @@ def environment() -> dict[str, Any]:
     except ImportError:
         triton_version = None
     env = {
+        **machine_record(threads=None, precision=precision),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -98,5 +111,6 @@ def fwd_bwd(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, gra
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
-    """A benchmark's result file, keys in reading order (:func:`molex.core.files.write_json`)."""
-    files.write_json(path, payload, sort_keys=False)
+    """A benchmark's result file, keys in reading order (:func:`molex.core.files.write_json`), with the command
+    that wrote it."""
+    files.write_json(path, {"command": command_line(), **payload}, sort_keys=False)
