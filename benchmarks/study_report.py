@@ -7,6 +7,7 @@ so the spread of a difference excludes what all variants share.
 
 from __future__ import annotations
 
+import io
 import math
 import statistics
 from collections.abc import Sequence
@@ -191,6 +192,7 @@ def plot(study: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from PIL import Image  # a matplotlib dependency
 
     agg, tasks = study["aggregate"], study["tasks"]
     order = [v for v in study["variants"] if v in agg]
@@ -218,6 +220,10 @@ def plot(study: dict[str, Any], path: Path) -> Path:
     fig.suptitle(f"{study['model']}, {study['steps']} steps, seeds {study['seeds']} (grey: one LoRA)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=110)
     plt.close(fig)
+    # a 64-colour palette keeps the committed plot a third of its RGBA size (bars, dots and text only)
+    image = Image.open(buffer).convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT)
+    image.save(path, optimize=True)
     return path
