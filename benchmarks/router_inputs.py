@@ -7,7 +7,7 @@ For every ``q_proj`` / ``v_proj`` / ``down_proj`` of the base model (the default
 over the real tokens of the built-in validation prompts: the inputs' RMS and largest magnitude (a gate's
 logits, and AdamW's steps on them, grow with these), the share of the energy in the largest channel, and the
 mean cosine between tokens, raw and through each ``input_norm`` of the ``topk`` router
-(:func:`molex.routers.base.router_input`): close to 1 means every token looks alike to a router.
+(:func:`molex.routers.inputs.router_input`): close to 1 means every token looks alike to a router.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from benchmarks.machine import machine_record
 from molex.data.builtin import make_builtin_dataset
 from molex.models import load_model
-from molex.routers.base import INPUT_NORMS, router_input
+from molex.routers.inputs import INPUT_NORMS, router_input
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 

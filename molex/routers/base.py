@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from molex.core.decision import RoutingDecision
 from molex.core.losses import contrastive_loss, expert_outputs
 from molex.core.registry import Registry
+from molex.routers.inputs import router_input
 
 if TYPE_CHECKING:
     from molex.layer.context import RoutingContext
@@ -258,32 +259,6 @@ def build_router(name: str, *, in_features: int, num_experts: int, **options: An
     """Build router ``name`` for ``num_experts`` experts over ``in_features``-dim inputs."""
     config = make_router_config(name, options)
     return get_router_class(name)(in_features=in_features, num_experts=num_experts, config=config)
-
-
-#: how a router may prepare its input before the gate (``input_norm``), see :func:`router_input`
-INPUT_NORMS = ("log", "l2", "none")
-
-
-def router_input(x: Tensor, norm: str) -> Tensor:
-    """The gate's view of ``x [T, d]`` (float32): ``"none"``: ``x``; ``"l2"``: ``x / ||x||``, each token's
-    direction; ``"log"``: the direction of ``sign(x) log(1 + |x| / mean|x|)``, each channel compressed
-    relative to the token's mean magnitude first.
-
-    Why: a router's logits, and the size of its optimiser steps, grow with its input. In SmolLM2-135M the
-    inputs of the last layers' ``down_proj`` reach 2,370 where attention inputs stay near 10, so one
-    router learning rate cannot suit every layer (``"l2"`` fixes that). And a few "massive" channels carry
-    up to 99% of a hidden state's energy in every token alike, so raw directions of different tokens are
-    close (mean cosine 0.42-0.68 between tokens of the deeper layers' attention inputs) and a router
-    cannot tell them apart; compressing each channel first brings that to 0.18-0.26 (``"log"``;
-    ``python -m benchmarks.router_inputs``).
-    """
-    x = x.float()
-    if norm == "log":
-        scale = x.abs().mean(dim=-1, keepdim=True).clamp_min(1e-12)
-        x = torch.sign(x) * torch.log1p(x.abs() / scale)
-    if norm in ("log", "l2"):
-        x = nn.functional.normalize(x, dim=-1, eps=1e-6)
-    return x
 
 
 def float32_logits(gate: nn.Linear, x: Tensor, *, input_norm: str = "none", temperature: float = 1.0) -> Tensor:

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from molex.core.losses import token_choice_losses
 from molex.layer.context import RoutingContext
 from molex.routers.balance import BalanceOptions, BiasBalancedRouter
-from molex.routers.base import INPUT_NORMS, ContrastiveOptions, RoutingDecision, float32_logits, register_router
+from molex.routers.base import ContrastiveOptions, RoutingDecision, float32_logits, register_router
+from molex.routers.inputs import INPUT_NORMS
 
 #: the values of ``TopKConfig.balance_share``
 BALANCE_SHARES = ("weight", "slots")
@@ -37,7 +38,7 @@ class TopKConfig(BalanceOptions, ContrastiveOptions):
             token's slots, so ``"slots"`` makes the loss a constant and lets one expert take all the
             weight; ``"weight"`` keeps balancing there. With ``"weight"`` the loss is reported minus 1 (its
             value at an even load), so the default coefficient adds no constant to the logged loss.
-        input_norm: what the gate sees (:func:`molex.routers.base.router_input`): ``"log"`` (the default),
+        input_norm: what the gate sees (:func:`molex.routers.inputs.router_input`): ``"log"`` (the default),
             the direction of the input with each channel log-compressed, so routers of layers whose inputs
             differ in size by 100x learn at one pace and tokens are not all alike through a few massive
             channels; ``"l2"``, the raw direction; ``"none"``, the raw input (adapters saved before the
