@@ -7,7 +7,7 @@ PEFT ``lora.Linear`` of rank ``k r`` and the frozen base alone run beside them, 
 round-robin in one run (median of ``--repeats`` after ``--warmup``, device-synchronised).
 
 Roofline floor of one forward + backward (``roofline``), with ``P = 790e12`` FLOP/s (bf16 dense
-matmul) and ``W = 4.3e12`` B/s (device copy), both measured on an H200, ``s`` bytes per element::
+matmul) and ``W = 4.3e12`` B/s (device copy), both assumed for an H200 (reported figures, not measured here), ``s`` bytes per element::
 
     FLOPs = 2 T d d (base fwd) + 2 T d d (base grad-x; the base is frozen, no weight grad)
           + 3 * 2 T d E        (router logits fwd; grad-x and grad-W bwd)

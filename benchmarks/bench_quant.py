@@ -33,6 +33,7 @@ from pathlib import Path
 
 from benchmarks.harness import environment, write_json
 
+PRECISION = "float32 compute over each scheme's base"
 SCHEMES = ["float32", "nf4", "int8", "torchao-int8", "torchao-int4"]
 OUT = Path(__file__).parent / "results" / "quant.json"
 BATCH, SEQ = 8, 96  # molex/conf/data/builtin_multitask.yaml: batch_size, max_length
@@ -121,10 +122,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.one:
         print(json.dumps(measure(args.one, args.warmup, args.steps)))
         return {}
-    # rows of schemes not measured now are kept from the file (same warmup / steps), so a run cut short
-    # loses nothing and the rest can be measured with --schemes
+    # rows of schemes not measured now are kept from the file when it was measured the same way on the same
+    # machine and torch, so a run cut short loses nothing and the rest can be measured with --schemes
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    same = (previous.get("warmup"), previous.get("steps")) == (args.warmup, args.steps)
+    here = environment(precision=PRECISION)
+    machine = {key: previous.get("environment", {}).get(key) for key in ("cpu", "torch", "threads")}
+    same = (previous.get("warmup"), previous.get("steps")) == (args.warmup, args.steps) and machine == {
+        key: here[key] for key in machine
+    }
     rows = {row["scheme"]: row for row in previous.get("results", [])} if same else {}
     payload: dict = {}
     for scheme in args.schemes:
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
             "memory": "base_weight_mb: tensor bytes; rss: /proc/self/status VmRSS after load, VmHWM over the steps",
             "warmup": args.warmup,
             "steps": args.steps,
-            "environment": environment(precision="float32 compute over each scheme's base"),
+            "environment": here,
             "results": [rows[s] for s in SCHEMES if s in rows],
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)

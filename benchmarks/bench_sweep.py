@@ -7,7 +7,8 @@ linear, and the MoLE layer with ``auto`` selection. Reports each backend's speed
 which backend the cost model selects and how far it is from the fastest (target: within 10%),
 and on CUDA the ratio to the roofline floor (max of bytes / bandwidth and FLOPs / peak).
 
-``--quick``: a CPU-sized subset (a few minutes on 2 cores). ``--tiny``: two small points (seconds;
+``--quick``: a CPU-sized subset (a few minutes on 2 cores), the points the CPU cost constants were fitted
+on. ``--holdout``: CPU-sized points they were not fitted on (the out-of-sample check of ``auto``). ``--tiny``: two small points (seconds;
 checks that the sweep runs). The full grid (E in {2, 8, 32, 64}, r in {4, 8, 16, 64}, k in
 {1, 2, 4}, T in {512, 4096}, d = 2048) is for a GPU. Each point also records the cost model's
 estimate for every backend (``estimated_s``, one forward), the input for recalibrating it.
@@ -28,7 +29,7 @@ from benchmarks.layers import base_linear, mole_layer, peft_lora_layer, trainabl
 from molex.kernels import available_backends, estimate_cost, mole_delta, resolve_backend
 from molex.routers.base import RoutingDecision
 
-#: roofline ceilings of the GPU we measure on (H200: bf16 dense matmul, device copy)
+#: roofline ceilings assumed for an H200 (bf16 dense matmul, device copy): reported figures, not measured here
 PEAK_FLOPS, PEAK_BYTES = 7.9e14, 4.3e12
 
 FULL_GRID = [
@@ -46,6 +47,19 @@ QUICK_GRID = [
     dict(experts=64, rank=16, top_k=2, tokens=512, dim=2048),
     dict(experts=8, rank=64, top_k=1, tokens=512, dim=2048),
     dict(experts=8, rank=8, top_k=2, tokens=4096, dim=2048, sequences=8),  # per-sequence routing
+]
+#: CPU-sized points the CPU cost constants were not fitted on (other d, T, E, r and k than QUICK_GRID's), to
+#: check the cost model's choice out of sample
+HOLDOUT_GRID = [
+    dict(experts=4, rank=8, top_k=2, tokens=2048, dim=1024),
+    dict(experts=16, rank=8, top_k=2, tokens=2048, dim=1024),
+    dict(experts=16, rank=32, top_k=2, tokens=1024, dim=2048),
+    dict(experts=4, rank=16, top_k=1, tokens=4096, dim=1024),
+    dict(experts=48, rank=8, top_k=2, tokens=1024, dim=1536),
+    dict(experts=8, rank=4, top_k=2, tokens=2048, dim=576),  # SmolLM2-135M's hidden size
+    dict(experts=24, rank=16, top_k=3, tokens=512, dim=2048),
+    dict(experts=12, rank=32, top_k=2, tokens=2048, dim=1536),
+    dict(experts=8, rank=8, top_k=2, tokens=1024, dim=576, sequences=8),
 ]
 TINY_GRID = [
     dict(experts=4, rank=4, top_k=2, tokens=32, dim=32),
@@ -145,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the CPU-sized subset")
     size.add_argument("--tiny", action="store_true", help="two tiny points (checks that the sweep runs)")
+    size.add_argument("--holdout", action="store_true", help="CPU-sized points the cost model was not fitted on")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--repeats", type=int, default=None)
@@ -162,13 +177,25 @@ def main(argv: list[str] | None = None) -> dict:
     cuda = args.device == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     # on CUDA the extra points come first: a run cut short by its time limit still has them
-    grid = TINY_GRID if args.tiny else QUICK_GRID if args.quick else (GPU_EXTRA if cuda else []) + FULL_GRID
+    if args.tiny:
+        grid = TINY_GRID
+    elif args.quick or args.holdout:
+        grid = QUICK_GRID if args.quick else HOLDOUT_GRID
+    else:
+        grid = (GPU_EXTRA if cuda else []) + FULL_GRID
     repeats = args.repeats or (10 if cuda else 3)
     warmup = args.warmup or (3 if cuda else 1)
     start = time.perf_counter()
     payload = {
         "env": environment(precision=str(dtype).removeprefix("torch.")),
-        "config": {"quick": args.quick, "tiny": args.tiny, "dtype": str(dtype), "repeats": repeats, "warmup": warmup},
+        "config": {
+            "quick": args.quick,
+            "holdout": args.holdout,
+            "tiny": args.tiny,
+            "dtype": str(dtype),
+            "repeats": repeats,
+            "warmup": warmup,
+        },
         "seconds": 0.0,
         "results": [],
     }
@@ -180,6 +207,12 @@ def main(argv: list[str] | None = None) -> dict:
         res = run_point(point, device=args.device, dtype=dtype, repeats=repeats, warmup=warmup)
         payload["results"].append(res)
         payload["seconds"] = time.perf_counter() - start
+        ratios = [r["selected_vs_best"] for r in payload["results"]]
+        payload["selection"] = {  # how good auto's choice is: within 10% of the fastest backend, and the worst
+            "points": len(ratios),
+            "within_10_percent": sum(x <= 1.1 for x in ratios),
+            "worst_selected_vs_best": max(ratios),
+        }
         if args.json:  # after every point, so that a run cut short still leaves its results
             write_json(args.json, payload)
         speedups = " ".join(f"{b}={v:.1f}" for b, v in res["speedup_vs_loop"].items() if b != "reference")

@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="processes per variant, alternating")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--json", default=None, help="write the runs and ratios here")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args()
     shape = dict(
@@ -121,7 +122,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for variant in ("lora", "mole"):
             cmd = [sys.executable, __file__, "--variant", variant] + [
-                f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "rounds") and v is not None
+                f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "rounds", "json") and v is not None
             ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -142,6 +143,15 @@ def main() -> None:
         f"\nratios MoLE / LoRA: step time {mole['step_s'] / lora['step_s']:.2f}x (target <= 1.35x), "
         f"peak RSS {peak['mole'] / peak['lora']:.2f}x (target <= 1.15x)"
     )
+    if args.json:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+        from benchmarks.harness import environment, write_json  # here: torch stays out of the parent until now
+
+        ratios = {"step_time": mole["step_s"] / lora["step_s"], "peak_rss": peak["mole"] / peak["lora"]}
+        environment_record = environment(precision="float32")
+        environment_record["threads"] = lora["threads"]  # what each variant's process ran with
+        payload = {"env": environment_record, "config": vars(args), "runs": results, "ratios": ratios}
+        write_json(args.json, payload)
 
 
 if __name__ == "__main__":

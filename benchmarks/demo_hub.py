@@ -2,8 +2,9 @@
 
 1. For every task of ``molex.data.TASKS``, train a PEFT LoRA adapter on that task only and save it in
    PEFT format (``<out>/adapters/<task>``); evaluate it on its own task's held-out test examples.
-2. Fuse all adapters with each router (``gate`` / ``dlp`` when available, ``soft`` otherwise), train
-   only the router on mixed-task data (LM loss + cross-entropy to the task's adapter, MeteoRA-style).
+2. Fuse all adapters with each router (``gate`` / ``dlp`` when available, ``soft`` otherwise; ``arrow``
+   needs no training), train only the router on mixed-task data (LM loss + cross-entropy to the task's
+   adapter, MeteoRA-style).
 3. Report routing accuracy on task identity over held-out prompts, and per-task exact-match accuracy
    of the fused model vs each single adapter on its own task.
 
@@ -11,7 +12,7 @@ Usage::
 
     python benchmarks/demo_hub.py --fast                  # tiny random Llama, about a minute
     python benchmarks/demo_hub.py                          # SmolLM2-135M-Instruct (CPU: tens of minutes)
-    python benchmarks/demo_hub.py --fast --routers arrow dlp gate --results benchmarks/results/demo_hub_arrow.json
+    python benchmarks/demo_hub.py --threads 2 --routers arrow dlp gate --results benchmarks/results/demo_hub_smollm2.json
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 import molex
+from benchmarks.harness import command_line
 from benchmarks.machine import machine_record
 from molex.data import TASKS, make_builtin_dataset
 from molex.evaluation.generation import evaluate_generation
@@ -229,6 +231,7 @@ def main() -> None:
     print(result["table"])
     summary = {k: v for k, v in result.items() if k != "singles"}
     summary["singles"] = {t: {"accuracy": s["accuracy"]} for t, s in result["singles"].items()}
+    summary["command"] = command_line()
     summary["machine"] = machine_record(threads=args.threads, precision="float32", seconds=time.perf_counter() - start)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2, default=str, allow_nan=False))
     if args.results is not None:

@@ -185,7 +185,7 @@ def _collapsed_layer(balance: str, gamma: float, *, d: int = 16, experts: int = 
 
 
 def test_bias_balancing_undoes_a_collapsed_router_and_no_balancing_does_not():
-    """The numbers the README quotes: E = 4, top-2, 200 AdamW steps (lr 1e-2) of 64 tokens, gamma = 1e-2,
+    """The bounds docs/concepts/layer.md states: E = 4, top-2, 200 AdamW steps (lr 1e-2) of 64 tokens, gamma = 1e-2,
     largest share of the routed weight over the last 50 steps."""
     d, steps, window = 16, 200, 50
     gen = torch.Generator().manual_seed(1)

@@ -53,8 +53,8 @@ class Hardware:
 
 
 #: CPU values calibrated on a 2-core AMD EPYC (32 MiB L3) with ``benchmarks/bench_sweep.py --quick
-#: --threads 1`` (fp32); CUDA values for an H100/H200-class device (bf16 matmul ~790 TFLOP/s,
-#: ~4.3 TB/s copy).
+#: --threads 1`` (fp32); CUDA values assumed for an H100/H200-class device (figures reported for it, bf16
+#: matmul ~790 TFLOP/s, ~4.3 TB/s copy; not yet measured by molex).
 HARDWARE = {
     "cpu": Hardware(flops=6.0e10, elems=2.0e9, launch=2.0e-5, sync=0.0, cache=32 << 20, spill=3.0),
     "cuda": Hardware(flops=5.0e14, elems=1.0e12, launch=5.0e-6, sync=2.0e-5, cache=50 << 20, spill=1.0),

@@ -47,7 +47,7 @@ class QuantScheme:
     """
 
     name: str
-    package: str  #: the pip package it needs (in ``molex[quant]``)
+    package: str  #: the pip package it needs (in ``molex-lora[quant]``)
     description: str
     quantize: Callable[[nn.Module, torch.dtype], list[str]]
 

@@ -1,7 +1,7 @@
 """Keep torchao's import-time notices out of runs that never asked for a quantized base.
 
 ``transformers`` imports torchao whenever it is installed (its torchao quantizer is imported with the
-modeling code), so with ``molex[quant]`` every model load imported it, and torchao announced on import
+modeling code), so with ``molex-lora[quant]`` every model load imported it, and torchao announced on import
 that its optional GPU extensions (``_C_mxfp8``, ``_C_cutlass_90a``) do not load here and that the Enum
 types it registers with ``torch.compile`` are natively supported now. None of that is about anything a
 run does: :func:`install` drops exactly those records, keeping them for :func:`suppressed` (the torchao
