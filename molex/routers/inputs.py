@@ -29,6 +29,15 @@ def log_direction_reference(x: Tensor) -> Tensor:
     return nn.functional.normalize(z, dim=-1, eps=NORM_EPS)
 
 
+def _log_direction_forward(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(u, mean|x|, ||z||)``, the scale and norm before clamping; in-place steps on fresh tensors only."""
+    magnitude = x.abs()
+    raw_scale = magnitude.mean(dim=-1, keepdim=True)
+    z = torch.sign(x).mul_(magnitude.div_(raw_scale.clamp_min(SCALE_EPS)).log1p_())
+    raw_norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+    return z.div_(raw_norm.clamp_min(NORM_EPS)), raw_scale, raw_norm
+
+
 class _LogDirection(torch.autograd.Function):
     """The same function as :func:`log_direction_reference`, with the backward derived by hand.
 
@@ -40,13 +49,8 @@ class _LogDirection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        magnitude = x.abs()
-        raw_scale = magnitude.mean(dim=-1, keepdim=True)
-        scale = raw_scale.clamp_min(SCALE_EPS)
-        z = torch.copysign(torch.log1p(magnitude.div_(scale)), x)  # log1p(0) = 0 keeps a zero entry zero
-        raw_norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
-        norm = raw_norm.clamp_min(NORM_EPS)
-        u = z / norm
+        u, raw_scale, raw_norm = _log_direction_forward(x)
+        scale, norm = raw_scale.clamp_min(SCALE_EPS), raw_norm.clamp_min(NORM_EPS)
         ctx.save_for_backward(x, u, scale, norm, raw_scale >= SCALE_EPS, raw_norm >= NORM_EPS)
         return u
 
@@ -62,7 +66,9 @@ class _LogDirection(torch.autograd.Function):
 
 def log_direction(x: Tensor) -> Tensor:
     """``normalize(sign(x) log(1 + |x| / mean|x|))`` over the last dim of ``x [..., d]`` (fused backward)."""
-    return _LogDirection.apply(x)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _LogDirection.apply(x)
+    return _log_direction_forward(x)[0]  # decoding: no autograd bookkeeping per layer and step
 
 
 def router_input(x: Tensor, norm: str) -> Tensor:
