@@ -154,7 +154,9 @@ INCLUDED = sorted(
     {
         ROOT / m
         for page in PAGES
-        for m in re.findall(r'^--8<-- "(benchmarks/results/[\w./-]+/study\.md)"', page.read_text(encoding="utf-8"), re.M)
+        for m in re.findall(
+            r'^--8<-- "(benchmarks/results/[\w./-]+/study\.md)"', page.read_text(encoding="utf-8"), re.M
+        )
     }
 )
 
@@ -166,4 +168,6 @@ def test_an_included_study_report_is_made_from_its_study_json(report):
     study = json.loads((report.parent / "study.json").read_text(encoding="utf-8"))
     assert report.read_text(encoding="utf-8") == markdown(study)
     machine = study["environment"]
-    assert MACHINE_KEYS <= set(machine), f"{report.parent.name}/study.json does not record {MACHINE_KEYS - set(machine)}"
+    assert set(machine) >= MACHINE_KEYS, (
+        f"{report.parent.name}/study.json does not record {MACHINE_KEYS - set(machine)}"
+    )
