@@ -43,13 +43,24 @@ def collect(run_dir: Path, log: str, time_report: str = "") -> dict[str, Any]:
         "val_lm_loss": metrics.get("val_lm_loss"),
         "routing": metrics.get("routing"),
         "health_warnings": warnings,
-        "other_warnings": [
-            line[:300] for line in log.splitlines() if "WARNING" in line and "routing health" not in line
-        ],
+        "other_warnings": _distinct_warnings(log),
         "wall_seconds": metrics.get("wall_seconds"),
         "time_wall": wall.group(1) if wall else None,
         "peak_rss_gb": round(int(rss.group(1)) / 1024**2, 2) if rss else None,
     }
+
+
+_LOG_TIME = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\]")
+
+
+def _distinct_warnings(log: str) -> list[dict[str, Any]]:
+    """The log's warnings other than routing health's, each distinct one once with how often it appeared."""
+    counts: dict[str, int] = {}
+    for line in log.splitlines():
+        if "WARNING" in line and "routing health" not in line:
+            text = _LOG_TIME.sub("", line)[:300]
+            counts[text] = counts.get(text, 0) + 1
+    return [{"text": text, "count": count} for text, count in counts.items()]
 
 
 def _run(overrides: list[str]) -> tuple[Path, str, str, Path]:

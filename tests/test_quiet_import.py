@@ -62,3 +62,20 @@ def test_only_the_import_notices_are_dropped(caplog):
         )
     assert [r.getMessage() for r in caplog.records] == ["int4 weight-only needs groups of 32"]
     assert notice in suppressed()
+
+
+def test_bitsandbytes_hub_kernel_notice_is_dropped_and_its_per_call_warning_prints_once(caplog):
+    import molex.quant  # noqa: F401 - installs the filters
+    from molex.quant.quiet import suppressed
+
+    hub = "Failed to load CPU gemm_4bit_forward from kernels-community: Kernel repository ... could not verify"
+    cast = "MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization"
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning(hub)
+        for _ in range(5):
+            logging.getLogger("bitsandbytes.autograd._functions").warning(cast)
+        logging.getLogger("bitsandbytes.autograd._functions").warning("a different bitsandbytes warning")
+    messages = [r.getMessage() for r in caplog.records]
+    # the first cast warning of the process prints (an earlier test may have had it), never a second one
+    assert messages.count(cast) <= 1 and messages[-1] == "a different bitsandbytes warning" and hub not in messages
+    assert hub in suppressed() and suppressed().count(cast) >= 4

@@ -1,12 +1,15 @@
-"""Keep torchao's import-time notices out of runs that never asked for a quantized base.
+"""Keep the quantization libraries' notices that say nothing about a run out of its output.
 
 ``transformers`` imports torchao whenever it is installed (its torchao quantizer is imported with the
 modeling code), so with ``molex-lora[quant]`` every model load imported it, and torchao announced on import
 that its optional GPU extensions (``_C_mxfp8``, ``_C_cutlass_90a``) do not load here and that the Enum
-types it registers with ``torch.compile`` are natively supported now. None of that is about anything a
-run does: :func:`install` drops exactly those records, keeping them for :func:`suppressed` (the torchao
-schemes log them at debug level when a torchao base is built). Every other torchao or torch message
-still prints, and nothing is imported to do this.
+types it registers with ``torch.compile`` are natively supported now. bitsandbytes on CPU announces that
+it could not fetch an optional kernel from the hub (it runs its own CPU code instead, and molex never
+fetches code), and its ``Linear8bitLt`` warns on every call that it casts float32 inputs to float16, which
+filled an 8-bit default run's log with thousands of identical lines. :func:`install` drops the
+announcements and keeps the first of each repeated warning, keeping what it dropped for
+:func:`suppressed` (the torchao schemes log it at debug level when a torchao base is built). Every other
+message still prints, and nothing is imported to do this.
 """
 
 from __future__ import annotations
@@ -15,39 +18,48 @@ import logging
 
 __all__ = ["install", "suppressed"]
 
-#: the loggers and the notices dropped from each: (logger name, text every such message contains)
+#: the loggers and their notices: (logger name, text every such message contains, whether the first one prints)
 _NOTICES = (
-    ("torchao", "Could not load this library"),
-    ("torch.utils._pytree", "is now natively supported by torch.compile as an opaque value type"),
+    ("torchao", "Could not load this library", False),
+    ("torch.utils._pytree", "is now natively supported by torch.compile as an opaque value type", False),
+    ("bitsandbytes.backends.cpu.ops", "from kernels-community", False),
+    ("bitsandbytes.autograd._functions", "inputs will be cast from", True),
 )
 
 
 class _ImportNoticeFilter(logging.Filter):
-    """Drops the records of one logger whose message contains ``text``, and keeps them in ``dropped``."""
+    """Drops the records of one logger whose message contains ``text`` (all of them, or all but the first when
+    ``keep_first``), and keeps what it dropped in ``dropped``."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, *, keep_first: bool = False) -> None:
         super().__init__()
         self.text = text
+        self.keep_first = keep_first
+        self.seen = 0
         self.dropped: list[str] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if self.text in message:
+        if self.text not in message:
+            return True
+        self.seen += 1
+        if self.keep_first and self.seen == 1:
+            return True
+        if len(self.dropped) < 100:  # a repeated warning is kept a hundred times at most
             self.dropped.append(message)
-            return False
-        return True
+        return False
 
 
 def _filters() -> list[_ImportNoticeFilter]:
-    return [f for name, _ in _NOTICES for f in logging.getLogger(name).filters if isinstance(f, _ImportNoticeFilter)]
+    return [f for name, *_ in _NOTICES for f in logging.getLogger(name).filters if isinstance(f, _ImportNoticeFilter)]
 
 
 def install() -> None:
     """Put the filters on their loggers (once; the loggers need not exist yet, so torchao is not imported)."""
     if _filters():
         return
-    for name, text in _NOTICES:
-        logging.getLogger(name).addFilter(_ImportNoticeFilter(text))
+    for name, text, keep_first in _NOTICES:
+        logging.getLogger(name).addFilter(_ImportNoticeFilter(text, keep_first=keep_first))
 
 
 def suppressed() -> list[str]:
