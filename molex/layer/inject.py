@@ -21,7 +21,7 @@ from molex.layer.experts import LoRAExperts
 from molex.layer.linear import MoLELinear, is_supported_linear, linear_dims
 from molex.layer.placement import place, remove
 from molex.layer.routing_checks import declare_readers
-from molex.quant import needs_dense_backward, quantized_kind
+from molex.quant import needs_dense_backward, prepare_for_training, quantized_kind
 from molex.routers.base import Router, RouterConfig, Scope
 
 __all__ = [
@@ -180,6 +180,7 @@ def inject(model: nn.Module, config: MoLEConfig) -> nn.Module:
             "declare scope = Scope.LINEAR, Scope.BLOCK or Scope.MODEL (molex.routers.base.Scope)"
         )
     names = find_target_modules(model, config)
+    prepare_for_training(model)  # quantized layers that would stop passing gradients (bitsandbytes on CPU)
     no_backward = [name for name, module in model.named_modules() if needs_dense_backward(module)]
     if no_backward:
         logger.warning(

@@ -66,6 +66,8 @@ class QuantizedKind:
     #: ``True`` when the library's matmul has no backward for the input: molex supplies a dense one
     dense_backward: Callable[[nn.Module], bool] = lambda module: False
     describe: Callable[[nn.Module], str] | None = None
+    #: puts the layer in a state gradients flow through (``None``: it always is)
+    prepare: Callable[[nn.Module], None] | None = None
 
     def label(self, module: nn.Module) -> str:
         return self.describe(module) if self.describe is not None else self.name
@@ -124,6 +126,18 @@ def quantized_kind(module: nn.Module) -> QuantizedKind | None:
 
 def is_quantized(module: nn.Module) -> bool:
     return quantized_kind(module) is not None
+
+
+def prepare_for_training(model: nn.Module) -> int:
+    """Make every quantized linear of ``model`` pass gradients to its input (its kind's ``prepare``); returns
+    how many layers it prepared."""
+    count = 0
+    for module in model.modules():
+        kind = quantized_kind(module)
+        if kind is not None and kind.prepare is not None:
+            kind.prepare(module)
+            count += 1
+    return count
 
 
 def needs_dense_backward(module: nn.Module) -> bool:
