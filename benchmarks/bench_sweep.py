@@ -179,8 +179,10 @@ def main(argv: list[str] | None = None) -> dict:
     # on CUDA the extra points come first: a run cut short by its time limit still has them
     if args.tiny:
         grid = TINY_GRID
-    elif args.quick or args.holdout:
-        grid = QUICK_GRID if args.quick else HOLDOUT_GRID
+    elif args.quick:
+        grid = QUICK_GRID
+    elif args.holdout:
+        grid = HOLDOUT_GRID
     else:
         grid = (GPU_EXTRA if cuda else []) + FULL_GRID
     repeats = args.repeats or (10 if cuda else 3)

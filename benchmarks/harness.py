@@ -44,10 +44,7 @@ def environment(*, precision: str) -> dict[str, Any]:
         **machine_record(threads=None, precision=precision),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
         "triton": triton_version,
         "device": "cpu",
     }

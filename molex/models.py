@@ -30,7 +30,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from molex.core.sources import looks_like_path
-from molex.quant import check_quantization, get_scheme
+from molex.quant import check_quantization, get_scheme, prepare_for_training
 
 __all__ = ["MODEL_PRESETS", "ensure_pad_token", "load_model", "molex_cache_dir", "resolve_dtype", "smollm2_gguf_path"]
 
@@ -157,6 +157,7 @@ def load_model(
     ensure_pad_token(tokenizer, model)
     if scheme is not None:
         quantized = scheme.quantize(model, torch_dtype)
+        prepare_for_training(model)  # before any eval pass: bitsandbytes would repack 4-bit layers on CPU
         logger.info("quantized %d linear layers with %s (%s)", len(quantized), scheme.name, scheme.description)
     return model.eval(), tokenizer
 

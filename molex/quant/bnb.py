@@ -113,8 +113,6 @@ def _quantize(model: nn.Module, dtype: torch.dtype, *, bits: int) -> list[str]:
         if has_bias:
             new.bias = nn.Parameter(linear.bias.data.to(dtype), requires_grad=False)
         new = new.to(weight.device)  # bitsandbytes quantizes when the parameter is moved to its device
-        if bits == 4:
-            _keep_4bit_trainable(new)
         new.train(linear.training)
         replace_module(model, name, new)
         names.append(name)

@@ -27,7 +27,7 @@ _NOTICES = (
 )
 
 
-class _ImportNoticeFilter(logging.Filter):
+class _NoticeFilter(logging.Filter):
     """Drops the records of one logger whose message contains ``text`` (all of them, or all but the first when
     ``keep_first``), and keeps what it dropped in ``dropped``."""
 
@@ -50,8 +50,8 @@ class _ImportNoticeFilter(logging.Filter):
         return False
 
 
-def _filters() -> list[_ImportNoticeFilter]:
-    return [f for name, *_ in _NOTICES for f in logging.getLogger(name).filters if isinstance(f, _ImportNoticeFilter)]
+def _filters() -> list[_NoticeFilter]:
+    return [f for name, *_ in _NOTICES for f in logging.getLogger(name).filters if isinstance(f, _NoticeFilter)]
 
 
 def install() -> None:
@@ -59,7 +59,7 @@ def install() -> None:
     if _filters():
         return
     for name, text, keep_first in _NOTICES:
-        logging.getLogger(name).addFilter(_ImportNoticeFilter(text, keep_first=keep_first))
+        logging.getLogger(name).addFilter(_NoticeFilter(text, keep_first=keep_first))
 
 
 def suppressed() -> list[str]:
